@@ -1,0 +1,179 @@
+"""Model configuration: one frozen, keyword-only dataclass with named presets.
+
+Every model in hmoe (the five experts, the generalist baselines) is described by a
+``ModelConfig``. Derived values are properties; invalid values raise ``ValueError``
+naming the field and the value, so a bad YAML file or CLI flag says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FFNKind = Literal["dense", "moe"]
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {rule}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The token-level mixture-of-experts FFN (used when ``ModelConfig.ffn == "moe"``)."""
+
+    n_experts: int = 4
+    top_k: int = 2
+    n_shared: int = 1  # shared experts applied to every token
+    expert_hidden: int | None = None  # None: hidden_dim // (top_k + n_shared), so active FFN size ~ dense
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+
+    def __post_init__(self) -> None:
+        _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
+        _check(1 <= self.top_k <= self.n_experts, "moe.top_k", self.top_k,
+               f"must be in [1, n_experts={self.n_experts}]")
+        _check(self.n_shared >= 0, "moe.n_shared", self.n_shared, "must be >= 0")
+        _check(self.expert_hidden is None or self.expert_hidden >= 1, "moe.expert_hidden",
+               self.expert_hidden, "must be None or >= 1")
+        _check(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        _check(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU (or MoE) FFN."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    ffn_hidden: int | None = None  # None: SwiGLU default, 8/3 * d_model rounded up to 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    ffn: FFNKind = "dense"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from JSON / YAML
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+               f"must be divisible by n_heads={self.n_heads}")
+        _check(self.head_dim % 2 == 0, "d_model", self.d_model,
+               f"head size d_model/n_heads={self.head_dim} must be even for RoPE")
+        _check(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
+               self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        _check(self.ffn_hidden is None or self.ffn_hidden >= 1, "ffn_hidden", self.ffn_hidden,
+               "must be None or >= 1")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        _check(self.ffn in ("dense", "moe"), "ffn", self.ffn, "must be 'dense' or 'moe'")
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Hidden size of the dense SwiGLU FFN."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 64 * -(-int(8 * self.d_model / 3) // 64)
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        """Hidden size of one MoE expert (routed or shared)."""
+        if self.moe.expert_hidden is not None:
+            return self.moe.expert_hidden
+        return max(1, self.hidden_dim // (self.moe.top_k + self.moe.n_shared))
+
+    # ---- parameter counts -----------------------------------------------------------
+    def _attn_params(self) -> int:
+        d, hd = self.d_model, self.head_dim
+        return d * self.n_heads * hd + 2 * d * self.kv_heads * hd + self.n_heads * hd * d
+
+    def _ffn_params(self, active: bool) -> int:
+        if self.ffn == "dense":
+            return 3 * self.d_model * self.hidden_dim
+        per_expert = 3 * self.d_model * self.expert_hidden_dim
+        routed = self.moe.top_k if active else self.moe.n_experts
+        return (routed + self.moe.n_shared) * per_expert + self.d_model * self.moe.n_experts
+
+    def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
+        """Total parameters, or with ``active=True`` the parameters used per token."""
+        block = self._attn_params() + self._ffn_params(active) + 2 * self.d_model
+        n = self.n_layers * block + self.d_model  # + final norm
+        if embeddings:
+            n += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 x active non-embedding params + attention (PaLM appendix B).
+
+        The output projection (d_model x vocab) is counted: it is a real matmul per token.
+        """
+        t = seq_len or self.max_seq_len
+        n = self.num_params(active=True, embeddings=False) + self.d_model * self.vocab_size
+        return 6.0 * n + 12.0 * self.n_layers * self.d_model * t
+
+    # ---- (de)serialisation ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset, optionally with fields overridden (e.g. ``vocab_size``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # for tests: a few thousand parameters, runs in milliseconds
+    "tiny": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        max_seq_len=128),
+    "tiny-moe": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            max_seq_len=128, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2)),
+    # CPU demo sizes
+    "small": ModelConfig(d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
+    "small-moe": ModelConfig(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, ffn="moe",
+                             moe=MoEConfig(n_experts=4, top_k=2, n_shared=1)),
+    "base": ModelConfig(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=512),
+    # sensible sizes for one or more GPUs
+    "gpu": ModelConfig(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                       max_seq_len=1024),
+    "gpu-moe": ModelConfig(vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                           max_seq_len=1024, ffn="moe", moe=MoEConfig(n_experts=8, top_k=2)),
+}
