@@ -1,0 +1,142 @@
+"""Byte-level BPE tokenizer (HF ``tokenizers``) with digits split one per token and chat specials.
+
+No normalizer and no stripping: ``decode(encode(text)) == text`` for any Unicode string, including
+tabs, trailing spaces and ``\\r\\n``. Chat turns are ``<|role|>content<|end|>`` after one ``<|bos|>``.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from experts.checkpoint import atomic_write_text
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIALS: tuple[str, ...] = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def _backend() -> _HFTokenizer:
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Tokenizer:
+    """A thin wrapper over a trained HF tokenizer with the hmoe special tokens."""
+
+    def __init__(self, backend: _HFTokenizer) -> None:
+        self._tok = backend
+        ids = [backend.token_to_id(s) for s in SPECIALS]
+        if any(i is None for i in ids):
+            raise ValueError(f"tokenizer lacks special tokens; expected all of {SPECIALS}")
+        self.pad_id, self.bos_id, self.eos_id, self.system_id, self.user_id, self.assistant_id, \
+            self.end_id = ids
+        self.special_ids = frozenset(ids)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: int = 2) -> "Tokenizer":
+        """Train a byte-level BPE on ``texts`` (specials get ids 0..6)."""
+        if vocab_size < 256 + len(SPECIALS):
+            raise ValueError(f"vocab_size={vocab_size} is too small: need >= {256 + len(SPECIALS)}")
+        tok = _backend()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load a ``tokenizer.json`` written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer file; build the corpora first (hmoe data build)")
+        return cls(_HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` atomically."""
+        atomic_write_text(path, self._tok.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings inside ``text`` map to their single ids."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (parallel in the Rust backend)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (specials: their UTF-8 spelling)."""
+        if token_id in self.special_ids:
+            return self._tok.id_to_token(token_id).encode("utf-8")
+        return bytes(_BYTE_DECODER[c] for c in self._tok.id_to_token(token_id))
+
+    def chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """``<|bos|><|role|>content<|end|>...`` and, optionally, a trailing ``<|assistant|>``."""
+        ids = [self.bos_id]
+        for m in messages:
+            role = m.get("role")
+            if role not in ROLES:
+                raise ValueError(f"unknown chat role {role!r}; use one of {sorted(ROLES)}")
+            ids.append(self._tok.token_to_id(ROLES[role]))
+            ids.extend(self._tok.encode(m.get("content", ""), add_special_tokens=False).ids)
+            ids.append(self.end_id)
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+        return ids
+
+    def stream_decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by the ByteLevel pre-tokenizer."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class StreamDecoder:
+    """Incremental detokenisation: ``push(id)`` returns only complete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
+        self.tok = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Feed one token id; return the text that is now complete (possibly empty)."""
+        if token_id in self.tok.special_ids and self.skip_special:
+            return ""
+        return self._utf8.decode(self.tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Return any buffered bytes (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
