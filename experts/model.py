@@ -1,0 +1,268 @@
+"""A Llama-style decoder: pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU or MoE FFN.
+
+Parameter names follow Meta's Llama reference code, so mapping to HF ``LlamaForCausalLM`` is a
+rename: ``tok_embeddings -> model.embed_tokens``, ``layers.N.attention.{wq,wk,wv,wo} ->
+model.layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.feed_forward.{w1,w2,w3} ->
+mlp.{gate,down,up}_proj``, ``attention_norm -> input_layernorm``, ``ffn_norm ->
+post_attention_layernorm``, ``norm -> model.norm``, ``output -> lm_head``. RoPE uses the HF
+"rotate_half" layout (first half of each head pairs with the second half), so q/k weights
+need *no* permutation.
+
+Shape legend: B batch, T new tokens, S attended keys, D d_model, H heads, Hkv key/value heads,
+Dh head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts.config import ModelConfig
+from experts.moe import MoEAux, MoEFFN, SwiGLU
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V) fp32
+    aux_loss: torch.Tensor  # scalar, load-balancing loss averaged over MoE layers (0 for dense)
+    z_loss: torch.Tensor  # scalar, router z-loss averaged over MoE layers (0 for dense)
+    expert_counts: torch.Tensor | None  # (n_layers, n_experts) long, or None for dense
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+@dataclass
+class _CacheStep:
+    """What one forward over the cache needs: rows, write positions, and the attention mask."""
+
+    slots: list[int]
+    starts: list[int]  # cache length of each row before this forward
+    n_new: int
+    end: int  # keys attended: [0, end)
+    rows: slice | None  # the slots as a slice when they are contiguous (views, no gathers)
+    slot_idx: torch.Tensor
+    mask: torch.Tensor | None  # (B or 1, 1, T, end) bool, True = attend; None when not needed
+    is_causal: bool
+
+
+class KVCache:
+    """Slot-based key/value cache: per layer ``(max_batch, kv_heads, max_len, head_dim)``.
+
+    A slot holds one sequence and its length. ``bind(slots)`` selects the rows of the next
+    forward (prefill one slot with T tokens, or decode one token for a set of slots at different
+    lengths); ``Transformer.forward(tokens, cache=...)`` then writes the new keys, attends over
+    each row's valid prefix and advances the lengths. Buffers are preallocated; masks are only
+    built when rows differ in length or a chunk is appended to a non-empty slot.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, max_batch: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or cfg.max_seq_len
+        if max_batch < 1:
+            raise ValueError(f"KVCache.max_batch={max_batch} is invalid: must be >= 1")
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"KVCache.max_len={max_len} is invalid: must be in [1, max_seq_len={cfg.max_seq_len}]")
+        shape = (max_batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_batch, self.max_len = max_batch, max_len
+        self.lengths = [0] * max_batch  # Python ints: reading them never syncs a device
+        self._slots: list[int] = [0]
+
+    def reset(self, slot: int) -> None:
+        """Empty one slot (its old keys are simply overwritten later)."""
+        self.lengths[slot] = 0
+
+    def bind(self, slots: Sequence[int]) -> None:
+        """Choose the slots (one per batch row) that the next forward reads and writes."""
+        self._slots = list(slots)
+
+    def begin(self, batch: int, n_new: int) -> _CacheStep:
+        """Plan one forward of ``n_new`` tokens for the bound slots (called by the model)."""
+        slots = self._slots
+        if len(slots) != batch:
+            raise ValueError(f"batch has {batch} rows but {len(slots)} cache slots are bound")
+        starts = [self.lengths[s] for s in slots]
+        end = max(starts) + n_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, max_len={self.max_len}")
+        device = self.k[0].device
+        contiguous = slots == list(range(slots[0], slots[0] + batch))
+        rows = slice(slots[0], slots[0] + batch) if contiguous else None
+        same = all(s == starts[0] for s in starts)
+        mask, is_causal = None, False
+        if same and starts[0] == 0:
+            is_causal = n_new > 1  # plain prefill: SDPA's own causal mask
+        elif not (same and n_new == 1):  # a chunk after a prefix, or rows of different lengths
+            q_pos_BT = torch.tensor(starts, device=device)[:, None] + torch.arange(n_new, device=device)
+            k_pos_S = torch.arange(end, device=device)
+            mask = (k_pos_S[None, None, :] <= q_pos_BT[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        slot_idx = torch.tensor(slots, device=device)
+        return _CacheStep(slots, starts, n_new, end, rows, slot_idx, mask, is_causal)
+
+    def update(self, layer: int, step: _CacheStep, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values of ``layer`` and return the keys/values to attend over."""
+        K, V = self.k[layer], self.v[layer]
+        T, s0 = step.n_new, step.starts[0]
+        if step.rows is not None and step.mask is None:  # same length, contiguous: slice views
+            K[step.rows, :, s0:s0 + T] = k_BHTD
+            V[step.rows, :, s0:s0 + T] = v_BHTD
+            return K[step.rows, :, :step.end], V[step.rows, :, :step.end]
+        if T == 1:  # batched decode at different positions: one scatter per tensor
+            pos_B = torch.tensor(step.starts, device=K.device)
+            K[step.slot_idx, :, pos_B] = k_BHTD[:, :, 0]  # (B, Hkv, Dh)
+            V[step.slot_idx, :, pos_B] = v_BHTD[:, :, 0]
+        else:  # chunks of several tokens: one slice copy per row (a loop over rows, not tokens)
+            for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
+                K[slot, :, start:start + T] = k_BHTD[b]
+                V[slot, :, start:start + T] = v_BHTD[b]
+        if step.rows is not None:
+            return K[step.rows, :, :step.end], V[step.rows, :, :step.end]
+        return K[step.slot_idx, :, :step.end], V[step.slot_idx, :, :step.end]  # (B, Hkv, S, Dh)
+
+    def commit(self, step: _CacheStep) -> None:
+        """Advance the lengths of the rows written by ``step``."""
+        for s in step.slots:
+            self.lengths[s] += step.n_new
+
+
+# ---- modules ---------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(max_len, head_dim)`` in the HF layout: frequencies repeated for both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, Dh)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (B, H, T, Dh)`` by position; ``cos``/``sin`` broadcast as (T, Dh) or (B, 1, T, Dh)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, step: _CacheStep | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, T > 1
+        if cache is not None:
+            k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, S, Dh)
+            mask, is_causal = step.mask, step.is_causal
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the FFN is dense SwiGLU or ``MoEFFN`` (``cfg.ffn``)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = MoEFFN(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, step))
+        y, aux = self.feed_forward(self.ffn_norm(x)), None
+        if isinstance(y, tuple):
+            y, aux = y
+        return x + self.dropout(y), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        resid_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                std = resid_std if name.endswith(("wo.weight", "w2.weight")) else self.cfg.init_std
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def _rope(self, B: int, T: int, positions: torch.Tensor | None,
+              step: _CacheStep | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the new tokens: a (T, Dh) slice when rows share positions, else (B, 1, T, Dh)."""
+        if positions is None and step is not None and any(s != step.starts[0] for s in step.starts):
+            positions = torch.tensor(step.starts, device=self.rope_cos.device)[:, None] + \
+                torch.arange(T, device=self.rope_cos.device)  # (B, T)
+        if positions is not None:
+            if positions.shape != (B, T):
+                raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {(B, T)}")
+            return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        start = step.starts[0] if step is not None else 0
+        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> ModelOutput:
+        """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots."""
+        B, T = tokens.shape
+        step = cache.begin(B, T) if cache is not None else None
+        if step is None and T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self._rope(B, T, positions, step)
+        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, D)
+        auxes = []
+        for layer in self.layers:
+            h, aux = layer(h, cos, sin, cache, step)
+            if aux is not None:
+                auxes.append(aux)
+        logits = self.output(self.norm(h)).float()  # (B, T, V)
+        if cache is not None:
+            cache.commit(step)
+        if not auxes:
+            zero = logits.new_zeros(())
+            return ModelOutput(logits, zero, zero, None)
+        return ModelOutput(logits, torch.stack([a.aux_loss for a in auxes]).mean(),
+                           torch.stack([a.z_loss for a in auxes]).mean(),
+                           torch.stack([a.counts for a in auxes]))

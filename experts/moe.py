@@ -1,0 +1,113 @@
+"""Token-level mixture-of-experts FFN: a drop-in for the dense SwiGLU (``ModelConfig.ffn == "moe"``).
+
+Shape-suffix legend (torchtitan style):
+    B batch, T sequence, D d_model, H expert hidden size,
+    N = B*T tokens, E routed experts, K experts per token (top_k), A = N*K token-assignments.
+
+Routing choices, so a reader need not guess:
+- Router logits and probabilities are computed in fp32 whatever the activation dtype.
+- Gating is "softmax then top-k": the softmax runs over *all* experts (so the load-balancing
+  loss sees a proper distribution), then the top-k probabilities are renormalised to sum to 1.
+  With ``top_k == 1`` a token's single expert therefore gets weight exactly 1.0.
+- Dispatch is dropless: every assignment is computed. Assignments are sorted by expert and
+  each expert runs once on its contiguous group (a loop over experts, never over tokens).
+- Shared experts (``n_shared``) run on every token and are added unweighted (DeepSeekMoE);
+  ``n_shared`` shared experts of width H are stored as one SwiGLU of width ``n_shared * H``,
+  which is the same function as their sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``; names match HF Llama (gate_proj=w1, down_proj=w2, up_proj=w3)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class MoEAux:
+    """Unweighted auxiliary outputs of one MoE layer."""
+
+    aux_loss: torch.Tensor  # scalar: Switch load-balancing loss, 1.0 when perfectly balanced
+    z_loss: torch.Tensor  # scalar: ST-MoE router z-loss
+    counts: torch.Tensor  # (E,) long: token-assignments per routed expert
+
+
+def load_balancing_loss(probs_NE: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+    """Switch loss ``E * sum_i f_i * P_i``: f_i the fraction of assignments to expert i, P_i its mean prob.
+
+    Perfectly uniform routing (f_i = P_i = 1/E) gives exactly 1.0, whatever E and K.
+    """
+    n_experts = probs_NE.shape[-1]
+    counts_E = torch.bincount(experts_NK.flatten(), minlength=n_experts)
+    f_E = counts_E.to(probs_NE.dtype) / experts_NK.numel()
+    P_E = probs_NE.mean(dim=0)
+    return n_experts * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of ``logsumexp(logits)^2`` (keeps router logits small)."""
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+
+
+class MoEFFN(nn.Module):
+    """Top-k routed SwiGLU experts plus optional shared experts; returns ``(y, MoEAux)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.n_experts, self.top_k = m.n_experts, m.top_k
+        hidden = cfg.expert_hidden_dim
+        self.gate = nn.Linear(cfg.d_model, m.n_experts, bias=False)  # router (HF Mixtral name)
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
+        self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
+
+    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(logits_NE, probs_NE, weights_NK, experts_NK)``, all routing maths in fp32."""
+        logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
+        probs_NE = logits_NE.softmax(dim=-1)
+        weights_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return logits_NE, probs_NE, weights_NK, experts_NK
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)  # (N, D)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND)
+
+        # dispatch: sort the N*K assignments by expert so each expert sees one contiguous group
+        experts_A = experts_NK.flatten()  # (A,)
+        order_A = torch.argsort(experts_A, stable=True)
+        token_A = order_A // self.top_k  # the token each sorted assignment came from
+        counts_E = torch.bincount(experts_A, minlength=self.n_experts)
+        x_AD = x_ND[token_A]  # (A, D) gathered tokens, grouped by expert
+        out_AD = torch.empty_like(x_AD)
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                out_AD[start:start + n] = self.experts[e](x_AD[start:start + n])
+            start += n
+        out_AD = out_AD * weights_NK.flatten()[order_A].unsqueeze(-1).to(out_AD.dtype)
+        y_ND = torch.zeros_like(x_ND).index_add_(0, token_A, out_AD)  # combine the K outputs per token
+
+        if self.shared_expert is not None:
+            y_ND = y_ND + self.shared_expert(x_ND)
+        aux = MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK),
+                     z_loss=router_z_loss(logits_NE), counts=counts_E)
+        return y_ND.view(B, T, D), aux  # (B, T, D)
