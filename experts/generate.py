@@ -1,0 +1,249 @@
+"""Generation over token ids: a continuous-batching ``Engine`` on the slot KV cache, and ``generate``.
+
+Nothing here knows about text: prompts are lists of ids, outputs are ids (the tokenizer wraps this).
+
+Conventions:
+- A request's ``seen`` ids (for the repetition penalty) are its prompt plus what it generated.
+- ``StepOut.logprob`` is the log-probability of the chosen id under the *model's* distribution
+  (raw logits, before penalty / temperature / top-k / top-p), as an API's ``logprobs`` reports it.
+- A stop id is returned as the last token of its request (``finish_reason == "stop"``).
+- A request also finishes with ``"length"`` when its context is full (it cannot feed the token).
+- ``generate`` seeds row ``i`` with ``params.seed + i`` so identical prompts in one batch differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from experts.model import KVCache, Transformer
+from experts.sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOut:
+    token: int | None  # None only for a request with max_new_tokens == 0
+    logprob: float | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | None while running
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    generator: torch.Generator
+    seen: list[int]
+    external: bool = False
+    n_new: int = 0
+    next_logits: torch.Tensor | None = None  # (V,) fp32 logits for the next position
+    finish_reason: str | None = None
+    reported: bool = False  # for max_new_tokens == 0: the empty result was returned once
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, max_len: int) -> StepOut:
+        """Record ``token`` and decide whether the request is finished."""
+        logits = self.next_logits
+        logprob = float(logits[token] - torch.logsumexp(logits, dim=-1))
+        self.seen.append(token)
+        self.tokens.append(token)
+        self.n_new += 1
+        if token in self.params.stop_ids:
+            self.finish_reason = "stop"
+        elif self.n_new >= self.params.max_new_tokens or len(self.seen) > max_len:
+            self.finish_reason = "length"
+        return StepOut(token, logprob, self.finished, self.finish_reason)
+
+
+def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int) -> list[int]:
+    """Validate a prompt of ids; raise ``ValueError`` with an actionable message."""
+    ids = [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("prompt is empty: at least one token id (e.g. BOS) is needed")
+    if len(ids) > max_len:
+        raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {max_len} "
+                         "(max_seq_len); truncate or shorten the prompt")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"prompt contains ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return ids
+
+
+class Engine:
+    """Continuous batching: requests join at any time; ``step()`` decodes every running slot at once."""
+
+    def __init__(self, model: Transformer, *, max_batch: int, max_len: int | None = None):
+        self.model, self.cfg = model, model.cfg
+        if model.training:
+            log.warning("Engine got a model in training mode; dropout will perturb generation")
+        p = next(model.parameters())
+        self.cache = KVCache(self.cfg, max_batch=max_batch, max_len=max_len, device=p.device, dtype=p.dtype)
+        self.device = p.device
+        self._requests: dict[int, _Request] = {}
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.cache.max_batch - len(self._requests)
+
+    @property
+    def has_work(self) -> bool:
+        """True while some non-external request still has tokens (or a result) to produce."""
+        return any(not r.external and (not r.finished or not r.reported) for r in self._requests.values())
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams, *, external: bool = False) -> int:
+        """Prefill a prompt into a free slot and return the slot.
+
+        ``external=True`` puts the slot in external-choice mode: ``step()`` skips it and the
+        caller drives it with ``logprobs_next(slot)`` and ``feed(slot, token)`` (ensembles).
+        """
+        ids = check_prompt(prompt_ids, self.cfg.vocab_size, self.cache.max_len)
+        free = [s for s in range(self.cache.max_batch) if s not in self._requests]
+        if not free:
+            raise RuntimeError(f"all {self.cache.max_batch} slots are busy; release a finished slot first")
+        slot = free[0]
+        req = _Request(params, make_generator(params.seed, self.device), list(ids), external)
+        self._requests[slot] = req
+        self.cache.reset(slot)
+        if params.max_new_tokens == 0:
+            req.finish_reason = "length"
+        else:
+            self._forward([slot], torch.tensor([ids], device=self.device))
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Free a slot (finished or not)."""
+        self._requests.pop(slot, None)
+
+    def tokens(self, slot: int) -> list[int]:
+        """The ids generated so far for ``slot``."""
+        return list(self._req(slot).tokens)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def step(self) -> dict[int, StepOut]:
+        """Sample one token for every running slot, then run ONE batched forward for those continuing."""
+        outs: dict[int, StepOut] = {}
+        cont: list[tuple[int, int]] = []
+        for slot, r in self._requests.items():
+            if r.external or r.reported:
+                continue
+            if r.finished:  # max_new_tokens == 0: report the empty result once
+                outs[slot], r.reported = StepOut(None, None, True, r.finish_reason), True
+                continue
+            out = r.accept(sample(r.next_logits, r.params, r.generator, r.seen), self.cache.max_len)
+            outs[slot], r.reported = out, out.finished
+            if not out.finished:
+                cont.append((slot, out.token))
+        if cont:
+            slots = [s for s, _ in cont]
+            self._forward(slots, torch.tensor([[t] for _, t in cont], device=self.device))
+        return outs
+
+    def logprobs_next(self, slot: int) -> torch.Tensor:
+        """The model's full next-token log-distribution ``(V,)`` for ``slot`` (no sampling applied)."""
+        r = self._req(slot)
+        if r.finished:
+            raise ValueError(f"slot {slot} is finished ({r.finish_reason}); nothing to predict")
+        return torch.log_softmax(r.next_logits, dim=-1)
+
+    def feed(self, slot: int, token: int) -> StepOut:
+        """Append a token chosen outside (e.g. by an ensemble) and compute the next distribution."""
+        r = self._req(slot)
+        if r.finished:
+            raise ValueError(f"slot {slot} is finished ({r.finish_reason}); release it")
+        if not 0 <= int(token) < self.cfg.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        out = r.accept(int(token), self.cache.max_len)
+        r.reported = out.finished
+        if not out.finished:
+            self._forward([slot], torch.tensor([[int(token)]], device=self.device))
+        return out
+
+    @torch.inference_mode()
+    def score(self, ids: Sequence[int]) -> list[float | None]:
+        """Log-prob of each id given the ids before it; the first entry is None (nothing precedes it)."""
+        ids = check_prompt(ids, self.cfg.vocab_size, self.cfg.max_seq_len)
+        logits = self.model(torch.tensor([ids], device=self.device)).logits[0, :-1]  # (T-1, V)
+        target = torch.tensor(ids[1:], device=self.device)
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
+        return [None, *lp.tolist()]
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _req(self, slot: int) -> _Request:
+        if slot not in self._requests:
+            raise KeyError(f"slot {slot} has no request")
+        return self._requests[slot]
+
+    @torch.inference_mode()
+    def _forward(self, slots: list[int], tokens: torch.Tensor) -> None:
+        self.cache.bind(slots)
+        logits = self.model(tokens, cache=self.cache).logits[:, -1]  # (B, V)
+        for i, s in enumerate(slots):
+            self._requests[s].next_logits = logits[i]
+
+
+def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per prompt; a single one is shared, with seed ``seed + i`` for row i."""
+    if isinstance(params, SamplingParams):
+        if params.seed is None:
+            return [params] * n
+        return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)
+
+
+def generate(model: Transformer, prompts: list[list[int]],
+             params: SamplingParams | Sequence[SamplingParams], *,
+             use_cache: bool = True) -> Iterator[list[int | None]]:
+    """Yield, per decode step, the new token of every prompt (None once a row has finished).
+
+    ``use_cache=False`` re-runs the full forward each step (reference path for parity / benchmarks).
+    """
+    cfg = model.cfg
+    rows = _per_row(params, len(prompts))
+    prompts = [check_prompt(p, cfg.vocab_size, cfg.max_seq_len) for p in prompts]
+    if not use_cache:
+        yield from _generate_no_cache(model, prompts, rows)
+        return
+    max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max(r.max_new_tokens for r in rows))
+    engine = Engine(model, max_batch=len(prompts), max_len=max_len)
+    slots = [engine.add(p, r) for p, r in zip(prompts, rows)]
+    while engine.has_work:
+        outs = engine.step()
+        tokens = [outs[s].token if s in outs else None for s in slots]
+        if any(t is not None for t in tokens):
+            yield tokens
+
+
+@torch.inference_mode()
+def _generate_no_cache(model: Transformer, prompts: list[list[int]],
+                       rows: list[SamplingParams]) -> Iterator[list[int | None]]:
+    """Each step: one right-padded batched forward over the full sequences (causal, so padding is inert)."""
+    device = next(model.parameters()).device
+    reqs = [_Request(r, make_generator(r.seed, device), list(p)) for p, r in zip(prompts, rows)]
+    for r in reqs:
+        if r.params.max_new_tokens == 0:
+            r.finish_reason = "length"
+    while any(not r.finished for r in reqs):
+        live = [i for i, r in enumerate(reqs) if not r.finished]
+        T = max(len(reqs[i].seen) for i in live)
+        x = torch.zeros(len(live), T, dtype=torch.long, device=device)  # (B, T) right-padded
+        for b, i in enumerate(live):
+            x[b, :len(reqs[i].seen)] = torch.tensor(reqs[i].seen)
+        logits = model(x).logits  # (B, T, V)
+        step: list[int | None] = [None] * len(reqs)
+        for b, i in enumerate(live):
+            r = reqs[i]
+            r.next_logits = logits[b, len(r.seen) - 1]
+            step[i] = r.accept(sample(r.next_logits, r.params, r.generator, r.seen), model.cfg.max_seq_len).token
+        yield step

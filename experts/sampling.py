@@ -1,0 +1,95 @@
+"""Sampling: pure functions over one row of logits ``(V,)`` with an explicit ``torch.Generator``.
+
+Layered like litgpt: ``apply_repetition_penalty -> top_k_filter -> top_p_filter -> sample``.
+``temperature == 0`` is greedy (argmax; top-k / top-p do not matter then, the penalty does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick each new token, and when to stop."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; CTRL-style over every id seen so far
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None  # None: a fresh random seed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens, "must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: {rule}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: Iterable[int], penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): divide positive logits of seen ids by ``penalty``, multiply negative ones."""
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    if penalty == 1.0 or ids.numel() == 0:
+        return logits
+    picked = logits[ids]
+    out = logits.clone()
+    out[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits (ties at the threshold are kept), set the rest to -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely ids whose probability reaches ``p`` (always >= 1 id)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = (probs.cumsum(-1) - probs) >= p  # the mass *before* this id already reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: Iterable[int] = ()) -> int:
+    """Pick one id from ``logits (V,)``: penalty, then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with ``seed`` (or a fresh random seed when None)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
