@@ -1,0 +1,197 @@
+"""Run configuration: a YAML file validated by pydantic, with named presets.
+
+A preset (``training/presets/<name>.yaml``) names the model sizes (a ``ModelConfig`` preset plus
+overrides), the training budget, the corpus size and the Ray resources of each task. Unknown
+keys and bad values are refused with a message naming the field; command-line flags override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from experts.config import ModelConfig
+from router.domains import DOMAINS, check_domain
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class RunConfigError(ValueError):
+    """A run configuration file or override is invalid; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A ``ModelConfig`` preset name plus field overrides (``vocab_size`` comes from the tokenizer)."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ModelSpec":
+        self.build()  # raises ValueError naming the field
+        return self
+
+    def build(self, **more: Any) -> ModelConfig:
+        ov = {**self.overrides, **more}
+        known = set(ModelConfig.__dataclass_fields__)
+        unknown = sorted(set(ov) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
+        if isinstance(ov.get("moe"), dict):
+            base = ModelConfig.preset(self.preset).moe
+            try:
+                ov["moe"] = dataclasses.replace(base, **ov["moe"])
+            except TypeError as e:
+                raise ValueError(f"moe overrides {ov['moe']}: {e}") from None
+        return ModelConfig.preset(self.preset, **ov)
+
+
+class DataSpec(_Strict):
+    size: str = "tiny"  # training.data.build_corpora(size, cache_dir)
+    cache_dir: str = ".hmoe/data"
+
+
+class TrainSpec(_Strict):
+    """Budget and optimisation of one expert (baselines derive theirs from it)."""
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(64, ge=8)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, ge=0)
+    eval_batches: int = Field(10, ge=1)
+    patience: int = Field(0, ge=0)
+    ckpt_every: int = Field(50, ge=0)
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainSpec":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be <= train.lr={self.lr}")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+class Resources(_Strict):
+    """Ray resources of each training task."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+
+
+class BaselineSpec(_Strict):
+    """Generalists trained on the union of the domains with the experts' total compute."""
+
+    enabled: bool = False
+    dense: ModelSpec | None = None  # None: the expert's model
+    moe: ModelSpec = ModelSpec(preset="tiny-moe")
+    match_active_params: bool = True  # pick moe.expert_hidden so active params ~= one expert's
+
+
+class ReportSpec(_Strict):
+    eval_batches: int = Field(20, ge=1)  # test batches per (model, domain) cell
+    gen_items: int = Field(20, ge=0)  # exact-match items for math and reasoning
+    samples: int = Field(3, ge=0)  # sampled continuations per expert
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class RunConfig(_Strict):
+    """Everything ``hmoe train`` needs; saved as ``run.yaml`` in the run directory."""
+
+    name: str
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    experts: tuple[str, ...] = DOMAINS
+    train: TrainSpec = TrainSpec()
+    resources: Resources = Resources()
+    baselines: BaselineSpec = BaselineSpec()
+    report: ReportSpec = ReportSpec()
+    run_dir: str | None = None  # default: runs/<name>
+    router: bool = True  # call router.train.train_router if it exists
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _experts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if not v:
+            raise ValueError(f"experts must name at least one of {list(DOMAINS)}")
+        for d in v:
+            check_domain(d)
+        if len(set(v)) != len(v):
+            raise ValueError(f"experts {list(v)} has duplicates")
+        return tuple(v)
+
+    @model_validator(mode="after")
+    def _seq_fits(self) -> "RunConfig":
+        max_len = self.model.build().max_seq_len
+        if self.train.seq_len > max_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds the model's max_seq_len={max_len}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _nested_set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *head, last = dotted.split(".")
+    for k in head:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise RunConfigError(f"override {dotted!r}: {k!r} is not a section")
+    d[last] = value
+
+
+def load_run_config(preset_or_path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a preset name or a YAML path, apply dotted ``overrides`` ({"train.steps": 10}), validate."""
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+        if not path.exists():
+            raise RunConfigError(f"unknown preset {preset_or_path!r}; choose one of {preset_names()} "
+                                 "or pass a path to a YAML file")
+    if not path.is_file():
+        raise RunConfigError(f"run config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path}: the top level must be a mapping of settings")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _nested_set(raw, k, v)
+    return validate_run_config(raw, source=str(path))
+
+
+def validate_run_config(raw: dict[str, Any], *, source: str = "run config") -> RunConfig:
+    """Validate a raw mapping; errors list every bad field as ``a.b.c: message``."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+                 for err in e.errors()]
+        raise RunConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
