@@ -1,0 +1,68 @@
+"""The one training loop: learning, exact resume, early stopping, failure injection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts.checkpoint import load_tensors, read_meta
+from training.loop import InjectedFailure, LoopConfig, read_metrics, train
+from training.optim import lr_at
+
+from .conftest import lm_task
+
+
+def _cfg(**kw) -> LoopConfig:
+    base = dict(max_steps=12, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=4, eval_batches=2,
+                ckpt_every=4, log_every=4, seed=3, device="cpu", num_threads=1, progress=False)
+    return LoopConfig(**{**base, **kw})
+
+
+def test_loss_decreases(synth_splits, tmp_path):
+    task = lm_task(synth_splits, "math", "experts/math")
+    res = train(task, _cfg(max_steps=30, eval_every=10), tmp_path)
+    recs = [r for r in read_metrics(tmp_path / "metrics" / "math.jsonl") if r.get("kind") == "train"]
+    assert res.steps == 30 and len(recs) == 30
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+    assert res.tokens == 30 * 4 * 32
+    read_meta(tmp_path / "experts" / "math", kind="lm")
+    read_meta(tmp_path / "experts" / "math" / "ckpt" / "latest", kind="resume")
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_resume_is_bit_identical(synth_splits, tmp_path, ffn):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(), a)
+    with pytest.raises(InjectedFailure):
+        train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6"), b)
+    res = train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6"), b)
+    assert res.resumed_from == 4
+    wa, wb = load_tensors(a / "experts" / "math"), load_tensors(b / "experts" / "math")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    steps = [r["step"] for r in read_metrics(b / "metrics" / "math.jsonl") if r.get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]  # steps 1-4 were not redone
+
+
+def test_early_stopping(synth_splits, tmp_path):
+    res = train(lm_task(synth_splits, "code", "experts/code"),
+                _cfg(max_steps=200, lr=1e-6, min_lr=1e-6, warmup_steps=0, eval_every=2,
+                     patience=2, min_delta=10.0), tmp_path)
+    assert res.stopped_early and res.steps == 6
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(10, 110))
+
+
+def test_loop_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_steps"):
+        LoopConfig(max_steps=0)
+    with pytest.raises(ValueError, match="min_lr"):
+        LoopConfig(max_steps=1, lr=1e-3, min_lr=1e-2)

@@ -1,0 +1,131 @@
+"""The language-modelling task: next-token cross-entropy plus the MoE auxiliary losses.
+
+One :class:`LMTask` trains an expert on one domain, or a generalist (dense or token-MoE) on the
+union of several domains (batches cycle through the domains, so each sees an equal share).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts.checkpoint import save_lm
+from experts.config import ModelConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x (B, T), y (B, T)) int64
+
+
+class MixedBatches:
+    """Round-robin over several resumable iterators (batch ``k`` comes from source ``k % n``)."""
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        if not sources:
+            raise ValueError("MixedBatches needs at least one source")
+        self.sources, self.k = list(sources), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.sources[self.k % len(self.sources)])
+        self.k += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(f"MixedBatches state has {len(state['sources'])} sources, this one {len(self.sources)}")
+        self.k = int(state["k"])
+        for s, st in zip(self.sources, state["sources"]):
+            s.load_state_dict(st)
+
+
+def eval_windows(path: str | Path, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
+    """Deterministic, evenly spaced, non-overlapping windows of a packed split (for val / test)."""
+    from training.data.packing import load_tokens
+
+    tokens = load_tokens(path)
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"{path}: {len(tokens)} tokens, too few for one window of {seq_len + 1}")
+    take = min(n_windows, batch_size * max_batches)
+    idx = np.linspace(0, n_windows - 1, take).astype(np.int64)
+    w = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in idx]).astype(np.int64)  # (N, T+1)
+    w = torch.from_numpy(w)
+    return [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, take, batch_size)]
+
+
+def lm_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+
+
+@dataclass
+class LMTask:
+    """Train a :class:`experts.model.Transformer` on packed token splits."""
+
+    name: str
+    out_dir: str
+    model_cfg: ModelConfig
+    train_paths: Sequence[str | Path]
+    val_paths: Sequence[str | Path]
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+    eval_batches: int = 10
+    tokenizer_file: str | Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    _val: list[Batch] | None = field(default=None, repr=False)
+
+    def build_model(self) -> nn.Module:
+        from experts.model import Transformer
+        return Transformer(self.model_cfg)
+
+    def train_batches(self) -> MixedBatches:
+        from training.data.packing import TokenBatches
+        return MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i)
+                             for i, p in enumerate(self.train_paths)])
+
+    def val_batches(self) -> list[Batch]:
+        if self._val is None:  # the same windows every evaluation; spread over all val splits
+            per = max(1, self.eval_batches // len(self.val_paths))
+            self._val = [b for p in self.val_paths for b in eval_windows(p, self.batch_size, self.seq_len, per)]
+        return self._val
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        out = model(x)
+        ce = lm_loss(out.logits, y)
+        metrics = {"lm_loss": ce.item()}
+        if self.model_cfg.ffn != "moe":
+            return ce, metrics
+        moe = self.model_cfg.moe
+        total = ce + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
+        metrics.update(aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item())
+        if out.expert_counts is not None:  # (L, E): how unevenly tokens spread over experts
+            c = out.expert_counts.float()
+            metrics["max_load"] = float((c.max(-1).values / c.sum(-1).clamp(min=1)).mean())
+        return total, metrics
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return int(batch[1].numel())
+
+    def model_config(self) -> dict[str, Any]:
+        return self.model_cfg.to_dict()
+
+    def flops_per_token(self) -> float:
+        return float(self.model_cfg.flops_per_token(self.seq_len))
+
+    def save_model(self, model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+        save_lm(path, model, self.model_cfg, tokenizer_file=self.tokenizer_file,
+                meta={**self.meta, **meta})
