@@ -240,6 +240,7 @@ def _write_domain_manifest(root: Path, domain: str, splits: dict[str, list[Recor
         "counts": {s: len(r) for s, r in splits.items()},
         "bytes": {s: sum(len(x["text"].encode()) for x in r) for s, r in splits.items()},
         "tokens": {s: json.loads((ddir / f"{s}.json").read_text())["n_tokens"] for s in splits},
+        "chars": {s: sum(len(x["text"]) for x in r) for s, r in splits.items()},
         "content_sha256": {s: hashlib.sha256("".join(sorted(x["key"] + x["text"] for x in r)).encode())
                            .hexdigest() for s, r in splits.items()},
         "files": files})
