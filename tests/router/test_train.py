@@ -1,0 +1,79 @@
+"""Training with the shared loop, calibration, checkpoint round trip and Router behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from experts.checkpoint import CheckpointError, read_meta
+from router import DEFAULT_EXPERT, load_router
+from router.train import ShuffledBatches
+from tests.router.fixtures import HELD_OUT
+
+
+def test_held_out_prompt_of_each_domain_goes_to_its_expert(trained_router_dir):
+    router = load_router(trained_router_dir[0])
+    for domain, prompt in HELD_OUT.items():
+        d = router.route(prompt)
+        assert d.expert == domain, (domain, d.expert_probs)
+
+
+def test_checkpoint_round_trip(trained_router_dir, tokenizer):
+    path, result = trained_router_dir
+    meta = read_meta(path, kind="router")
+    calib = json.loads((path / "calibration.json").read_text())
+    assert calib["temperature"] == pytest.approx(result.extra["temperature"])
+    assert calib["val_nll"] <= calib["val_nll_t1"] + 1e-6  # calibration does not raise val NLL
+    assert meta["config"]["vocab_size"] == tokenizer.vocab_size
+    a = load_router(path)
+    b = load_router(path, tokenizer=tokenizer)
+    prompts = list(HELD_OUT.values())
+    torch.testing.assert_close(a.probs(prompts)[1], b.probs(prompts)[1])
+    assert a.temperature == pytest.approx(calib["temperature"])
+    assert result.steps == 150 and result.best_val_loss < 0.5
+
+
+def test_corrupt_checkpoint_is_refused(trained_router_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "router"
+    shutil.copytree(trained_router_dir[0], bad)
+    (bad / "model.safetensors").write_bytes(b"oops")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_router(bad)
+
+
+def test_route_batch_matches_route_and_empty_goes_to_default(trained_router_dir):
+    router = load_router(trained_router_dir[0])
+    prompts = ["", "   \n\t", *HELD_OUT.values()]
+    batch = router.route_batch(prompts)
+    assert [d.expert for d in batch[:2]] == [DEFAULT_EXPERT] * 2
+    assert all(d.mode == "default" for d in batch[:2])
+    for p, d in zip(prompts[2:], batch[2:]):
+        single = router.route(p)
+        assert single.experts == d.experts
+        assert single.expert_probs == pytest.approx(d.expert_probs, abs=1e-5)
+
+
+def test_batches_resume_exactly():
+    examples = [([i, i + 1, i + 2, i + 3, i + 4, i + 5], i % 5) for i in range(1, 40)]
+    a = ShuffledBatches(examples, batch_size=8, max_len=16, seed=3, crop_prob=0.5)
+    for _ in range(7):
+        next(a)
+    b = ShuffledBatches(examples, batch_size=8, max_len=16, seed=3, crop_prob=0.5)
+    b.load_state_dict(a.state_dict())
+    for _ in range(10):
+        for x, y in zip(next(a), next(b)):
+            assert torch.equal(x, y)
+
+
+def test_router_package_does_not_import_training_serving_or_ray():
+    code = ("import sys, router, router.train, router.likelihood, router.evaluate, router.calibration; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'serving', 'ray')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
