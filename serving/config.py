@@ -1,0 +1,85 @@
+"""Typed arguments of the Serve application (``serve run serving.app:build_app key=value``).
+
+Resource defaults fit five experts on a two-core machine: each replica asks for a fraction of a
+CPU and runs torch with one thread, so five experts do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from router.domains import DOMAINS, check_domain
+
+
+class DeploymentResources(BaseModel):
+    """Replicas and Ray resources of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, le=64)
+    num_cpus: float = Field(0.3, ge=0.0, le=64.0)
+    num_gpus: float = Field(0.0, ge=0.0, le=8.0)
+
+    def actor_options(self) -> dict[str, float]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+class AppArgs(BaseModel):
+    """Everything ``build_app`` needs; every field is bounded and named in errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(..., description="run directory with experts/<domain>/ and router/")
+    experts: list[str] = Field(default_factory=lambda: list(DOMAINS), min_length=1,
+                               description="experts to serve (a subset of the five domains)")
+    expert: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.3))
+    router: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1))
+    ingress: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1))
+    torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
+    device: str = Field("cpu", description="torch device of the experts: auto, cpu or an accelerator")
+    max_batch: int = Field(32, ge=1, le=512, description="decode slots per expert replica")
+    max_ongoing_requests: int = Field(64, ge=1, le=10_000, description="per ingress replica")
+    max_queued_requests: int = Field(128, ge=-1, le=100_000, description="-1: unbounded")
+    max_tokens_cap: int = Field(256, ge=1, le=100_000, description="largest max_tokens a request may ask")
+    max_body_bytes: int = Field(1_000_000, ge=1_024, le=100_000_000)
+    api_key: str | None = Field(None, min_length=8, description="Bearer token; None disables auth")
+    ensemble_threshold: float = Field(0.5, ge=0.0, le=1.0,
+                                      description="mode=auto mixes experts when top prob < this")
+    ensemble_top_k: int = Field(2, ge=1, le=len(DOMAINS))
+    router_probs: dict[str, float] | None = Field(
+        None, description="debug/tests only: fixed expert probabilities instead of the learned router")
+
+    @field_validator("experts")
+    @classmethod
+    def _known_experts(cls, v: list[str]) -> list[str]:
+        for name in v:
+            check_domain(name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"experts={v} lists an expert twice")
+        return v
+
+    @field_validator("router_probs")
+    @classmethod
+    def _known_probs(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, p in (v or {}).items():
+            check_domain(name)
+            if p < 0:
+                raise ValueError(f"router_probs[{name!r}]={p} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _run_dir_exists(self) -> "AppArgs":
+        if not Path(self.run_dir).is_dir():
+            raise ValueError(f"run_dir={self.run_dir!r} is not a directory; train a run first "
+                             "(hmoe up --preset quick, or hmoe train)")
+        return self
+
+    # ---- the fixed registry: names -> checkpoint directories (never from a request) ----------
+    def expert_dir(self, name: str) -> Path:
+        return Path(self.run_dir) / "experts" / check_domain(name)
+
+    @property
+    def router_dir(self) -> Path:
+        return Path(self.run_dir) / "router"
