@@ -1,19 +1,143 @@
-"""The ``hmoe`` console script (minimal: only ``hmoe data``; other commands are added by their owners)."""
+"""``hmoe``: the command-line entry point.
+
+``hmoe data build|show`` (corpora), ``hmoe train`` (the whole run through Ray; also the
+entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``; ``serve``, ``up``,
+``chat`` and ``export`` are provided by ``serving.cli`` and imported only when used.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import logging
 import sys
+import time
 
-from training.data.cli import add_data_subparser
+SERVING_COMMANDS = {
+    "serve": "serve the experts and the router with Ray Serve",
+    "up": "build, train (if needed) and serve in one command",
+    "chat": "chat with a running server from the terminal",
+    "export": "export a trained expert",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from training.run_config import preset_names
+
+    p = sub.add_parser("train", help="train the experts (and baselines, router) through Ray")
+    p.add_argument("--preset", default="tiny", help=f"one of {preset_names()} or a YAML file")
+    p.add_argument("--run-dir", help="where checkpoints, metrics and the report go (default runs/<name>)")
+    p.add_argument("--steps", type=int, help="optimizer steps per expert")
+    p.add_argument("--experts", help="comma-separated subset of the five domains, e.g. math,code")
+    p.add_argument("--baselines", action="store_true", default=None,
+                   help="also train dense and token-MoE generalists at equal compute")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--num-cpus", type=float, help="CPUs per training task (torch threads)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per training task")
+    p.add_argument("--cache-dir", help="corpus cache (default $HMOE_DATA_DIR or .hmoe/data)")
+    p.add_argument("--no-router", action="store_true", help="do not train the router")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--ray-address", help="Ray cluster to join ('auto': the latest `ray start` on this "
+                                         "machine); default $RAY_ADDRESS, else a private local instance")
+    p.set_defaults(func=run_train)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    ov = {"run_dir": args.run_dir, "train.steps": args.steps, "experts": args.experts,
+          "baselines.enabled": args.baselines, "seed": args.seed, "device": args.device,
+          "resources.num_cpus": args.num_cpus, "resources.num_gpus": args.num_gpus,
+          "data.cache_dir": args.cache_dir}
+    if args.no_router:
+        ov["router.enabled"] = False
+    return ov
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.pipeline import run_pipeline
+    from training.run_config import RunConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(args.preset, _overrides(args))
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    summary = run_pipeline(cfg, ray_address=args.ray_address, report=not args.no_report)
+    print(f"trained {len(summary['models'])} models in {time.perf_counter() - t0:.1f}s -> {summary['run_dir']}")
+    if not args.no_report:
+        print((__import__("pathlib").Path(summary["run_dir"]) / "report" / "report.md").read_text())
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="(re)write the per-expert perplexity report of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the Markdown")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experts.checkpoint import CheckpointError
+    from training.report import write_report
+    from training.run_config import RunConfigError
+
+    try:
+        rep = write_report(args.run_dir, device=args.device)
+    except (CheckpointError, RunConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.run_dir) / "report"
+    print(json.dumps(rep, indent=2) if args.json else (out / "report.md").read_text())
+    return 0
+
+
+def _add_serving(sub: argparse._SubParsersAction) -> None:
+    """Register serve/up/chat/export, delegating to ``serving.cli`` when it exists."""
+    have = importlib.util.find_spec("serving") is not None and importlib.util.find_spec("serving.cli") is not None
+    module = importlib.import_module("serving.cli") if have else None
+    for name, help_text in SERVING_COMMANDS.items():
+        adder = getattr(module, f"add_{name}_subparser", None) if module else None
+        if adder is not None:
+            adder(sub)
+            continue
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, n=name: _unavailable(n))
+
+
+def _unavailable(name: str) -> int:
+    print(f"error: `hmoe {name}` needs serving.cli.add_{name}_subparser, which this installation "
+          "does not have", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmoe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        from training.data.cli import add_data_subparser
+        add_data_subparser(sub)
+    except ImportError as e:
+        d = sub.add_parser("data", help="build or inspect the training corpora (unavailable)")
+        d.set_defaults(func=lambda a, err=e: print(f"error: hmoe data unavailable: {err}") or 2)
+    _add_train(sub)
+    _add_report(sub)
+    _add_serving(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hmoe", description="hierarchical mixture of small experts")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_subparser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     size: str = "tiny"  # training.data.build_corpora(size, cache_dir)
-    cache_dir: str = ".hmoe/data"
+    cache_dir: str | None = None  # None: $HMOE_DATA_DIR, else .hmoe/data
 
 
 class TrainSpec(_Strict):
@@ -112,6 +112,14 @@ class ReportSpec(_Strict):
     max_new_tokens: int = Field(32, ge=1)
 
 
+class RouterSpec(_Strict):
+    """The router is trained by ``router.train.train_router`` (if that module exists)."""
+
+    enabled: bool = True
+    steps: int | None = Field(None, ge=1)  # None: the router package's default
+    per_domain: int | None = Field(None, ge=1)  # training prompts per domain
+
+
 class RunConfig(_Strict):
     """Everything ``hmoe train`` needs; saved as ``run.yaml`` in the run directory."""
 
@@ -126,7 +134,7 @@ class RunConfig(_Strict):
     baselines: BaselineSpec = BaselineSpec()
     report: ReportSpec = ReportSpec()
     run_dir: str | None = None  # default: runs/<name>
-    router: bool = True  # call router.train.train_router if it exists
+    router: RouterSpec = RouterSpec()
 
     @field_validator("experts", mode="before")
     @classmethod

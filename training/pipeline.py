@@ -1,0 +1,225 @@
+"""A whole training run: corpora and tokenizer once, then experts (and baselines, router) as Ray tasks.
+
+``run_pipeline(cfg)`` is what ``hmoe train`` calls, locally or as a ``ray job submit`` entrypoint.
+Tasks already finished in the run directory are skipped, and unfinished ones resume from their
+latest checkpoint, so re-running the same command after a crash continues the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experts.checkpoint import atomic_write_json, atomic_write_text
+from experts.config import ModelConfig
+from router.domains import DOMAINS
+from training.loop import FAIL_ENV, LoopConfig, TrainResult, load_result
+from training.run_config import RunConfig, TrainSpec
+from training.tasks import LMTask
+
+log = logging.getLogger(__name__)
+
+ROUTER_HOOK = "router.train"  # module providing train_router(corpus, tokenizer, run_dir, ...)
+
+
+@dataclass
+class Job:
+    """One model to train: its task, loop settings and compute accounting."""
+
+    task: LMTask
+    loop: LoopConfig
+    kind: str  # "expert" | "baseline"
+    active_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir or Path("runs") / cfg.name).expanduser().resolve()
+
+
+def loop_config(spec: TrainSpec, *, steps: int, seed: int, device: str) -> LoopConfig:
+    """The loop settings of one task from the run config's ``train`` section."""
+    return LoopConfig(max_steps=steps, lr=spec.lr, min_lr=spec.min_lr, warmup_steps=spec.warmup_steps,
+                      weight_decay=spec.weight_decay, grad_accum=spec.grad_accum, grad_clip=spec.grad_clip,
+                      eval_every=spec.eval_every, eval_batches=spec.eval_batches, patience=spec.patience,
+                      ckpt_every=spec.ckpt_every, log_every=spec.log_every, seed=seed, device=device,
+                      fail_at=os.environ.get(FAIL_ENV))
+
+
+def match_active_params(moe: ModelConfig, target: int) -> ModelConfig:
+    """Choose ``moe.expert_hidden`` so that ``num_params(active=True)`` is closest to ``target``."""
+    best = min(range(1, 4 * moe.d_model * 4),
+               key=lambda h: abs(moe.replace(moe=dataclasses.replace(moe.moe, expert_hidden=h))
+                                 .num_params(active=True) - target))
+    return moe.replace(moe=dataclasses.replace(moe.moe, expert_hidden=best))
+
+
+def _lm_task(cfg: RunConfig, corpus: Any, name: str, out_dir: str, model_cfg: ModelConfig,
+             domains: tuple[str, ...], seed: int) -> LMTask:
+    return LMTask(name=name, out_dir=out_dir, model_cfg=model_cfg,
+                  train_paths=[str(corpus.tokens_path(d, "train")) for d in domains],
+                  val_paths=[str(corpus.tokens_path(d, "val")) for d in domains],
+                  batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, seed=seed,
+                  eval_batches=cfg.train.eval_batches, tokenizer_file=str(corpus.tokenizer_path),
+                  meta={"domains": list(domains), "run": cfg.name})
+
+
+def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int) -> list[Job]:
+    """Experts, then (with baselines enabled) the dense and token-MoE generalists at equal compute."""
+    expert_cfg = cfg.model.build(vocab_size=vocab_size)
+    active = expert_cfg.num_params(active=True)
+    jobs = []
+    for i, d in enumerate(cfg.experts):
+        seed = cfg.seed + DOMAINS.index(d)
+        task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed)
+        jobs.append(Job(task, loop_config(cfg.train, steps=cfg.train.steps, seed=seed, device=cfg.device),
+                        "expert", active))
+    if not cfg.baselines.enabled:
+        return jobs
+    budget = len(cfg.experts) * cfg.train.steps * active  # steps x active params (equal tokens/step)
+    dense_cfg = cfg.baselines.dense.build(vocab_size=vocab_size) if cfg.baselines.dense else expert_cfg
+    moe_cfg = cfg.baselines.moe.build(vocab_size=vocab_size)
+    if cfg.baselines.match_active_params:
+        moe_cfg = match_active_params(moe_cfg, active)
+    for kind, mcfg in (("dense", dense_cfg), ("moe", moe_cfg)):
+        a = mcfg.num_params(active=True)
+        steps = max(1, round(budget / a))
+        task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
+        jobs.append(Job(task, loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device),
+                        "baseline", a, {"compute_budget": budget}))
+    return jobs
+
+
+def _finished(run_dir: Path, job: Job) -> TrainResult | None:
+    res = load_result(run_dir, job.task.out_dir)
+    return res if res is not None and res.steps >= job.loop.max_steps else None
+
+
+def prepare(cfg: RunConfig) -> tuple[Path, Any]:
+    """Write ``run.yaml`` and build (or load) the corpora and tokenizer, once, in the driver."""
+    from training.data import build_corpora
+
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run.yaml", cfg.model_copy(update={"run_dir": str(run_dir)}).to_yaml())
+    t0 = time.perf_counter()
+    corpus = build_corpora(cfg.data.size, cfg.data.cache_dir)
+    log.info("corpora %s ready in %.1fs at %s", cfg.data.size, time.perf_counter() - t0, corpus.root)
+    return run_dir, corpus
+
+
+def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool = True) -> dict[str, Any]:
+    """Train every model of ``cfg`` through Ray, then write the report; returns a summary dict."""
+    from training import ray_jobs
+
+    t0 = time.perf_counter()
+    run_dir, corpus = prepare(cfg)
+    vocab = corpus.tokenizer().vocab_size
+    jobs = plan_jobs(cfg, corpus, vocab)
+    ray_jobs.init_ray(ray_address)
+    results, refs = {}, {}
+    for job in jobs:
+        done = _finished(run_dir, job)
+        if done is not None:
+            log.info("%s already trained (%d steps); skipping", job.task.name, done.steps)
+            results[job.task.name] = done
+            continue
+        r = cfg.resources
+        refs[job.task.name] = ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
+                                                    num_gpus=r.num_gpus, max_retries=r.max_retries)
+    router_ref = _submit_router(cfg, corpus, run_dir) if cfg.router.enabled else None
+    if router_ref is not None:
+        refs["router"] = router_ref
+    results.update(_gather(refs))
+    summary = _summary(cfg, run_dir, jobs, results, time.perf_counter() - t0)
+    if report:
+        from training.report import write_report
+        write_report(run_dir, corpus=corpus, run_cfg=cfg)
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _gather(refs: dict[str, Any]) -> dict[str, Any]:
+    """Wait for every task, logging each as it finishes; raise naming the tasks that failed."""
+    import ray
+
+    names = {ref: name for name, ref in refs.items()}
+    pending, out, failed = list(refs.values()), {}, {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        name = names[ready[0]]
+        try:
+            out[name] = ray.get(ready[0])
+            log.info("finished %s (%d left)", name, len(pending))
+        except Exception as e:  # noqa: BLE001 - collect every failure, then raise once
+            failed[name] = e
+            log.error("%s failed after its retries: %s", name, e)
+    if failed:
+        raise RuntimeError(f"training failed for {sorted(failed)}: "
+                           + "; ".join(f"{k}: {type(v).__name__}: {v}" for k, v in failed.items()))
+    return out
+
+
+def _summary(cfg: RunConfig, run_dir: Path, jobs: list[Job], results: dict[str, Any], wall: float) -> dict:
+    models = {}
+    for job in jobs:
+        res = results.get(job.task.name)
+        models[job.task.name] = {"kind": job.kind, "out_dir": job.task.out_dir, "steps": job.loop.max_steps,
+                                 "active_params": job.active_params,
+                                 "total_params": job.task.model_cfg.num_params(),
+                                 "tokens": getattr(res, "tokens", None), "flops": getattr(res, "flops", None),
+                                 "compute": (getattr(res, "tokens", 0) or 0) * job.active_params, **job.extra}
+    if "router" in results:
+        models["router"] = {"kind": "router", "out_dir": "router",
+                            "steps": getattr(results["router"], "steps", None)}
+    return {"run": cfg.name, "run_dir": str(run_dir), "train_wall_s": round(wall, 2), "models": models}
+
+
+# ---- the router hook --------------------------------------------------------------------------
+def _submit_router(cfg: RunConfig, corpus: Any, run_dir: Path) -> Any:
+    """Train the router as a Ray task if ``router.train`` exists (another package provides it)."""
+    if importlib.util.find_spec(ROUTER_HOOK) is None:
+        log.warning("%s not found: the router is not trained (the run has experts only)", ROUTER_HOOK)
+        return None
+    if load_result(run_dir, "router") is not None:
+        log.info("router already trained; skipping")
+        return None
+    from training import ray_jobs
+
+    r = cfg.resources
+    kwargs = {"corpus_root": str(corpus.root), "corpus_name": corpus.name, "run_dir": str(run_dir),
+              "steps": cfg.router.steps, "per_domain": cfg.router.per_domain, "seed": cfg.seed,
+              "device": cfg.device}
+    return ray_jobs.submit_call("router", "training.pipeline:train_router_task", kwargs,
+                                num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+
+
+def train_router_task(corpus_root: str, corpus_name: str, run_dir: str, steps: int | None,
+                      per_domain: int | None, seed: int, device: str) -> Any:
+    """Inside a Ray task: load the corpus and call ``router.train.train_router``."""
+    from experts.device import available_cpus  # noqa: F401  (threads already set by the wrapper)
+    from training.data import load_corpora
+
+    try:
+        from router.train import RouterTrainConfig, train_router
+    except ImportError as e:
+        log.warning("router training unavailable (%s); skipping", e)
+        return None
+    import torch
+
+    corpus = load_corpora(Path(corpus_root).parent, corpus_name)
+    tc = {"seed": seed}
+    if steps is not None:
+        tc.update(max_steps=steps, eval_every=max(1, steps // 4))
+    if per_domain is not None:
+        tc.update(per_domain=per_domain, val_per_domain=max(10, per_domain // 5))
+    return train_router(corpus, corpus.tokenizer(), run_dir, train_cfg=RouterTrainConfig(**tc),
+                        tokenizer_file=str(corpus.tokenizer_path), device=device, progress=False,
+                        num_threads=torch.get_num_threads())
