@@ -1,0 +1,149 @@
+"""Corpora: disjoint stable splits, no test text in train, manifests that verify, clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import datasets
+import pytest
+
+from router.domains import DOMAINS
+from training.cli import main
+from training.data import (CorpusSpec, DataError, DomainSpec, SourceSpec, build_corpora, load_corpora,
+                           qa_items, router_examples, split_of, verify)
+
+
+def test_all_domains_within_tiny_budget(tiny_corpus) -> None:
+    assert tiny_corpus.domains == DOMAINS
+    for d in DOMAINS:
+        m = tiny_corpus.manifest(d)
+        assert 0 < sum(m["bytes"].values()) <= 200_000
+        assert all(m["counts"][s] > 0 for s in ("train", "test")), (d, m["counts"])
+
+
+def test_splits_disjoint_and_no_test_text_in_train(tiny_corpus) -> None:
+    for d in tiny_corpus.domains:
+        by_split = {s: tiny_corpus.docs(d, s) for s in ("train", "val", "test")}
+        keys = {s: {r["split_key"] for r in docs} for s, docs in by_split.items()}
+        assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"]
+        train_text = {r["text"] for r in by_split["train"]}
+        assert not train_text & {r["text"] for r in by_split["test"] + by_split["val"]}
+        for s, docs in by_split.items():  # hashed, never by position
+            assert all(split_of(r["split_key"], val=0.05, test=0.10) == s for r in docs)
+
+
+def test_gsm_templates_are_held_out_whole(tiny_corpus) -> None:
+    split_of_template: dict[str, set[str]] = {}
+    for s in ("train", "val", "test"):
+        for r in tiny_corpus.docs("math", s):
+            if r["split_key"].startswith("gsm_symbolic:template:"):
+                split_of_template.setdefault(r["split_key"], set()).add(s)
+                assert "####" in r["text"] and r["text"].startswith(r["question"])
+    assert split_of_template and all(len(v) == 1 for v in split_of_template.values())
+
+
+def test_rebuild_gives_same_hashes(tiny_corpus, tmp_path) -> None:
+    again = build_corpora("tiny", tmp_path, progress=False)
+    for d in DOMAINS:
+        a, b = tiny_corpus.manifest(d), again.manifest(d)
+        assert a["content_sha256"] == b["content_sha256"]
+        assert {k: v for k, v in a["files"].items() if k.endswith(".jsonl")} == \
+            {k: v for k, v in b["files"].items() if k.endswith(".jsonl")}
+
+
+def test_second_build_reuses_cache(tiny_corpus) -> None:
+    before = (tiny_corpus.root / "manifest.json").stat().st_mtime_ns
+    again = build_corpora("tiny", tiny_corpus.root.parent, progress=False)
+    assert again.root == tiny_corpus.root
+    assert (tiny_corpus.root / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_verify_passes_and_tampering_fails(tiny_corpus, tmp_path) -> None:
+    verify(tiny_corpus)
+    shutil.copytree(tiny_corpus.root, tmp_path / "tiny")
+    copy = load_corpora(tmp_path, "tiny")
+    verify(copy)
+    f = copy.root / "math" / "test.jsonl"
+    f.write_text(f.read_text().replace("1", "2", 1))
+    with pytest.raises(DataError, match="test.jsonl"):
+        verify(copy)
+
+
+def _spec(*domains: DomainSpec) -> CorpusSpec:
+    return CorpusSpec(name="custom", domains=list(domains), vocab_size=300, tokenizer_sample_bytes=50_000,
+                      test_fraction=0.2)
+
+
+def _docs(n: int, prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "body": f"{prefix} document number {i}: " + "word " * (i % 7 + 3)}
+            for i in range(n)]
+
+
+def test_local_jsonl_and_in_memory_dataset_through_one_spec(tmp_path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _docs(60, "local")))
+    mem = datasets.Dataset.from_list(_docs(60, "memory"))
+    src = dict(text_field="body", key_field="id")
+    spec = _spec(DomainSpec(domain="code", budget_bytes=100_000, sources=[
+        SourceSpec(kind="local", name="mine", paths=[str(path)], **src),
+        SourceSpec(kind="dataset", name="mem", dataset=mem, **src)]))
+    corpus = build_corpora(cache_dir=tmp_path / "cache", spec=spec, progress=False)
+    docs = [r for s in ("train", "val", "test") for r in corpus.docs("code", s)]
+    assert {r["key"] for r in docs} == {f"local{i}" for i in range(60)} | {f"memory{i}" for i in range(60)}
+    assert {r["source"] for r in docs} == {"mine", "mem"}
+    verify(corpus)
+
+
+def test_missing_optional_source_warns(tmp_path, caplog) -> None:
+    mem = datasets.Dataset.from_list(_docs(40, "x"))
+    spec = _spec(DomainSpec(domain="knowledge", budget_bytes=100_000, sources=[
+        SourceSpec(kind="dataset", name="mem", dataset=mem, text_field="body"),
+        SourceSpec(kind="local", name="absent", paths=[str(tmp_path / "nope.jsonl")], optional=True)]))
+    with caplog.at_level(logging.WARNING):
+        corpus = build_corpora(cache_dir=tmp_path, spec=spec, progress=False)
+    assert "skipping optional source 'absent'" in caplog.text and "nope.jsonl" in caplog.text
+    assert corpus.manifest("knowledge")["sources"][1]["status"] == "missing"
+
+
+def test_empty_or_missing_required_source_is_an_error(tmp_path) -> None:
+    empty = datasets.Dataset.from_list([{"text": ""}])
+    spec = _spec(DomainSpec(domain="math", budget_bytes=1000,
+                            sources=[SourceSpec(kind="dataset", name="empty", dataset=empty)]))
+    with pytest.raises(DataError, match="required source 'empty' of domain 'math' gave no documents"):
+        build_corpora(cache_dir=tmp_path, spec=spec, progress=False)
+    spec = _spec(DomainSpec(domain="math", budget_bytes=1000,
+                            sources=[SourceSpec(kind="local", name="gone", paths=["/no/such.jsonl"])]))
+    with pytest.raises(DataError, match="required source 'gone'"):
+        build_corpora(cache_dir=tmp_path, spec=spec, progress=False)
+
+
+def test_spec_yaml_round_trip_and_validation(tmp_path) -> None:
+    from training.data import default_spec
+    spec = default_spec("tiny")
+    (tmp_path / "s.yaml").write_text(spec.to_yaml())
+    assert CorpusSpec.from_yaml(tmp_path / "s.yaml") == spec
+    with pytest.raises(ValueError, match="unknown domain"):
+        DomainSpec(domain="poetry", budget_bytes=1, sources=[SourceSpec(name="x")])
+    with pytest.raises(ValueError, match="unknown corpus size"):
+        default_spec("huge")
+
+
+def test_router_examples_balanced_and_qa_items(tiny_corpus) -> None:
+    ex = router_examples(tiny_corpus, "train", per_domain=20, seed=1)
+    counts = {d: sum(1 for _, dd in ex if dd == d) for d in DOMAINS}
+    assert counts == {d: 20 for d in DOMAINS}
+    assert router_examples(tiny_corpus, "train", per_domain=20, seed=1) == ex
+    assert all(p.strip() and "<|" not in p for p, _ in ex)
+    items = qa_items(tiny_corpus, "math", "test")
+    assert items and all(q and a for q, a in items)
+    with pytest.raises(ValueError, match="no Q/A items"):
+        qa_items(tiny_corpus, "code")
+
+
+def test_cli_show(tiny_corpus, capsys) -> None:
+    assert main(["data", "show", "--size", "tiny", "--cache-dir", str(tiny_corpus.root.parent), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verified" in out and all(d in out for d in DOMAINS)
+    assert main(["data", "show", "--size", "quick", "--cache-dir", str(tiny_corpus.root.parent)]) == 2
