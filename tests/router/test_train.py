@@ -72,7 +72,7 @@ def test_batches_resume_exactly():
 
 
 def test_router_package_does_not_import_training_serving_or_ray():
-    code = ("import sys, router, router.train, router.likelihood, router.evaluate, router.calibration; "
+    code = ("import sys, router, router.train, router.likelihood, router.evaluate, router.calibration, router.report; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'serving', 'ray')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
