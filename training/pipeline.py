@@ -124,7 +124,8 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
     jobs = plan_jobs(cfg, corpus, vocab)
     ray_jobs.init_ray(ray_address)
     results, refs = {}, {}
-    for job in jobs:
+    # longest first: the generalists take 5x an expert, so starting them early balances the slots
+    for job in sorted(jobs, key=lambda j: -j.loop.max_steps * j.task.flops_per_token()):
         done = _finished(run_dir, job)
         if done is not None:
             log.info("%s already trained (%d steps); skipping", job.task.name, done.steps)

@@ -50,3 +50,15 @@ def lm_task(splits, name: str, out_dir: str, ffn: str = "dense", seed: int = 0):
     return LMTask(name=name, out_dir=out_dir, model_cfg=tiny_cfg(ffn),
                   train_paths=[splits[name]["train"]], val_paths=[splits[name]["val"]],
                   batch_size=4, seq_len=32, seed=seed, eval_batches=2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray instance for the whole session (2 CPUs: the machine's budget)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,73 @@
+"""A tiny run end to end through Ray: checkpoints per expert, a report with a row per model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experts.checkpoint import read_meta
+from training.pipeline import match_active_params, plan_jobs
+from training.report import Cell, distinct_2, register_row_provider, write_report
+from training.run_config import load_run_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory):
+    from training.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_run_config("tiny", {"run_dir": str(run_dir), "train.steps": 12, "train.eval_every": 6,
+                                   "train.ckpt_every": 6, "router.enabled": False,
+                                   "experts": "math,reasoning,code"})
+    summary = run_pipeline(cfg)
+    return run_dir, cfg, summary
+
+
+def test_run_has_checkpoints_and_report(tiny_run):
+    run_dir, cfg, summary = tiny_run
+    for d in cfg.experts:
+        assert read_meta(run_dir / "experts" / d, kind="lm")["train"]["steps"] == 12
+    rep = json.loads((run_dir / "report" / "report.json").read_text())
+    assert set(rep["matrix"]) == set(cfg.experts)  # a row per expert
+    for row in rep["matrix"].values():  # a column per domain, finite numbers
+        assert set(row) == {"math", "reasoning", "conversation", "knowledge", "code"}
+        assert all(c["ppl"] > 1 and 0 < c["bpb"] < 20 for c in row.values())
+    assert {"math", "reasoning"} <= set(rep["generation"])
+    assert rep["generation"]["math"]["exact_match"]["n"] > 0
+    for f in ("report.md", "matrix_ppl.png", "loss_curves.png"):
+        assert (run_dir / "report" / f).stat().st_size > 0
+    assert rep["compute"]["math"]["tokens"] == 12 * cfg.train.tokens_per_step
+
+
+def test_rerun_skips_finished_and_extra_rows(tiny_run):
+    run_dir, cfg, _ = tiny_run
+    register_row_provider(lambda ctx: {"ensemble": {d: Cell(1.0, 1, 1) for d in ctx.domains}})
+    rep = write_report(run_dir, corpus=None, run_cfg=cfg)
+    assert "ensemble" in rep["matrix"] and rep["matrix"]["ensemble"]["math"]["ppl"] == pytest.approx(2.718, 1e-3)
+
+
+def test_baselines_match_active_params_and_compute():
+    from training.data import load_corpora
+
+    cfg = load_run_config("tiny", {"baselines.enabled": True})
+    corpus = load_corpora(None, "tiny")
+    jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
+    expert, dense, moe = jobs["math"], jobs["baseline-dense"], jobs["baseline-moe"]
+    assert moe.task.model_cfg.ffn == "moe"
+    assert abs(moe.active_params - expert.active_params) / expert.active_params < 0.01
+    budget = 5 * expert.loop.max_steps * expert.active_params
+    for b in (dense, moe):
+        assert abs(b.loop.max_steps * b.active_params - budget) / budget < 0.01
+        assert len(b.task.train_paths) == 5
+
+
+def test_match_active_params_and_distinct2():
+    from experts.config import ModelConfig
+    dense = ModelConfig.preset("small")
+    moe = match_active_params(ModelConfig.preset("small-moe"), dense.num_params(active=True))
+    assert abs(moe.num_params(active=True) - dense.num_params(active=True)) < 3 * moe.d_model * 3
+    assert distinct_2([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5)
+    assert distinct_2([1, 2, 3, 4]) == 1.0
