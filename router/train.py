@@ -237,3 +237,38 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
         result = train(task, loop_cfg, run_dir)
     result.extra["temperature"] = task.temperature
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m router.train --size quick --run-dir DIR``: train on built corpora, evaluate on test."""
+    import argparse
+    import json
+
+    from experts.device import set_threads
+    from router.evaluate import evaluate_router, plot_confusion
+    from router.router import load_router
+    from training.data import load_corpora, router_examples
+
+    ap = argparse.ArgumentParser(prog="python -m router.train", description=main.__doc__)
+    ap.add_argument("--size", default="quick")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--steps", type=int, default=RouterTrainConfig.max_steps)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_threads(args.threads)
+    corpus = load_corpora(args.cache_dir, args.size)
+    result = train_router(corpus, corpus.tokenizer(), args.run_dir,
+                          train_cfg=RouterTrainConfig(max_steps=args.steps), tokenizer_file=corpus.tokenizer_path,
+                          num_threads=args.threads, device="cpu", progress=False)
+    metrics = evaluate_router(load_router(Path(args.run_dir) / "router"),
+                              router_examples(corpus, "test", per_domain=100_000, seed=0))
+    plot_confusion(metrics["confusion"], Path(args.run_dir) / "router_confusion.png")
+    (Path(args.run_dir) / "router_eval.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps({"train_s": result.elapsed_s, **metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
