@@ -1,0 +1,200 @@
+"""Transformer: causality, KV-cache parity, GQA vs a reference, overfitting, config errors, layering."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experts.config import ModelConfig
+from experts.model import KVCache, Transformer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model(preset: str, **kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset(preset, **kw)).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_changing_a_later_token_never_changes_earlier_logits(preset):
+    model = _model(preset)
+    x = torch.randint(0, 512, (2, 16))
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 512
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_kv_cache_decoding_equals_full_forward(preset):
+    """Prefill slots with prompts of different lengths, then batched decode at different positions."""
+    model = _model(preset)
+    x = torch.randint(0, 512, (3, 24))
+    lens, slots = [4, 9, 13], [2, 0, 3]  # non-contiguous slots, different lengths
+    cache = KVCache(model.cfg, max_batch=4, max_len=64)
+    with torch.no_grad():
+        full = model(x).logits
+        got = {}
+        for b, (slot, n) in enumerate(zip(slots, lens)):
+            cache.bind([slot])
+            got[b] = [model(x[b:b + 1, :n], cache=cache).logits[0]]
+        for t in range(8):
+            cache.bind(slots)
+            tok = torch.stack([x[b, lens[b] + t] for b in range(3)])[:, None]  # (B, 1)
+            out = model(tok, cache=cache).logits
+            for b in range(3):
+                got[b].append(out[b])
+    for b in range(3):
+        torch.testing.assert_close(torch.cat(got[b]), full[b, :lens[b] + 8], atol=1e-5, rtol=0)
+    assert [cache.lengths[s] for s in slots] == [n + 8 for n in lens]
+
+
+def test_kv_cache_chunked_prefill_and_contiguous_batch():
+    model = _model("tiny")
+    x = torch.randint(0, 512, (2, 20))
+    cache = KVCache(model.cfg, max_batch=2, max_len=32)
+    with torch.no_grad():
+        full = model(x).logits
+        cache.bind([0, 1])
+        first = model(x[:, :7], cache=cache).logits  # same-length batched prefill
+        second = model(x[:, 7:20], cache=cache).logits  # a chunk after a prefix (needs a mask)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_and_bad_sizes_raise():
+    cfg = ModelConfig.preset("tiny")
+    model = _model("tiny")
+    cache = KVCache(cfg, max_batch=1, max_len=8)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache(cfg, max_batch=1, max_len=cfg.max_seq_len + 1)
+
+
+def _reference_mha(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """Plain multi-head causal attention written out, on the first layer's attention module."""
+    attn = model.layers[0].attention
+    B, T, D = x.shape
+    H, Dh = attn.n_heads, attn.head_dim
+    q = (x @ attn.wq.weight.T).view(B, T, H, Dh).transpose(1, 2)
+    k = (x @ attn.wk.weight.T).view(B, T, H, Dh).transpose(1, 2)
+    v = (x @ attn.wv.weight.T).view(B, T, H, Dh).transpose(1, 2)
+    pos = torch.arange(T, dtype=torch.float64)
+    inv = 1.0 / model.cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    ang = torch.outer(pos, inv)  # (T, Dh/2)
+    cos, sin = ang.cos().float(), ang.sin().float()
+
+    def rope(t):  # rotate pairs (i, i + Dh/2): the HF rotate_half convention
+        a, b = t[..., :Dh // 2], t[..., Dh // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    q, k = rope(q), rope(k)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, D)
+    return y @ attn.wo.weight.T
+
+
+def test_attention_with_kv_heads_equal_heads_matches_reference_mha():
+    model = _model("tiny", n_kv_heads=4)
+    x = torch.randn(2, 12, model.cfg.d_model)
+    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    with torch.no_grad():
+        got = model.layers[0].attention(x, cos, sin, None, None)
+        torch.testing.assert_close(got, _reference_mha(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """GQA with 2 kv heads is MHA whose k/v weights repeat each kv head for its query group."""
+    gqa = _model("tiny")  # 4 heads, 2 kv heads
+    mha = _model("tiny", n_kv_heads=4)
+    sd = gqa.state_dict()
+    Dh = gqa.cfg.head_dim
+    for name in list(sd):
+        if name.endswith(("wk.weight", "wv.weight")):  # (Hkv*Dh, D) -> (H*Dh, D)
+            sd[name] = sd[name].view(2, Dh, -1).repeat_interleave(2, dim=0).reshape(4 * Dh, -1)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x).logits, mha(x).logits, atol=1e-5, rtol=0)
+
+
+def test_output_contract_dense_and_moe():
+    x = torch.randint(0, 512, (2, 8))
+    dense = _model("tiny")(x)
+    assert dense.logits.shape == (2, 8, 512) and dense.logits.dtype == torch.float32
+    assert dense.aux_loss.item() == 0 and dense.z_loss.item() == 0 and dense.expert_counts is None
+    moe = _model("tiny-moe")(x)
+    cfg = ModelConfig.preset("tiny-moe")
+    assert moe.expert_counts.shape == (cfg.n_layers, cfg.moe.n_experts)
+    assert moe.expert_counts.sum(1).tolist() == [2 * 8 * cfg.moe.top_k] * cfg.n_layers
+    assert moe.aux_loss.item() >= 1.0 - 1e-6  # the Switch loss is minimised (1.0) by uniform routing
+
+
+def test_tied_embeddings_and_scaled_init():
+    model = _model("small")
+    assert model.output.weight is model.tok_embeddings.weight
+    n = model.cfg.n_layers
+    wo = model.layers[0].attention.wo.weight.std().item()
+    wq = model.layers[0].attention.wq.weight.std().item()
+    assert wo == pytest.approx(0.02 / math.sqrt(2 * n), rel=0.05)
+    assert wq == pytest.approx(0.02, rel=0.05)
+    assert "rope_cos" not in model.state_dict()  # non-persistent buffers
+    assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_tiny_model_overfits_one_batch(preset):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=64, max_seq_len=32)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 64, (4, 17))
+    for _ in range(80):
+        out = model(x[:, :-1])
+        loss = F.cross_entropy(out.logits.reshape(-1, 64), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        (loss + 0.01 * out.aux_loss + 0.001 * out.z_loss).backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig.preset("tiny", n_kv_heads=3)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig.preset("tiny", dropout=1.0)
+    with pytest.raises(ValueError, match="d_model"):
+        ModelConfig.preset("tiny", d_model=66)
+    with pytest.raises(ValueError, match="moe.top_k"):
+        ModelConfig.from_dict({**ModelConfig.preset("tiny-moe").to_dict(), "moe": {"n_experts": 2, "top_k": 3}})
+    with pytest.raises(ValueError, match="bogus"):
+        ModelConfig.from_dict({"bogus": 1})
+    assert ModelConfig.from_dict(ModelConfig.preset("tiny-moe").to_dict()) == ModelConfig.preset("tiny-moe")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", ["experts", "router"])
+def test_layering_experts_and_router_never_import_ray_serving_training(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert package != "experts" or files, "experts/ has no Python files?"
+    for f in files:
+        bad = _imports(f) & {"ray", "serving", "training"}
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
