@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from router.policy import Decision, _check_args, decide, default_decision
+from router.policy import Decision, check_policy_args, decide, default_decision
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -59,7 +59,7 @@ class LikelihoodRouter:
 
     def __init__(self, experts: Mapping[str, nn.Module], tokenizer: Any, *, max_tokens: int = 256,
                  threshold: float = 0.5, top_k: int = 2, batch_size: int = 16) -> None:
-        _check_args(threshold, top_k)
+        check_policy_args(threshold, top_k)
         if not experts:
             raise ValueError("LikelihoodRouter needs at least one expert model")
         self.experts, self.tokenizer = dict(experts), tokenizer

@@ -39,7 +39,8 @@ class Decision:
         return asdict(self)
 
 
-def _check_args(threshold: float, top_k: int) -> None:
+def check_policy_args(threshold: float, top_k: int) -> None:
+    """Raise ValueError unless 0 <= threshold <= 1 and 1 <= top_k <= number of experts."""
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold={threshold!r} is invalid: must be a probability in [0, 1]")
     if not (isinstance(top_k, int) and 1 <= top_k <= len(DOMAINS)):
@@ -77,7 +78,7 @@ def decide(probs: Mapping[str, float], *, threshold: float = 0.5, top_k: int = 2
     ``probs`` maps expert names to (unnormalised) probabilities; missing experts count as 0 and an
     empty mapping gives :func:`default_decision`. Ties are broken by the order of ``DOMAINS``.
     """
-    _check_args(threshold, top_k)
+    check_policy_args(threshold, top_k)
     if not probs:
         return default_decision()
     expert_probs = _normalise(probs)

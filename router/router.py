@@ -13,7 +13,7 @@ import torch
 from experts.checkpoint import TOKENIZER, CheckpointError, load_state_into, load_tensors, read_meta
 from router.domains import DOMAINS, GROUP_NAMES
 from router.model import RouterConfig, RouterModel, collate
-from router.policy import Decision, _check_args, decide, default_decision
+from router.policy import Decision, check_policy_args, decide, default_decision
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Router:
 
     def __init__(self, model: RouterModel, tokenizer: TextEncoder, *, temperature: float = 1.0,
                  threshold: float = 0.5, top_k: int = 2) -> None:
-        _check_args(threshold, top_k)
+        check_policy_args(threshold, top_k)
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} is invalid: must be > 0")
         self.model = model.eval()
