@@ -1,0 +1,83 @@
+"""The typed app builder: ``build_app(AppArgs) -> Application`` (``serve run serving.app:build_app``).
+
+The graph: one ``Expert`` deployment per served domain (the same class bound with different
+arguments), one ``Router``, and the FastAPI ``Ingress`` that holds their handles.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from experts.checkpoint import TOKENIZER, CheckpointError, read_meta
+from experts.config import ModelConfig
+from experts.tokenizer import Tokenizer
+from serving.config import AppArgs
+from serving.deployments import Expert, Router
+from serving.errors import RETRY_AFTER_S
+from serving.ingress import Ingress, IngressSettings
+
+log = logging.getLogger(__name__)
+
+STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+
+
+def _expert_configs(args: AppArgs) -> dict[str, ModelConfig]:
+    """Read each expert's config from its checkpoint (fails early, naming the missing file)."""
+    configs = {}
+    for name in args.experts:
+        meta = read_meta(args.expert_dir(name), kind="lm", verify=False)
+        configs[name] = ModelConfig.from_dict(meta["config"])
+    return configs
+
+
+def ingress_settings(args: AppArgs, configs: dict[str, ModelConfig]) -> IngressSettings:
+    tokenizer = args.expert_dir(args.experts[0]) / TOKENIZER
+    if not tokenizer.is_file():
+        raise CheckpointError(f"{tokenizer}: missing; expert checkpoints must include the tokenizer")
+    return IngressSettings(
+        tokenizer_path=str(tokenizer), contexts={n: c.max_seq_len for n, c in configs.items()},
+        vocab_size=min(Tokenizer.load(tokenizer).vocab_size, *(c.vocab_size for c in configs.values())),
+        max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+        ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k)
+
+
+def _expert_app(args: AppArgs, name: str) -> Application:
+    options: dict[str, Any] = dict(
+        name=f"Expert-{name}", num_replicas=args.expert.replicas,
+        ray_actor_options=args.expert.actor_options(),
+        max_ongoing_requests=2 * args.max_batch,  # streams beyond the slots wait inside the worker
+        max_queued_requests=args.max_queued_requests)
+    if args.expert.replicas > 1:  # ensemble sessions must come back to the replica that holds them
+        options["request_router_config"] = {"request_router_class": STICKY_ROUTER}
+    return Expert.options(**options).bind(name, str(args.expert_dir(name)), max_batch=args.max_batch,
+                                          torch_threads=args.torch_threads, device=args.device)
+
+
+def _router_app(args: AppArgs) -> Application:
+    if args.router_probs is None:
+        read_meta(args.router_dir, kind="router", verify=False)
+    return Router.options(num_replicas=args.router.replicas, ray_actor_options=args.router.actor_options(),
+                          max_ongoing_requests=args.max_ongoing_requests,
+                          max_queued_requests=args.max_queued_requests).bind(
+        None if args.router_probs is not None else str(args.router_dir),
+        threshold=args.ensemble_threshold, top_k=args.ensemble_top_k, torch_threads=args.torch_threads,
+        fixed_probs=args.router_probs)
+
+
+def build_app(args: AppArgs | dict[str, Any]) -> Application:
+    """Build the Serve application graph from validated arguments."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    configs = _expert_configs(args)
+    experts = {name: _expert_app(args, name) for name in args.experts}
+    settings = ingress_settings(args, configs)
+    log.info("serving %s from %s", ", ".join(args.experts), args.run_dir)
+    return Ingress.options(
+        num_replicas=args.ingress.replicas, ray_actor_options=args.ingress.actor_options(),
+        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    ).bind(experts, _router_app(args), settings.model_dump())

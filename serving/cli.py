@@ -1,0 +1,140 @@
+"""``hmoe serve RUN_DIR`` and ``hmoe up --preset quick`` (imported lazily by ``training.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from serving.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "hmoe"
+
+
+def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
+          num_cpus: float | None = None, wait_ready_s: float = 300.0) -> str:
+    """Start Ray (a new local instance unless an address is given) and Serve; return the base URL."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({"num_cpus": num_cpus} if num_cpus and address == "local" else {}))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://{host}:{port}"
+    _wait_ready(url, args.api_key, wait_ready_s)
+    return url
+
+
+def _wait_ready(url: str, api_key: str | None, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz did not answer 200 within {timeout_s:.0f} s")
+
+
+def curl_example(url: str, api_key: str | None = None) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return (f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f"  -d '{{\"model\": \"auto\", \"prompt\": \"What is 12 + 30?\", \"max_tokens\": 32}}'\n"
+            f"curl -sN {url}/generate -H 'Content-Type: application/json'{auth} \\\n"
+            f"  -d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 48, \"stream\": true}}'")
+
+
+def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
+    fields: dict[str, Any] = {"run_dir": run_dir, "api_key": ns.api_key or os.environ.get("HMOE_API_KEY")}
+    if ns.experts:
+        fields["experts"] = ns.experts.split(",")
+    for name in ("max_tokens_cap", "max_batch", "torch_threads", "device"):
+        if getattr(ns, name) is not None:
+            fields[name] = getattr(ns, name)
+    if ns.expert_cpus is not None:
+        fields["expert"] = {"num_cpus": ns.expert_cpus, "replicas": ns.expert_replicas or 1}
+    return AppArgs(**fields)
+
+
+def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
+    from ray import serve
+
+    url = start(app_args, host=ns.host, port=ns.port)
+    print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}")
+    print("try:\n" + curl_example(url, app_args.api_key))
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def serve_main(ns: argparse.Namespace) -> int:
+    """``hmoe serve RUN_DIR``: serve a trained run and block."""
+    return _serve_forever(_app_args(ns, ns.run_dir), ns)
+
+
+def up_main(ns: argparse.Namespace) -> int:
+    """``hmoe up --preset quick``: build corpora and train if no run exists, then serve."""
+    run_dir = Path(ns.run_dir or f"runs/{ns.preset}")
+    if not (run_dir / "router" / "meta.json").is_file():
+        print(f"no trained run at {run_dir}: building corpora and training preset {ns.preset!r} ...", flush=True)
+        from training import pipeline  # helper-3's end-to-end pipeline
+
+        pipeline.run_training(preset=ns.preset, run_dir=run_dir)
+    return _serve_forever(_app_args(ns, str(run_dir)), ns)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--experts", default=None, help="comma-separated subset of the experts to serve")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $HMOE_API_KEY)")
+    p.add_argument("--max-tokens-cap", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=None, help="decode slots per expert replica")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--expert-cpus", type=float, default=None, help="Ray num_cpus per expert replica")
+    p.add_argument("--expert-replicas", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
+
+
+def add_serving_subparsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``up`` to the ``hmoe`` command."""
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (Ray Serve)")
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    _add_common(p)
+    p.set_defaults(func=serve_main)
+    p = sub.add_parser("up", help="train the preset if needed, then serve it (what `make run` does)")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--run-dir", default=None, help="default runs/<preset>")
+    _add_common(p)
+    p.set_defaults(func=up_main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m serving.cli serve RUN_DIR``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="hmoe")
+    add_serving_subparsers(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Serve deployments behind the ingress: ``Expert`` (bound once per domain) and ``Router``.
+
+Both receive resolved checkpoint paths from ``build_app`` (the fixed registry); nothing a
+request carries ever becomes a path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from experts.checkpoint import load_lm
+from experts.device import resolve_device, set_threads
+from experts.generate import Engine
+from experts.sampling import SamplingParams
+from router.domains import DOMAINS
+from router.policy import decide
+from serving.engine_worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Expert", graceful_shutdown_timeout_s=5, health_check_period_s=10)
+class Expert:
+    """One domain expert: an Engine stepped by an asyncio loop, streaming tokens per request."""
+
+    def __init__(self, name: str, ckpt_dir: str, *, max_batch: int, torch_threads: int,
+                 device: str = "cpu") -> None:
+        threads = set_threads(torch_threads)
+        model, cfg, _ = load_lm(ckpt_dir, device=resolve_device(device))
+        self.name, self.cfg = name, cfg
+        self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len))
+        log.info("expert %s loaded from %s (%d params, %d threads, %d slots)", name, ckpt_dir,
+                 cfg.num_params(), threads, max_batch)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "context_length": self.cfg.max_seq_len,
+                "vocab_size": self.cfg.vocab_size, "params": self.cfg.num_params()}
+
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream chunks of new tokens (call with ``handle.options(stream=True)``)."""
+        async for chunk in self.worker.generate(prompt_ids, SamplingParams(**params)):
+            yield chunk
+
+    async def score(self, ids: list[int], top: int = 0) -> dict[str, list]:
+        """Prompt log-probs for ``echo`` (the first token has none)."""
+        return await self.worker.score(ids, top)
+
+    # ---- ensemble session API: the ingress picks every token ----------------------------------
+    async def open(self, prompt_ids: list[int], params: dict[str, Any]) -> str:
+        return await self.worker.open_session(prompt_ids, SamplingParams(**params))
+
+    async def step(self, session: str) -> Any:
+        """Next-token log-probabilities ``(V,)`` as a float32 numpy array."""
+        return (await self.worker.session_logprobs(session)).float().numpy()
+
+    async def feed(self, session: str, token: int) -> dict[str, Any]:
+        return await self.worker.session_feed(session, token)
+
+    async def close(self, session: str) -> None:
+        await self.worker.close_session(session)
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, **self.worker.stats.to_dict()}
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+
+
+@serve.deployment(name="Router", graceful_shutdown_timeout_s=5)
+class Router:
+    """The learned router (or, for tests, fixed probabilities) behind ``route(prompt)``."""
+
+    def __init__(self, router_dir: str | None, *, threshold: float, top_k: int, torch_threads: int = 1,
+                 fixed_probs: dict[str, float] | None = None) -> None:
+        set_threads(torch_threads)
+        self.threshold, self.top_k = threshold, top_k
+        self.fixed = fixed_probs
+        self.router = None
+        if fixed_probs is None:
+            from router.router import load_router
+
+            self.router = load_router(Path(router_dir or ""), threshold=threshold, top_k=top_k)
+
+    def route(self, prompt: str) -> dict[str, Any]:
+        """The routing decision as a plain dict (``router.policy.Decision`` fields)."""
+        if self.router is not None:
+            return self.router.route(prompt).to_dict()
+        probs = {d: self.fixed.get(d, 0.0) for d in DOMAINS}
+        return decide(probs, threshold=self.threshold, top_k=self.top_k).to_dict()

@@ -1,0 +1,56 @@
+"""ASGI middleware: API-key auth (except the health routes) and the request body size limit.
+
+The limits live in this module (one ingress per replica process) because ``serve.ingress``
+freezes a copy of the FastAPI app at import time; ``Ingress.__init__`` calls :func:`configure`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from serving.errors import InvalidRequest, PayloadTooLarge, Unauthorized
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_limits: dict[str, Any] = {"api_key": None, "max_body_bytes": 1_000_000}
+
+
+def configure(*, api_key: str | None, max_body_bytes: int) -> None:
+    _limits.update(api_key=api_key, max_body_bytes=max_body_bytes)
+
+
+class GuardMiddleware:
+    """Reject unauthenticated requests (401) and bodies over the limit (413) before parsing."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        key = _limits["api_key"]
+        if key and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                return await Unauthorized().response()(scope, receive, send)
+        limit = _limits["max_body_bytes"]
+        too_big = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            return await InvalidRequest("invalid Content-Length header").response()(scope, receive, send)
+        if declared > limit:
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:  # a chunked body without Content-Length
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_big
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,442 @@
+"""The HTTP ingress: OpenAI-compatible and native routes over the Router and Expert deployments.
+
+A request becomes a :class:`Job` (prompt ids, sampling parameters, limits checked), is routed
+(the Router deployment, or the expert the request names), and its tokens stream back from one
+Expert (``top1``) or from a per-step mixture of several (``ensemble``). Routes only translate
+between HTTP shapes and :meth:`Ingress._generate`; errors map to statuses in ``serving.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from experts.sampling import SamplingParams, make_generator, sample
+from experts.tokenizer import Tokenizer
+from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF
+from router.policy import decide
+from serving import guard
+from serving import schemas as S
+from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
+from serving.textstream import TextAssembler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_TOKENS = 16
+
+
+class IngressSettings(BaseModel):
+    """What the ingress needs to know about the served models and its limits."""
+
+    tokenizer_path: str
+    contexts: dict[str, int]  # expert -> context length (max_seq_len)
+    vocab_size: int
+    max_tokens_cap: int
+    max_body_bytes: int
+    api_key: str | None = None
+    ensemble_threshold: float = 0.5
+    ensemble_top_k: int = 2
+
+
+app = FastAPI(title="hmoe", description="hierarchical mixture of small domain experts",
+              version="0.1.0")
+app.add_middleware(guard.GuardMiddleware)
+install_handlers(app)
+
+
+def _sse_line(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(prompt: int, completion: int) -> S.Usage:
+    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _json(body: BaseModel, g: Generation) -> JSONResponse:
+    headers = {"x-hmoe-expert": ",".join(g.decision["experts"]),
+               "x-hmoe-batch": str(int(g.timings.get("max_batch", 0)))}
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no -inf: a zero probability is reported as a very negative log-prob."""
+    return x if x is None or math.isfinite(x) else -1e30
+
+
+@dataclass
+class Job:
+    """One prompt to complete, validated against the limits."""
+
+    ids: list[int]
+    echo_from: int  # first prompt position that echo reports (1 when the server added BOS)
+    route_text: str
+    model: str  # "auto" or an expert name
+    mode: str
+    max_tokens: int
+    params: dict[str, Any]  # SamplingParams fields
+    stops: list[str]
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Generation:
+    """What a job produced so far."""
+
+    job: Job
+    decision: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def expert(self) -> str:
+        return self.decision["experts"][0]
+
+    def summary(self) -> dict[str, Any]:
+        self.timings["total_ms"] = round((time.perf_counter() - self.job.t0) * 1000.0, 3)
+        return {"routing": {**self.decision, "expert": self.expert}, "timings": dict(self.timings)}
+
+
+@serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class Ingress:
+    """Routes requests to experts; holds a DeploymentHandle per expert and one for the router."""
+
+    def __init__(self, experts: dict[str, DeploymentHandle], router: DeploymentHandle,
+                 settings: IngressSettings | dict[str, Any]) -> None:
+        self.settings = IngressSettings.model_validate(settings)
+        self.experts = dict(experts)
+        self.router = router
+        self.tok = Tokenizer.load(self.settings.tokenizer_path)
+        self.stop_ids = (self.tok.eos_id, self.tok.end_id)
+        self.ready = False
+        guard.configure(api_key=self.settings.api_key, max_body_bytes=self.settings.max_body_bytes)
+
+    # ---- health -------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        if not self.ready:
+            calls = [h.info.remote() for h in self.experts.values()] + [self.router.route.remote("")]
+            try:
+                await asyncio.wait_for(asyncio.gather(*calls), timeout=2.0)
+                self.ready = True
+            except Exception as e:  # not loaded yet (or failed): not ready
+                return NotReady(f"experts are not all loaded yet ({type(e).__name__})").response()
+        return JSONResponse({"status": "ready", "experts": sorted(self.experts)})
+
+    # ---- listing and stats --------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> S.ModelList:
+        ctx = min(self.settings.contexts.values())
+        cards = [S.ModelCard(id="auto", context_length=ctx)]
+        cards += [S.ModelCard(id=n, context_length=self.settings.contexts[n]) for n in self.experts]
+        return S.ModelList(data=cards)
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        """Decode batch statistics of each expert (one replica each)."""
+        names = list(self.experts)
+        got = await asyncio.gather(*(self.experts[n].stats.remote() for n in names))
+        return {"experts": dict(zip(names, got)), "max_batch": max(s["max_batch"] for s in got)}
+
+    # ---- OpenAI: completions ------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, req: S.CompletionRequest) -> Any:
+        prompts = req.prompts()
+        if req.stream and len(prompts) > 1:
+            raise InvalidRequest("streaming supports one prompt per request", param="prompt")
+        self._check_model(req.model, "model")
+        jobs = [self._completion_job(p, req) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return await self._sse(self._completion_stream(jobs[0], req, rid, created))
+        gens = await asyncio.gather(*(self._collect(j) for j in jobs))
+        choices = [await self._completion_choice(i, g, req) for i, g in enumerate(gens)]
+        usage = _usage(sum(len(j.ids) for j in jobs), sum(len(g.tokens) for g in gens))
+        body = S.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
+                                    usage=usage, hmoe=gens[0].summary() if len(gens) == 1 else None)
+        return _json(body, gens[0])
+
+    def _completion_job(self, prompt: str | list[int], req: S.CompletionRequest) -> Job:
+        if isinstance(prompt, str):
+            ids, echo_from, text = [self.tok.bos_id, *self.tok.encode(prompt)], 1, prompt
+        else:
+            ids, echo_from, text = list(prompt), 0, self.tok.decode(prompt)
+        budget = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+        return self._job(ids, echo_from, text, req, req.model, budget)
+
+    async def _completion_choice(self, i: int, g: Generation, req: S.CompletionRequest) -> S.CompletionChoice:
+        prefix = ""
+        if req.echo:
+            prompt = req.prompts()[i]
+            prefix = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
+        logprobs = await self._logprobs(g, req) if req.logprobs is not None else None
+        return S.CompletionChoice(index=i, text=prefix + g.text, logprobs=logprobs,
+                                  finish_reason=g.finish_reason)
+
+    async def _logprobs(self, g: Generation, req: S.CompletionRequest) -> S.LogProbs:
+        """OpenAI's legacy structure over the echoed prompt (if ``echo``) and the completion."""
+        job, top = g.job, req.logprobs or 0
+        seq = job.ids + g.tokens
+        first = job.echo_from if req.echo else len(job.ids)
+        if len(seq) >= 2:
+            scored = await self.experts[g.expert].score.remote(seq, top)
+        else:
+            scored = {"token_logprobs": [None], "top": [None]}
+        lp = S.LogProbs()
+        offset = 0
+        for pos in range(first, len(seq)):
+            piece = self._piece(seq[pos])
+            lp.tokens.append(piece)
+            lp.token_logprobs.append(_finite(scored["token_logprobs"][pos]))
+            alts = scored["top"][pos]
+            lp.top_logprobs.append(None if alts is None or top == 0 else
+                                   {self._piece(t): _finite(v) for t, v in alts})
+            lp.text_offset.append(offset)
+            offset += len(piece)
+        return lp
+
+    def _piece(self, token: int) -> str:
+        """One token's text (specials spelled out; ids past the tokenizer's vocabulary are empty)."""
+        return self.tok.decode([token], skip_special=False) if token < self.tok.vocab_size else ""
+
+    async def _completion_stream(self, job: Job, req: S.CompletionRequest, rid: str,
+                                 created: int) -> AsyncIterator[dict[str, Any]]:
+        async for g, delta in self._generate(job):
+            if delta or g.finish_reason:
+                yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [{"index": 0, "text": delta, "logprobs": None,
+                                    "finish_reason": g.finish_reason}]}
+            if g.finish_reason and req.stream_options and req.stream_options.include_usage:
+                yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [], "usage": _usage(len(job.ids), len(g.tokens)).model_dump()}
+
+    # ---- OpenAI: chat -------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat(self, req: S.ChatRequest) -> Any:
+        self._check_model(req.model, "model")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = self.tok.chat(messages)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        job = self._job(ids, 0, users[-1] if users else messages[-1]["content"], req, req.model,
+                        req.token_budget())
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return await self._sse(self._chat_stream(job, req, rid, created))
+        g = await self._collect(job)
+        body = S.ChatResponse(id=rid, created=created, model=req.model, usage=_usage(len(ids), len(g.tokens)),
+                              choices=[S.ChatChoice(index=0, message=S.ChatChoiceMessage(content=g.text),
+                                                    finish_reason=g.finish_reason)],
+                              hmoe=g.summary())
+        return _json(body, g)
+
+    async def _chat_stream(self, job: Job, req: S.ChatRequest, rid: str, created: int
+                           ) -> AsyncIterator[dict[str, Any]]:
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+        first = True
+        async for g, delta in self._generate(job):
+            if first or delta or g.finish_reason:
+                d = {"role": "assistant", "content": delta} if first else {"content": delta}
+                first = False
+                yield {**head, "choices": [{"index": 0, "delta": d if delta or "role" in d else {},
+                                            "finish_reason": g.finish_reason}]}
+            if g.finish_reason and req.stream_options and req.stream_options.include_usage:
+                yield {**head, "choices": [], "usage": _usage(len(job.ids), len(g.tokens)).model_dump()}
+
+    # ---- native -------------------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(self, req: S.GenerateRequest) -> Any:
+        model = self._check_model(req.expert, "expert") if req.expert else "auto"
+        ids = [self.tok.bos_id, *self.tok.encode(req.prompt)]
+        job = self._job(ids, 1, req.prompt, req, model, req.max_tokens)
+        if req.stream:
+            return await self._sse(self._native_stream(job))
+        g = await self._collect(job)
+        return _json(self._native_body(g), g)
+
+    def _native_body(self, g: Generation) -> S.GenerateResponse:
+        s = g.summary()
+        return S.GenerateResponse(text=g.text, routing=S.Routing(**s["routing"]), prompt_tokens=len(g.job.ids),
+                                  completion_tokens=len(g.tokens), finish_reason=g.finish_reason or "length",
+                                  timings=S.Timings(**s["timings"]))
+
+    async def _native_stream(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        async for g, delta in self._generate(job):
+            if g.finish_reason:
+                yield {"text": delta, "done": True, **self._native_body(g).model_dump()}
+            elif delta:
+                yield {"text": delta, "done": False, "completion_tokens": len(g.tokens)}
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def _check_model(self, name: str, param: str) -> str:
+        if name != "auto" and name not in self.experts:
+            choices = ["auto", *self.experts] if param == "model" else list(self.experts)
+            raise ModelNotFound(f"unknown {param} {name!r}; choose one of {choices}", param=param)
+        return name
+
+    def _job(self, ids: list[int], echo_from: int, route_text: str, req: S.SamplingFields,
+             model: str, max_tokens: int | None) -> Job:
+        """Check the request against the models' limits and build its Job (400 naming the field)."""
+        cap, vocab = self.settings.max_tokens_cap, self.settings.vocab_size
+        ctx = self.settings.contexts[model] if model != "auto" else min(self.settings.contexts.values())
+        if max_tokens is not None and max_tokens > cap:
+            raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's cap of {cap}", param="max_tokens")
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                 param="prompt")
+        room = ctx - len(ids)
+        if room < 0 or (room == 0 and max_tokens != 0):
+            raise InvalidRequest(f"prompt has {len(ids)} tokens but the context is {ctx} tokens "
+                                 "(including at least one generated token); shorten it", param="prompt")
+        budget = min(cap if max_tokens is None else max_tokens, room)  # the context bounds generation
+        params = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                      repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
+                      stop_ids=self.stop_ids, seed=req.seed)
+        SamplingParams(**params)  # ValueError -> 400
+        return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list())
+
+    # ---- routing ------------------------------------------------------------------------------
+    async def _route(self, job: Job) -> dict[str, Any]:
+        """The routing decision restricted to served experts, following the request's mode."""
+        if job.model != "auto":
+            probs = {d: float(d == job.model) for d in DOMAINS}
+            groups = {g: float(g == GROUP_OF[job.model]) for g in GROUP_NAMES}
+            return {"group": GROUP_OF[job.model], "group_probs": groups, "expert_probs": probs,
+                    "experts": [job.model], "weights": [1.0], "mode": "explicit"}
+        full = await self.router.route.remote(job.route_text)
+        served = {d: p for d, p in full["expert_probs"].items() if d in self.experts}
+        if sum(served.values()) <= 0.0:
+            served = dict.fromkeys(self.experts, 1.0)
+        threshold, top_k = {"top1": (0.0, 1), "ensemble": (1.0, self.settings.ensemble_top_k),
+                            "auto": (self.settings.ensemble_threshold, self.settings.ensemble_top_k)}[job.mode]
+        d = decide(served, threshold=threshold, top_k=top_k)
+        return {"group": full["group"], "group_probs": full["group_probs"], "expert_probs": full["expert_probs"],
+                "experts": list(d.experts), "weights": list(d.weights), "mode": d.mode}
+
+    # ---- generation ---------------------------------------------------------------------------
+    async def _collect(self, job: Job) -> Generation:
+        g = None
+        async for g, delta in self._generate(job):
+            g.text += delta
+        return g
+
+    async def _generate(self, job: Job) -> AsyncIterator[tuple[Generation, str]]:
+        """Yield ``(generation, text delta)`` for every chunk of tokens; the last has finish_reason."""
+        g = Generation(job)
+        t = time.perf_counter()
+        g.decision = await self._route(job)
+        g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
+        if job.max_tokens == 0:
+            g.finish_reason = "length"
+            yield g, ""
+            return
+        asm = TextAssembler(self.tok, job.stops)
+        source = self._tokens(g.decision, job)
+        try:
+            async for chunk in source:
+                g.tokens += chunk["tokens"]
+                g.logprobs += chunk["logprobs"]
+                g.timings["max_batch"] = max(g.timings.get("max_batch", 0), chunk.get("batch", 0))
+                delta = asm.push(chunk["tokens"])
+                if asm.stopped:
+                    g.finish_reason = "stop"
+                elif chunk["finish_reason"]:
+                    g.finish_reason = chunk["finish_reason"]
+                    delta += asm.finish()
+                    g.timings.update(chunk.get("timings") or {})
+                yield g, delta
+                if g.finish_reason:
+                    return
+        finally:
+            await source.aclose()
+
+    def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
+        if len(decision["experts"]) == 1:
+            return self._single(decision["experts"][0], job)
+        return self._ensemble(decision["experts"], decision["weights"], job)
+
+    async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
+        stream = self.experts[name].options(stream=True).generate.remote(job.ids, job.params)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            stream.cancel()  # frees the expert's slot if the client left early (no-op when done)
+
+    async def _ensemble(self, names: list[str], weights: list[float], job: Job) -> AsyncIterator[dict[str, Any]]:
+        """Branch-Train-Merge decoding: each step samples from sum_i w_i * p_i(next token)."""
+        handles = [self.experts[n] for n in names]
+        opened = await asyncio.gather(*(h.open.remote(job.ids, job.params) for h in handles),
+                                      return_exceptions=True)
+        sessions = [(h, s) for h, s in zip(handles, opened) if isinstance(s, str)]
+        try:
+            failed = [s for s in opened if not isinstance(s, str)]
+            if failed:
+                raise failed[0]
+            log_w = torch.log(torch.tensor(weights, dtype=torch.float32))[:, None]  # (E, 1)
+            params = SamplingParams(**job.params)
+            gen, seen = make_generator(params.seed), list(job.ids)
+            t0 = time.perf_counter()
+            for _ in range(job.max_tokens):
+                dists = await asyncio.gather(*(h.step.remote(s) for h, s in sessions))
+                mixed = torch.logsumexp(torch.stack([torch.from_numpy(d) for d in dists]) + log_w, dim=0)  # (V,)
+                token = sample(mixed, params, gen, seen)
+                seen.append(token)
+                outs = await asyncio.gather(*(h.feed.remote(s, token) for h, s in sessions))
+                reason = next((o["finish_reason"] for o in outs if o["finished"]), None)
+                chunk = {"tokens": [token], "logprobs": [_finite(float(mixed[token]))], "finish_reason": reason,
+                         "batch": 1}
+                if reason:
+                    chunk["timings"] = {"decode_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
+                yield chunk
+                if reason:
+                    return
+        finally:
+            await asyncio.gather(*(h.close.remote(s) for h, s in sessions), return_exceptions=True)
+
+    # ---- SSE ----------------------------------------------------------------------------------
+    async def _sse(self, events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        """Start the stream (so routing / overload errors still get a status), then stream SSE."""
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    yield _sse_line(first)
+                async for event in events:
+                    yield _sse_line(event)
+            except Exception as e:  # after the 200 is sent: report in-band, then end the stream
+                yield _sse_line(to_serving_error(e).body())
+            finally:
+                await events.aclose()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+__all__ = ["Ingress", "IngressSettings", "app", "ServingError"]

@@ -1,0 +1,44 @@
+"""A tiny random-weight run directory for tests and the serving benchmark (no training needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from experts.checkpoint import TOKENIZER, save_checkpoint, save_lm
+from experts.config import ModelConfig
+from experts.model import Transformer
+from experts.tokenizer import Tokenizer
+from router.domains import DOMAINS
+from router.model import RouterConfig, RouterModel
+
+TEXTS = (
+    "What is 12 + 30? The answer is 42.",
+    "def add(a, b):\n    return a + b\n",
+    "Hello! How are you today? I am fine, thanks.",
+    "Paris is the capital of France. The Nile is a river in Africa.",
+    "If all cats are animals and Tom is a cat, then Tom is an animal.",
+    "Unicode: café, naïve, 東京, emoji 🙂.",
+) * 20
+
+
+def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset: str = "tiny",
+                  max_seq_len: int = 128, seed: int = 0) -> Path:
+    """Write ``experts/<domain>/`` (random tiny LMs), ``router/`` and a shared tokenizer under ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok_file = path / TOKENIZER
+    tok = Tokenizer.train(TEXTS, vocab_size=400, min_frequency=1)
+    tok.save(tok_file)
+    cfg = ModelConfig.preset(preset, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
+    for i, name in enumerate(experts):
+        torch.manual_seed(seed + i)
+        save_lm(path / "experts" / name, Transformer(cfg).eval(), cfg, tokenizer_file=tok_file)
+    torch.manual_seed(seed + 100)
+    rcfg = RouterConfig.preset("tiny", vocab_size=tok.vocab_size)
+    router = RouterModel(rcfg).eval()
+    save_checkpoint(path / "router", router.state_dict(), config=rcfg.to_dict(), kind="router",
+                    tokenizer_file=tok_file)
+    return path
