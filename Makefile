@@ -31,6 +31,7 @@ run: setup apt-data
 
 test: setup apt-data
 	$(BIN)/python -m pytest -q tests
+	BIN=$(abspath $(BIN)) bash tests/e2e_ray_job.sh
 
 bench: setup
 	$(BIN)/python -m bench.run_all
