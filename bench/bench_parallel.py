@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int)
-    args = ap.parse_args(argv)
+    args = ap.parse_args(argv or [])  # bench.run_all calls main() without arguments
     logging.basicConfig(level=logging.WARNING)
     cfg = load_run_config(args.preset, {"train.steps": args.steps, "router.enabled": False})
     corpus = build_corpora(cfg.data.size, cfg.data.cache_dir)
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
