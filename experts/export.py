@@ -1,0 +1,108 @@
+"""Export a dense expert as a Hugging Face ``LlamaForCausalLM`` directory.
+
+The hmoe decoder is a Llama: same RMSNorm, SwiGLU, GQA and RoPE in the HF "rotate_half" layout,
+so export is a rename of the weights plus a ``config.json`` and the tokenizer files. Nothing
+here imports ``transformers``: the output is plain files that ``AutoModelForCausalLM`` and
+``AutoTokenizer`` read.
+
+The token-level MoE variant has a shared expert and softmax-then-top-k gating with
+renormalisation; no transformers architecture matches that exactly (Mixtral has no shared
+expert, Qwen2-MoE gates its shared expert with a sigmoid), so exporting it raises
+``ExportError`` rather than writing a model that computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from experts.checkpoint import TOKENIZER, atomic_dir, load_lm
+from safetensors.torch import save_file
+
+# hmoe name (after "layers.N.") -> HF name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported in the requested format."""
+
+
+def hf_name(name: str) -> str:
+    """Map one hmoe parameter name to its ``LlamaForCausalLM`` name."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    prefix, layer, rest = name.split(".", 2)
+    if prefix != "layers" or rest not in _LAYER_NAMES:
+        raise ExportError(f"parameter {name!r} has no LlamaForCausalLM equivalent")
+    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
+    """The ``config.json`` of a ``LlamaForCausalLM`` with the same shape as ``cfg``."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32",
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "use_cache": True,
+    }
+
+
+def _tokenizer_files(ckpt: Path) -> tuple[dict, dict[str, int | None]]:
+    """tokenizer_config.json for ``PreTrainedTokenizerFast`` and the special ids."""
+    from experts.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(ckpt / TOKENIZER)
+    names = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, **names}
+    return config, ids
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir`` (atomically) so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it."""
+    ckpt = Path(ckpt_dir)
+    model, cfg, _ = load_lm(ckpt)
+    if cfg.ffn != "dense":
+        raise ExportError(
+            f"{ckpt}: ffn={cfg.ffn!r}; only dense experts export to LlamaForCausalLM. The token-level "
+            "MoE (shared expert + renormalised top-k gating) matches no transformers architecture exactly")
+    if not (ckpt / TOKENIZER).is_file():
+        raise ExportError(f"{ckpt / TOKENIZER}: missing; the export needs the checkpoint's tokenizer")
+    tok_config, ids = _tokenizer_files(ckpt)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # tied: transformers re-ties lm_head to embed_tokens
+        tensors[hf_name(name)] = t.detach().contiguous().clone()
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(
+            hf_config(cfg, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"]), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}, indent=2))
+        (tmp / TOKENIZER).write_bytes((ckpt / TOKENIZER).read_bytes())
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps(
+            {k: tok_config[k] for k in ("bos_token", "eos_token", "pad_token")}, indent=2))
+    return out

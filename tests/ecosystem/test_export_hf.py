@@ -1,0 +1,67 @@
+"""Exported dense experts load in transformers as Llama and give the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts.checkpoint import save_lm
+from experts.config import ModelConfig
+from experts.export import ExportError, export_hf, hf_name
+from experts.model import Transformer
+from experts.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["def add(a, b):\n\treturn a + b  \n", "The capital of France is Paris.",
+         "What is 12 + 30? 42", "สวัสดีครับ 🙂", "user: hi there! how are you?"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    Tokenizer.train(TEXTS, vocab_size=300).save(path)
+    return path
+
+
+def _checkpoint(tmp_path, tokenizer_file, **overrides):
+    tok = Tokenizer.load(tokenizer_file)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():  # non-trivial norms so a wrong mapping of them would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model, save_lm(tmp_path / "ckpt", model, cfg, tokenizer_file=tokenizer_file)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "n_kv_heads": 4}])
+def test_logits_match_transformers_llama(tmp_path, tokenizer_file, overrides):
+    model, ckpt = _checkpoint(tmp_path, tokenizer_file, **overrides)
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    prompts = ["def add(a, b):", "The capital of 12345", "สวัสดี 🙂 tabs\tand  spaces  "]
+    ours = Tokenizer.load(tokenizer_file)
+    for p in prompts:
+        assert hf_tok(p, add_special_tokens=False)["input_ids"] == ours.encode(p)
+        assert hf_tok.decode(ours.encode(p)) == p
+    batch = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(batch).logits
+        got = hf(input_ids=batch).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_moe_export_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
+    _, ckpt = _checkpoint(tmp_path, tokenizer_file, ffn="moe")
+    with pytest.raises(ExportError, match="only dense experts"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_unknown_parameter_name_is_an_error():
+    with pytest.raises(ExportError, match="no LlamaForCausalLM equivalent"):
+        hf_name("layers.0.feed_forward.router.weight")
