@@ -31,7 +31,7 @@ from torch import nn
 
 from experts.checkpoint import (CheckpointError, atomic_write_json, load_state_into, load_tensors,
                                 read_meta, save_checkpoint)
-from experts.device import resolve_device, set_threads
+from experts.device import autocast_dtype, resolve_device, set_threads
 from training import optim
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,13 @@ def _try_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
 
 
 # ---- evaluation, failure injection, progress ------------------------------------------------
+def _autocast(model: nn.Module):
+    """bf16 autocast on accelerators that support it; a no-op context on CPU (fp32)."""
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, max_batches: int) -> float:
     """Mean validation loss over at most ``max_batches`` batches (token-weighted)."""
@@ -275,7 +282,8 @@ def evaluate(task: Task, model: nn.Module, max_batches: int) -> float:
     for i, batch in enumerate(task.val_batches()):
         if max_batches and i >= max_batches:
             break
-        loss, metrics = task.loss(model, batch)
+        with _autocast(model):
+            loss, metrics = task.loss(model, batch)
         n = task.batch_tokens(batch)
         total += float(metrics.get("lm_loss", loss.item())) * n
         weight += n
@@ -337,7 +345,8 @@ def _train_step(task: Task, model: nn.Module, opt: torch.optim.Optimizer, data: 
     total, tokens, agg = 0.0, 0, {}
     for _ in range(cfg.grad_accum):
         batch = next(data)
-        loss, metrics = task.loss(model, batch)
+        with _autocast(model):
+            loss, metrics = task.loss(model, batch)
         (loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum
         tokens += task.batch_tokens(batch)

@@ -71,3 +71,14 @@ def test_match_active_params_and_distinct2():
     assert abs(moe.num_params(active=True) - dense.num_params(active=True)) < 3 * moe.d_model * 3
     assert distinct_2([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5)
     assert distinct_2([1, 2, 3, 4]) == 1.0
+
+
+def test_cli_report_and_errors(tiny_run, capsys):
+    from training.cli import main
+
+    run_dir, _, _ = tiny_run
+    assert main(["report", str(run_dir)]) == 0
+    assert "| math |" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--steps", "0"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert main(["report", str(run_dir / "nope")]) == 2
