@@ -1,0 +1,48 @@
+"""One real Serve app on loopback per test session, with tiny random-weight checkpoints."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from serving.config import AppArgs
+from serving.testing import make_tiny_run
+
+API_KEY = "test-key-0123456789"
+MAX_BODY = 8_192
+MAX_TOKENS_CAP = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    return make_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_run):
+    """Base URL of a running hmoe app (five tiny experts, the tiny router, an API key)."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from serving.cli import start
+
+    args = AppArgs(run_dir=str(tiny_run), api_key=API_KEY, max_body_bytes=MAX_BODY,
+                   max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, ensemble_top_k=2)
+    url = start(args, port=_free_port(), num_cpus=2, wait_ready_s=180)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        yield c

@@ -1,0 +1,147 @@
+"""The HTTP API against a real Serve app: OpenAI and native routes, streaming, echo, batching."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import pytest
+
+from experts.checkpoint import load_lm
+from experts.generate import Engine
+from experts.tokenizer import Tokenizer
+
+from .conftest import API_KEY
+
+pytestmark = pytest.mark.ray
+
+
+def _events(resp: httpx.Response) -> list[tuple[float, str]]:
+    """(arrival time, data) of every SSE event."""
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            out.append((time.perf_counter(), line[len("data: "):]))
+    return out
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server}/healthz").status_code == 200  # no key needed
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["auto", "math", "reasoning", "conversation", "knowledge", "code"]
+
+
+@pytest.mark.parametrize("model", ["auto", "code"])
+def test_completion(client, model):
+    r = client.post("/v1/completions", json={"model": model, "prompt": "What is 2 + 2?", "max_tokens": 6,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and len(body["choices"]) == 1
+    assert body["usage"]["completion_tokens"] <= 6
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    routing = body["hmoe"]["routing"]
+    assert routing["expert"] in ("math", "reasoning", "conversation", "knowledge", "code")
+    assert abs(sum(routing["expert_probs"].values()) - 1.0) < 1e-5
+    if model != "auto":
+        assert routing["expert"] == model and routing["mode"] == "explicit"
+
+
+def test_openai_client_completions_and_chat(server):
+    openai = pytest.importorskip("openai")
+    oc = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    c = oc.completions.create(model="auto", prompt="Hello there", max_tokens=5, temperature=0)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens >= 1
+    chat = oc.chat.completions.create(model="math", messages=[{"role": "user", "content": "1+1?"}],
+                                      max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(oc.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=8, stream=True, temperature=0))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    streamed = list(oc.completions.create(model="code", prompt="def f(", max_tokens=6, stream=True, seed=1))
+    assert streamed[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_is_incremental(client):
+    """The first token arrives well before the generation ends (real streaming, not chunked-after)."""
+    t0 = time.perf_counter()
+    with client.stream("POST", "/generate", json={"prompt": "Once upon a time", "max_tokens": 48,
+                                                  "temperature": 0, "expert": "conversation",
+                                                  "stop": ["\u0000never"], "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert events[-1][1] == "[DONE]"
+    final = json.loads(events[-2][1])
+    assert final["done"] and final["completion_tokens"] >= 2
+    first_token_s = events[0][0] - t0
+    last_s = events[-2][0] - t0
+    assert len(events) >= 3
+    assert first_token_s < last_s, (first_token_s, last_s)
+    assert final["timings"]["decode_ms"] > 0 and final["routing"]["expert"] == "conversation"
+
+
+def test_chat_streaming_sse_format(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = _events(r)
+    payloads = [json.loads(d) for _, d in events[:-1]]
+    assert events[-1][1] == "[DONE]"
+    assert payloads[0]["object"] == "chat.completion.chunk"
+    assert payloads[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_echo_logprobs_matches_engine_score(client, tiny_run):
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, max_tokens 0/1, logprobs 1."""
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    ids = [tok.bos_id, *tok.encode("The answer is 42.")]
+    r = client.post("/v1/completions", json={"model": "math", "prompt": [ids, ids[:4]], "echo": True,
+                                             "max_tokens": 1, "logprobs": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    lp = choices[0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    model, cfg, _ = load_lm(tiny_run / "experts" / "math")
+    expected = Engine(model, max_batch=1).score(ids)
+    for got, want in zip(lp["token_logprobs"][1:len(ids)], expected[1:]):
+        assert abs(got - want) < 1e-3
+    for tlp, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):  # the harness's is_greedy test
+        assert max(top.values()) >= tlp - 1e-5
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    assert len(choices[1]["logprobs"]["tokens"]) == 5
+
+    r0 = client.post("/v1/completions", json={"model": "auto", "prompt": "The answer is", "echo": True,
+                                              "max_tokens": 0, "logprobs": 2})
+    body = r0.json()
+    assert body["choices"][0]["text"] == "The answer is" and body["usage"]["completion_tokens"] == 0
+    assert all(v is not None for v in body["choices"][0]["logprobs"]["token_logprobs"])  # BOS precedes
+
+
+def test_ensemble_mode(client):
+    r = client.post("/generate", json={"prompt": "hello world", "max_tokens": 6, "mode": "ensemble", "seed": 3})
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["mode"] == "ensemble" and len(routing["experts"]) == 2
+    assert abs(sum(routing["weights"]) - 1.0) < 1e-6
+    with client.stream("POST", "/generate", json={"prompt": "hi", "max_tokens": 5, "mode": "ensemble",
+                                                  "stream": True}) as s:
+        events = _events(s)
+    assert json.loads(events[-2][1])["completion_tokens"] >= 1
+
+
+def test_concurrent_requests_share_decode_batches(client):
+    def one(i: int) -> httpx.Response:
+        return client.post("/generate", json={"prompt": f"request {i}", "expert": "knowledge",
+                                              "max_tokens": 32, "temperature": 0})
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert all(r.status_code == 200 for r in responses)
+    assert max(int(r.headers["x-hmoe-batch"]) for r in responses) > 1
+    stats = client.get("/v1/stats").json()
+    assert stats["experts"]["knowledge"]["max_batch"] > 1

@@ -1,0 +1,108 @@
+"""Serving pieces without Ray: error mapping, text assembly, the asyncio engine worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from experts.config import ModelConfig
+from experts.generate import Engine
+from experts.model import Transformer
+from experts.sampling import SamplingParams
+from serving.engine_worker import EngineWorker
+from serving.errors import to_serving_error
+from serving.textstream import TextAssembler
+from serving.testing import TEXTS
+
+
+def test_backpressure_maps_to_503_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    err = to_serving_error(BackPressureError(num_queued_requests=10, max_queued_requests=10))
+    resp = err.response()
+    assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 1
+    assert to_serving_error(ValueError("SamplingParams.top_p=0 is invalid")).status == 400
+    assert to_serving_error(RuntimeError("boom")).status == 500
+
+
+def test_text_assembler_stop_across_chunks_and_utf8():
+    from experts.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
+    text = "café 東京 and then STOP here"
+    ids = tok.encode(text)
+    asm = TextAssembler(tok, ["STOP"])
+    out = "".join(asm.push([i]) for i in ids) + asm.finish()
+    assert out == "café 東京 and then " and asm.stopped
+    asm = TextAssembler(tok)
+    assert "".join(asm.push([i]) for i in ids) + asm.finish() == text
+
+
+def _worker(max_batch: int) -> EngineWorker:
+    torch.manual_seed(0)
+    return EngineWorker(Engine(Transformer(ModelConfig.preset("tiny")).eval(), max_batch=max_batch))
+
+
+def test_worker_batches_concurrent_requests_and_queues_beyond_slots():
+    async def run():
+        w = _worker(4)
+
+        async def one(i):
+            toks = []
+            async for chunk in w.generate([1, 2, 3 + i], SamplingParams(temperature=0, max_new_tokens=10)):
+                toks += chunk["tokens"]
+            return toks
+
+        outs = await asyncio.gather(*(one(i) for i in range(6)))
+        return w, outs
+
+    w, outs = asyncio.run(run())
+    assert all(len(o) == 10 for o in outs)
+    assert w.stats.max_batch == 4  # batched, and never more than the slots
+    assert w.engine.free_slots == 4
+
+
+def test_worker_greedy_matches_engine_alone():
+    w = _worker(2)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+
+    async def run():
+        return [t async for c in w.generate([1, 5, 9], params) for t in c["tokens"]]
+
+    got = asyncio.run(run())
+    e = Engine(w.engine.model, max_batch=1)
+    slot, want = e.add([1, 5, 9], params), []
+    while True:
+        out = e.step()[slot]
+        want.append(out.token)
+        if out.finished:
+            break
+    assert got == want
+
+
+def test_worker_cancel_frees_slot():
+    async def run():
+        w = _worker(2)
+        gen = w.generate([1, 2], SamplingParams(max_new_tokens=100))
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if w.engine.free_slots == 2:
+                break
+        return w
+
+    assert asyncio.run(run()).engine.free_slots == 2
+
+
+def test_worker_rejects_bad_prompt_without_dying():
+    async def run():
+        w = _worker(2)
+        with pytest.raises(ValueError):
+            async for _ in w.generate([10**6], SamplingParams(max_new_tokens=2)):
+                pass
+        return [t async for c in w.generate([1, 2], SamplingParams(max_new_tokens=3)) for t in c["tokens"]]
+
+    assert len(asyncio.run(run())) == 3
