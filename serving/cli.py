@@ -92,13 +92,52 @@ def serve_main(ns: argparse.Namespace) -> int:
 
 def up_main(ns: argparse.Namespace) -> int:
     """``hmoe up --preset quick``: build corpora and train if no run exists, then serve."""
-    run_dir = Path(ns.run_dir or f"runs/{ns.preset}")
-    if not (run_dir / "router" / "meta.json").is_file():
-        print(f"no trained run at {run_dir}: building corpora and training preset {ns.preset!r} ...", flush=True)
-        from training import pipeline  # helper-3's end-to-end pipeline
+    from training.pipeline import resolve_run_dir, run_pipeline
+    from training.run_config import RunConfigError, load_run_config
 
-        pipeline.run_training(preset=ns.preset, run_dir=run_dir)
+    try:
+        cfg = load_run_config(ns.preset, {"run_dir": ns.run_dir})
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = resolve_run_dir(cfg)
+    if not (run_dir / "router" / "meta.json").is_file():
+        print(f"no trained run at {run_dir}: building the corpora and training preset {ns.preset!r} "
+              "(resumes where a previous attempt stopped) ...", flush=True)
+        summary = run_pipeline(cfg)
+        print(f"trained {len(summary['models'])} models -> {summary['run_dir']}", flush=True)
     return _serve_forever(_app_args(ns, str(run_dir)), ns)
+
+
+def chat_main(ns: argparse.Namespace) -> int:
+    """``hmoe chat``: a terminal chat with a running server, streamed token by token."""
+    import json
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
+    messages: list[dict[str, str]] = []
+    print(f"chatting with {ns.url} (model {ns.model}); an empty line quits")
+    while (line := input("> ").strip()):
+        messages.append({"role": "user", "content": line})
+        body = {"model": ns.model, "messages": messages, "max_tokens": ns.max_tokens, "stream": True,
+                "temperature": ns.temperature}
+        reply = []
+        with httpx.stream("POST", f"{ns.url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+            for event in r.iter_lines():
+                if not event.startswith("data: ") or event == "data: [DONE]":
+                    continue
+                data = json.loads(event[6:])
+                if "error" in data:
+                    print(f"\nerror: {data['error']['message']}")
+                    break
+                for choice in data.get("choices", []):
+                    piece = choice["delta"].get("content") or ""
+                    reply.append(piece)
+                    print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -114,17 +153,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
 
 
-def add_serving_subparsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve`` and ``up`` to the ``hmoe`` command."""
+def add_serve_subparser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained run over HTTP (Ray Serve)")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     _add_common(p)
     p.set_defaults(func=serve_main)
+
+
+def add_up_subparser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="train the preset if needed, then serve it (what `make run` does)")
     p.add_argument("--preset", default="quick")
-    p.add_argument("--run-dir", default=None, help="default runs/<preset>")
+    p.add_argument("--run-dir", default=None, help="default: the preset's run_dir (runs/<name>)")
     _add_common(p)
     p.set_defaults(func=up_main)
+
+
+def add_chat_subparser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a running server from the terminal")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="auto", help="auto (the router) or an expert's name")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--api-key", default=os.environ.get("HMOE_API_KEY"))
+    p.set_defaults(func=chat_main)
+
+
+def add_serving_subparsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``up`` and ``chat`` to the ``hmoe`` command."""
+    for add in (add_serve_subparser, add_up_subparser, add_chat_subparser):
+        add(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
