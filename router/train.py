@@ -12,6 +12,7 @@ only the group term.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class RouterTrainConfig:
     per_domain: int | None = 3000  # router examples per domain and training split (None: all)
     val_per_domain: int | None = 500
     crop_prob: float = 0.3  # train on a random prefix of the prompt this often (short prompts)
+    min_share: float = 0.5  # repeat a rare domain's examples until it has this share of the largest one
     min_crop: int = 4
     seed: int = 0
 
@@ -50,10 +52,24 @@ class RouterTrainConfig:
         for name in ("batch_size", "max_steps", "min_crop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RouterTrainConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"RouterTrainConfig.min_share={self.min_share!r} is invalid: must be in [0, 1]")
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"RouterTrainConfig.crop_prob={self.crop_prob!r} is invalid: must be in [0, 1]")
         if not self.lr > 0:
             raise ValueError(f"RouterTrainConfig.lr={self.lr!r} is invalid: must be > 0")
+
+
+def balance(examples: list[Example], min_share: float) -> list[Example]:
+    """Repeat each domain's examples (whole copies) until it has >= ``min_share`` x the largest count."""
+    by_label: dict[int, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(ex[1], []).append(ex)
+    target = min_share * max((len(v) for v in by_label.values()), default=0)
+    out = list(examples)
+    for items in by_label.values():
+        out += items * max(0, math.ceil(target / len(items)) - 1)
+    return out
 
 
 def encode_examples(examples: Sequence[tuple[str, str]], tokenizer: Any, max_len: int) -> list[Example]:
@@ -221,7 +237,7 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     if examples is None:
         examples = {"train": _examples(corpus, "train", tc.per_domain, tc.seed),
                     "val": _examples(corpus, "val", tc.val_per_domain, tc.seed)}
-    train_ex = encode_examples(examples["train"], tokenizer, cfg.max_len)
+    train_ex = balance(encode_examples(examples["train"], tokenizer, cfg.max_len), tc.min_share)
     val_ex = encode_examples(examples.get("val", []), tokenizer, cfg.max_len)
     log.info("router: %d train / %d val examples", len(train_ex), len(val_ex))
     loop_cfg = LoopConfig(**{"max_steps": tc.max_steps, "lr": tc.lr, "min_lr": tc.lr / 10,

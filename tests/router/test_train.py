@@ -77,3 +77,12 @@ def test_router_package_does_not_import_training_serving_or_ray():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_balance_repeats_rare_domains():
+    from router.train import balance
+
+    examples = [([1], 0)] * 100 + [([2], 4)] * 7
+    out = balance(examples, 0.5)
+    assert sum(1 for _, y in out if y == 0) == 100 and sum(1 for _, y in out if y == 4) == 56
+    assert balance(examples, 0.0) == examples
