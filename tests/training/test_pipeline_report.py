@@ -43,7 +43,12 @@ def test_run_has_checkpoints_and_report(tiny_run):
 
 
 def test_rerun_skips_finished_and_extra_rows(tiny_run):
+    from training.pipeline import run_pipeline
+
     run_dir, cfg, _ = tiny_run
+    before = {f.name: f.read_text() for f in (run_dir / "metrics").glob("*.jsonl")}
+    run_pipeline(cfg, report=False)  # every task already finished: nothing is retrained
+    assert {f.name: f.read_text() for f in (run_dir / "metrics").glob("*.jsonl")} == before
     register_row_provider(lambda ctx: {"ensemble": {d: Cell(1.0, 1, 1) for d in ctx.domains}})
     rep = write_report(run_dir, corpus=None, run_cfg=cfg)
     assert "ensemble" in rep["matrix"] and rep["matrix"]["ensemble"]["math"]["ppl"] == pytest.approx(2.718, 1e-3)
