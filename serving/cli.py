@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,15 +75,20 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
     from ray import serve
 
     url = start(app_args, host=ns.host, port=ns.port)
-    print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}")
-    print("try:\n" + curl_example(url, app_args.api_key))
+    print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}", flush=True)
+    print("try:\n" + curl_example(url, app_args.api_key), flush=True)
     print("Ctrl-C stops it.", flush=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def serve_main(ns: argparse.Namespace) -> int:

@@ -46,6 +46,15 @@ class Expert:
         async for chunk in self.worker.generate(prompt_ids, SamplingParams(**params)):
             yield chunk
 
+    async def generate_all(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
+        """The whole generation as one chunk: one message instead of one per token (non-streaming)."""
+        tokens, logprobs, batch, last = [], [], 0, {}
+        async for last in self.worker.generate(prompt_ids, SamplingParams(**params)):
+            tokens += last["tokens"]
+            logprobs += last["logprobs"]
+            batch = max(batch, last["batch"])
+        return {**last, "tokens": tokens, "logprobs": logprobs, "batch": batch}
+
     async def score(self, ids: list[int], top: int = 0) -> dict[str, list]:
         """Prompt log-probs for ``echo`` (the first token has none)."""
         return await self.worker.score(ids, top)

@@ -89,6 +89,7 @@ class Job:
     max_tokens: int
     params: dict[str, Any]  # SamplingParams fields
     stops: list[str]
+    stream: bool = False
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -314,7 +315,7 @@ class Ingress:
                       repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
                       stop_ids=self.stop_ids, seed=req.seed)
         SamplingParams(**params)  # ValueError -> 400
-        return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list())
+        return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream)
 
     # ---- routing ------------------------------------------------------------------------------
     async def _route(self, job: Job) -> dict[str, Any]:
@@ -377,6 +378,9 @@ class Ingress:
         return self._ensemble(decision["experts"], decision["weights"], job)
 
     async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
+        if not job.stream and not job.stops:  # nothing to watch token by token: one message
+            yield await self.experts[name].generate_all.remote(job.ids, job.params)
+            return
         stream = self.experts[name].options(stream=True).generate.remote(job.ids, job.params)
         try:
             async for chunk in stream:

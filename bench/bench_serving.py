@@ -1,0 +1,192 @@
+"""Serving benchmark: latency and throughput of the Ray Serve app, and the ingress overhead.
+
+Measures, in one Ray/Serve instance on loopback:
+- p50/p99 latency of a 32-token completion at 1, 8 and 32 concurrent clients, and aggregate tokens/s;
+- the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against streaming the
+  same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
+- a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
+  any two-hop Serve request pays.
+
+Uses ``runs/quick`` when it holds a trained run (``HMOE_BENCH_RUN`` overrides), else tiny
+random-weight checkpoints. Writes ``bench/results/serving.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "Question: what is 17 + 25? Answer:"
+TOKENS = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 3)
+
+
+def _summary(lat_ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": _pct(lat_ms, 0.5), "p99_ms": _pct(lat_ms, 0.99), "n": len(lat_ms)}
+
+
+def _run_dir() -> tuple[Path, str]:
+    run = Path(os.environ.get("HMOE_BENCH_RUN", "runs/quick"))
+    if (run / "router" / "meta.json").is_file() and (run / "experts").is_dir():
+        return run, "trained"
+    from serving.testing import make_tiny_run
+
+    return make_tiny_run(Path(tempfile.mkdtemp(prefix="hmoe-bench-"))), "tiny-random"
+
+
+def _echo_app():
+    """The two-hop baseline: FastAPI ingress -> one deployment that returns its input."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    echo_api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.05})
+    class Echo:
+        def echo(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.05})
+    @serve.ingress(echo_api)
+    class EchoIngress:
+        def __init__(self, echo) -> None:
+            self.echo_handle = echo
+
+        @echo_api.post("/")
+        async def root(self, body: dict) -> dict:
+            return await self.echo_handle.echo.remote(body)
+
+    return EchoIngress.bind(Echo.bind())
+
+
+async def _load(url: str, body: dict, clients: int, per_client: int) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending ``per_client`` requests back to back."""
+    lat: list[float] = []
+    tokens = 0
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for _ in range(per_client):
+            t0 = time.perf_counter()
+            r = await c.post(url, json=body)
+            lat.append((time.perf_counter() - t0) * 1000.0)
+            r.raise_for_status()
+            tokens += r.json().get("usage", {}).get("completion_tokens", 0)
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        await c.post(url, json=body)  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {**_summary(lat), "clients": clients, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+async def _direct(handle: Any, ids: list[int], params: dict, n: int) -> tuple[list[float], int]:
+    """Stream the expert deployment directly (no HTTP, no ingress, no router)."""
+    lat, count = [], 0
+    for i in range(n + 1):
+        t0 = time.perf_counter()
+        count = 0
+        async for chunk in handle.options(stream=True).generate.remote(ids, params):
+            count += len(chunk["tokens"])
+        if i:  # the first is a warm-up
+            lat.append((time.perf_counter() - t0) * 1000.0)
+    return lat, count
+
+
+async def _sequential(url: str, body: dict, n: int) -> list[float]:
+    lat = []
+    async with httpx.AsyncClient(timeout=120) as c:
+        await c.post(url, json=body)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            (await c.post(url, json=body)).raise_for_status()
+            lat.append((time.perf_counter() - t0) * 1000.0)
+    return lat
+
+
+def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
+    from ray import serve
+
+    from experts.tokenizer import Tokenizer
+
+    body = {"model": "auto", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+    first = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+    expert = first["hmoe"]["routing"]["expert"]
+    tok = Tokenizer.load(run / "experts" / expert / "tokenizer.json")
+    ids = [tok.bos_id, *tok.encode(PROMPT)]
+    params = dict(temperature=0.0, max_new_tokens=TOKENS, stop_ids=(tok.eos_id, tok.end_id))
+    handle = serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe")
+
+    async def measure() -> dict[str, Any]:
+        direct, n_tokens = await _direct(handle, ids, params, repeats)
+        auto = await _sequential(f"{url}/v1/completions", body, repeats)
+        named = await _sequential(f"{url}/v1/completions", {**body, "model": expert}, repeats)
+        echo = await _sequential(f"{url}/echo/", {"prompt": PROMPT, "max_tokens": TOKENS}, repeats)
+        return {"expert": expert, "tokens": n_tokens, "direct_handle": _summary(direct),
+                "http_auto": _summary(auto), "http_named_expert": _summary(named),
+                "two_hop_echo": _summary(echo)}
+
+    out = asyncio.run(measure())
+    p50 = {k: out[k]["p50_ms"] for k in ("direct_handle", "http_auto", "http_named_expert", "two_hop_echo")}
+    out["router_ingress_overhead_p50_ms"] = round(p50["http_auto"] - p50["direct_handle"], 3)
+    out["router_overhead_p50_ms"] = round(p50["http_auto"] - p50["http_named_expert"], 3)
+    out["overhead_above_echo_p50_ms"] = round(out["router_ingress_overhead_p50_ms"] - p50["two_hop_echo"], 3)
+    out["goal_overhead_above_echo_le_5ms"] = out["overhead_above_echo_p50_ms"] <= 5.0
+    return out
+
+
+def main() -> dict[str, Any]:
+    """Run the benchmark and write ``bench/results/serving.json``."""
+    import ray
+    from ray import serve
+
+    from serving.cli import start
+    from serving.config import AppArgs
+
+    run, kind = _run_dir()
+    url = start(AppArgs(run_dir=str(run), max_tokens_cap=256), port=_free_port(), num_cpus=2)
+    serve.run(_echo_app(), name="echo", route_prefix="/echo")
+    try:
+        body = {"model": "auto", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+        load = {str(c): asyncio.run(_load(f"{url}/v1/completions", body, c, per))
+                for c, per in ((1, 16), (8, 6), (32, 3))}
+        overhead = _overhead(url, run, repeats=30)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    speedup = load["8"]["tokens_per_s"] / max(load["1"]["tokens_per_s"], 1e-9)
+    result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
+              "throughput_8_over_1": round(speedup, 2), "goal_throughput_8_ge_4x": speedup >= 4.0,
+              "overhead": overhead,
+              "note": "2-core shared machine; the tiny-random models make decode cheap, so these figures "
+                      "mostly measure Serve's per-request and per-chunk costs"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2, sort_keys=True))
