@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 PRESET     ?= quick
 
-.PHONY: setup run test bench reliability clean apt-data
+.PHONY: setup run test bench reliability clean apt-deps
 
 setup: $(VENV)/.installed
 
@@ -18,18 +18,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Optional Debian dictionaries for the knowledge corpus (skipped with a warning when absent).
-apt-data:
+# Debian packages: dictionaries for the knowledge corpus (optional: skipped with a warning when
+# absent), Chromium + ChromeDriver for the browser test and tmux. Installed only when root.
+APT_PACKAGES := dict-gcide wordnet-base dict-foldoc chromium chromium-driver
+apt-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  dpkg -s dict-gcide wordnet-base dict-foldoc >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dict-gcide wordnet-base dict-foldoc >/dev/null) || \
-	  echo "warning: could not install dict-gcide/wordnet-base/dict-foldoc; knowledge corpus will skip them"; \
+	  dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null) || \
+	  echo "warning: could not install $(APT_PACKAGES); the knowledge corpus skips the dictionaries, the browser test is skipped"; \
 	fi
 
-run: setup apt-data
+run: setup apt-deps
 	$(BIN)/hmoe up --preset $(PRESET)
 
-test: setup apt-data
+test: setup apt-deps
 	$(BIN)/python -m pytest -q tests
 	BIN=$(abspath $(BIN)) bash tests/e2e_ray_job.sh
 

@@ -115,35 +115,10 @@ def up_main(ns: argparse.Namespace) -> int:
     return _serve_forever(_app_args(ns, str(run_dir)), ns)
 
 
-def chat_main(ns: argparse.Namespace) -> int:
-    """``hmoe chat``: a terminal chat with a running server, streamed token by token."""
-    import json
+def _chat_main(ns: argparse.Namespace) -> int:
+    from serving.chat import chat_main
 
-    import httpx
-
-    headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
-    messages: list[dict[str, str]] = []
-    print(f"chatting with {ns.url} (model {ns.model}); an empty line quits")
-    while (line := input("> ").strip()):
-        messages.append({"role": "user", "content": line})
-        body = {"model": ns.model, "messages": messages, "max_tokens": ns.max_tokens, "stream": True,
-                "temperature": ns.temperature}
-        reply = []
-        with httpx.stream("POST", f"{ns.url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
-            for event in r.iter_lines():
-                if not event.startswith("data: ") or event == "data: [DONE]":
-                    continue
-                data = json.loads(event[6:])
-                if "error" in data:
-                    print(f"\nerror: {data['error']['message']}")
-                    break
-                for choice in data.get("choices", []):
-                    piece = choice["delta"].get("content") or ""
-                    reply.append(piece)
-                    print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return chat_main(ns)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -177,11 +152,8 @@ def add_up_subparser(sub: argparse._SubParsersAction) -> None:
 def add_chat_subparser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a running server from the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default="auto", help="auto (the router) or an expert's name")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--api-key", default=os.environ.get("HMOE_API_KEY"))
-    p.set_defaults(func=chat_main)
+    p.set_defaults(func=_chat_main)
 
 
 def add_serving_subparsers(sub: argparse._SubParsersAction) -> None:

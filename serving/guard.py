@@ -11,7 +11,8 @@ from typing import Any
 
 from serving.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# the health checks, and the static chat page (no model access: its API calls carry the key)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 _limits: dict[str, Any] = {"api_key": None, "max_body_bytes": 1_000_000}
 
 

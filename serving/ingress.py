@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from pathlib import Path
+
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,6 +39,7 @@ from serving.textstream import TextAssembler
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16
+_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 class IngressSettings(BaseModel):
@@ -128,6 +131,12 @@ class Ingress:
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
         self.ready = False
         guard.configure(api_key=self.settings.api_key, max_body_bytes=self.settings.max_body_bytes)
+
+    # ---- the chat page ------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index(self) -> HTMLResponse:
+        """The static chat page; it calls the API below (with the key the user types, if any)."""
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
 
     # ---- health -------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -282,11 +291,16 @@ class Ingress:
                                   timings=S.Timings(**s["timings"]))
 
     async def _native_stream(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        first = True
         async for g, delta in self._generate(job):
             if g.finish_reason:
                 yield {"text": delta, "done": True, **self._native_body(g).model_dump()}
-            elif delta:
-                yield {"text": delta, "done": False, "completion_tokens": len(g.tokens)}
+            elif delta or first:  # the first event carries the routing decision
+                event = {"text": delta, "done": False, "completion_tokens": len(g.tokens)}
+                if first and g.decision:
+                    event["routing"] = g.summary()["routing"]
+                    first = False
+                yield event
 
     # ---- jobs ---------------------------------------------------------------------------------
     def _check_model(self, name: str, param: str) -> str:
