@@ -2,6 +2,17 @@
 
 No normalizer and no stripping: ``decode(encode(text)) == text`` for any Unicode string, including
 tabs, trailing spaces and ``\\r\\n``. Chat turns are ``<|role|>content<|end|>`` after one ``<|bos|>``.
+
+Pre-tokenization (:data:`SPLIT_PATTERN`, then one piece per digit, then byte-level) differs from
+GPT-2's regex in ways measured on the hmoe corpora (chars/token, vocab 8192):
+
+* every digit is its own piece and never carries a space; a single space *before* a number is
+  attached to the preceding word or punctuation (``"x = 12"`` -> ``x``, `` = ``, ``1``, ``2``)
+  instead of being a lone token, so digit tokens stay identical wherever a number appears;
+* a word may carry one leading punctuation character (``.append``, ``_name``, ``(self``);
+* punctuation runs keep their trailing newlines (``):\\n``); other newline runs keep the
+  indentation that follows them. Runs of spaces and tabs stay together except their last space,
+  which goes to the next word (7 spaces + `` self``).
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from experts.checkpoint import atomic_write_text
 
@@ -21,11 +32,23 @@ SPECIALS: tuple[str, ...] = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # English contractions
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+(?: (?=\p{N}))?"  # a word, one leading non-letter, a space before a number
+    r"|\p{N}"  # one digit (or other numeral) per piece
+    r"| ?[^\s\p{L}\p{N}]+(?:[\r\n]+| (?=\p{N}))?"  # punctuation + trailing newlines or space before a number
+    r"|\s*[\r\n][^\S\r\n]*(?![^\S\r\n]\S)"  # newlines + indentation (its last space goes to the word)
+    r"|\s+(?!\S)|\s+"  # other whitespace runs
+)
+
+
 def _backend() -> _HFTokenizer:
     tok = _HFTokenizer(models.BPE())
+    # The Split pieces partition the text (behavior "isolated"), so the round trip stays lossless.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     return tok

@@ -107,6 +107,42 @@ def test_missing_optional_source_warns(tmp_path, caplog) -> None:
     assert corpus.manifest("knowledge")["sources"][1]["status"] == "missing"
 
 
+def test_missing_optional_builtin_names_the_debian_package(tmp_path, monkeypatch, caplog) -> None:
+    from training.data import sources
+    monkeypatch.setattr(sources, "DICTD_DIR", tmp_path / "no-dictd")
+    monkeypatch.setattr(sources, "WORDNET_DIR", tmp_path / "no-wordnet")
+    mem = datasets.Dataset.from_list(_docs(40, "x"))
+    spec = _spec(DomainSpec(domain="knowledge", budget_bytes=100_000, sources=[
+        SourceSpec(kind="dataset", name="mem", dataset=mem, text_field="body"),
+        *(SourceSpec(name=n) for n in ("gcide", "wordnet", "foldoc"))]))
+    with caplog.at_level(logging.WARNING):
+        corpus = build_corpora(cache_dir=tmp_path, spec=spec, progress=False)
+    for name, package in (("gcide", "dict-gcide"), ("wordnet", "wordnet-base"), ("foldoc", "dict-foldoc")):
+        assert f"skipping optional source {name!r} of domain 'knowledge'" in caplog.text
+        assert f"apt-get install {package}`" in caplog.text
+    assert str(tmp_path / "no-dictd" / "gcide.dict.dz") in caplog.text
+    assert [s["status"] for s in corpus.manifest("knowledge")["sources"]] == ["ok", "missing", "missing", "missing"]
+    required = _spec(DomainSpec(domain="knowledge", budget_bytes=1000,
+                                sources=[SourceSpec(name="gcide", optional=False)]))
+    with pytest.raises(DataError, match="required source 'gcide'.*apt-get install dict-gcide"):
+        build_corpora(cache_dir=tmp_path / "req", spec=required, progress=False)
+
+
+def test_tokenizer_digits_stay_bare(tiny_corpus) -> None:
+    tok = tiny_corpus.tokenizer()
+    text = "x = 12 + 345, (2020 est.)\n    return 7"
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("123452020") + ["7"]
+
+
+def test_tokenizer_sample_weights() -> None:
+    from training.data.build import _tokenizer_sample
+    docs = {d: {"train": [{"text": "a" * 100} for _ in range(50)]} for d in ("math", "code")}
+    sample = list(_tokenizer_sample(docs, 1000, seed=0, weights={"math": 0.3}))
+    assert sum(map(len, sample)) == 300 + 1000
+
+
 def test_empty_or_missing_required_source_is_an_error(tmp_path) -> None:
     empty = datasets.Dataset.from_list([{"text": ""}])
     spec = _spec(DomainSpec(domain="math", budget_bytes=1000,

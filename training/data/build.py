@@ -190,12 +190,13 @@ def _write_jsonl(path: Path, records: list[Record]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def _tokenizer_sample(splits: dict[str, dict[str, list[Record]]], per_domain: int, seed: int):
-    """A domain-balanced sample of the train splits: up to ``per_domain`` bytes each."""
+def _tokenizer_sample(splits: dict[str, dict[str, list[Record]]], per_domain: int, seed: int,
+                      weights: dict[str, float] | None = None):
+    """A sample of the train splits: up to ``per_domain * weights[domain]`` bytes of each domain."""
     for domain, by_split in splits.items():
         docs = list(by_split["train"])
         random.Random(seed).shuffle(docs)
-        yield from (r["text"] for r in _take(iter(docs), per_domain))
+        yield from (r["text"] for r in _take(iter(docs), int(per_domain * (weights or {}).get(domain, 1.0))))
 
 
 def build_corpora(size: str = "quick", cache_dir: str | Path | None = None, *,
@@ -216,7 +217,8 @@ def build_corpora(size: str = "quick", cache_dir: str | Path | None = None, *,
         splits[dspec.domain] = assign_splits(records, val=spec.val_fraction, test=spec.test_fraction)
         for split, recs in splits[dspec.domain].items():
             _write_jsonl(root / dspec.domain / f"{split}.jsonl", recs)
-    tok = Tokenizer.train(_tokenizer_sample(splits, spec.tokenizer_sample_bytes, spec.seed), spec.vocab_size)
+    weights = {d.domain: d.tokenizer_weight for d in spec.domains}
+    tok = Tokenizer.train(_tokenizer_sample(splits, spec.tokenizer_sample_bytes, spec.seed, weights), spec.vocab_size)
     tok.save(root / "tokenizer.json")
     for domain in tqdm(splits, desc="packing", disable=not progress):
         for split, recs in splits[domain].items():

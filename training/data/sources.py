@@ -227,11 +227,16 @@ def _b64int(s: str) -> int:
     return n
 
 
+# where the Debian packages dict-gcide, dict-foldoc and wordnet-base install their data
+DICTD_DIR = Path("/usr/share/dictd")
+WORDNET_DIR = Path("/usr/share/wordnet")
+
+
 def _dictd_entries(name: str) -> Iterator[tuple[str, str]]:
-    """``(headword, definition)`` pairs of a dictd database under /usr/share/dictd."""
-    index, dz = Path(f"/usr/share/dictd/{name}.index"), Path(f"/usr/share/dictd/{name}.dict.dz")
+    """``(headword, definition)`` pairs of a dictd database under :data:`DICTD_DIR`."""
+    index, dz = DICTD_DIR / f"{name}.index", DICTD_DIR / f"{name}.dict.dz"
     if not (index.is_file() and dz.is_file()):
-        raise SourceUnavailable(f"{dz} not found (apt-get install dict-{name})")
+        raise SourceUnavailable(f"{dz} not found; install it with `apt-get install dict-{name}`")
     body = gzip.decompress(dz.read_bytes())  # dictzip is gzip-compatible
     for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
@@ -269,10 +274,10 @@ def foldoc(budget: int, seed: int) -> Iterator[Record]:
 
 def wordnet(budget: int, seed: int) -> Iterator[Record]:
     """WordNet synsets: the words and the gloss of each synset."""
-    root = Path("/usr/share/wordnet")
+    root = WORDNET_DIR
     files = [root / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
     if not all(f.is_file() for f in files):
-        raise SourceUnavailable(f"{root}/data.noun not found (apt-get install wordnet-base)")
+        raise SourceUnavailable(f"{root}/data.noun not found; install it with `apt-get install wordnet-base`")
     synsets = []
     for f in files:
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -305,8 +310,15 @@ def _signature_prompt(code: str, fallback_doc: str = "") -> str:
     return code[:200]
 
 
+_CODEC_TABLE = re.compile(r"^(?:decoding_table|decoding_map) = ", re.M)
+
+
 def stdlib(budget: int, seed: int) -> Iterator[Record]:
-    """The running interpreter's standard library, library and test files (< 100 KB each)."""
+    """The running interpreter's standard library, library and test files (< 100 KB each).
+
+    Generated character-mapping codecs (``encodings/cp855.py`` etc.: 71 files, 1.5 MB of hex tables
+    and Unicode character names) are left out: they are data, not code.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [f for f in sorted(root.rglob("*.py"))
              if "site-packages" not in f.parts and f.stat().st_size < 100_000]
@@ -316,7 +328,7 @@ def stdlib(budget: int, seed: int) -> Iterator[Record]:
             text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if text.strip():
+        if text.strip() and not _CODEC_TABLE.search(text):
             yield record(f"stdlib:{rel}", text, source=f"cpython-stdlib-{sys.version.split()[0]}",
                          prompt=_signature_prompt(text))
 
