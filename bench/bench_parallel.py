@@ -1,8 +1,8 @@
 """Five tiny-preset experts trained as Ray tasks (1 CPU each) vs one after another in one process.
 
 Writes ``bench/results/parallel.json``. The sequential arm is one Ray task holding every core
-that trains the five in turn with all threads (the best one process can do), so both arms run
-at the same (Ray worker) niceness on a shared machine; corpora are built before timing starts.
+that trains the five in turn, once with one thread and once with all threads (``ratio`` uses the
+faster), so both arms run at the same (Ray worker) niceness on a shared machine; corpora are built before timing starts.
 Run: ``.venv/bin/python -m bench.bench_parallel [--steps N]``.
 """
 
@@ -45,11 +45,16 @@ def _run(jobs: list, tmp: Path, num_cpus: float) -> dict[str, float]:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     t_init = time.perf_counter() - t0
     seq = ray.remote(_train_all).options(num_cpus=cpus, max_retries=0)
-    t_seq = _timed(lambda: ray.get(seq.remote(jobs, str(tmp / "seq"), cpus)))
+    t_seq1 = _timed(lambda: ray.get(seq.remote(jobs, str(tmp / "seq1"), 1)))
     t_par = _timed(lambda: ray.get([submit_train(j.task, j.loop, tmp / "ray", num_cpus=num_cpus, max_retries=0)
                                     for j in jobs]))
+    share = round(cpus / len(jobs), 3)  # every expert at once, one thread each
+    t_all = _timed(lambda: ray.get([submit_train(j.task, j.loop, tmp / "all", num_cpus=share, max_retries=0)
+                                    for j in jobs]))
+    t_seq = _timed(lambda: ray.get(seq.remote(jobs, str(tmp / "seq"), cpus)))
     ray.shutdown()
-    return {"sequential_s": t_seq, "ray_s": t_par, "ray_init_s": t_init}
+    return {"sequential_s": t_seq, "sequential_1thread_s": t_seq1, "ray_s": t_par, "ray_init_s": t_init,
+            "ray_all_at_once_s": t_all, "all_at_once_num_cpus": share}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,11 +72,15 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         t = _run(jobs, Path(tmp), cfg.resources.num_cpus)
-    seq, par = t["sequential_s"], t["ray_s"]
+    seq, par = min(t["sequential_s"], t["sequential_1thread_s"]), t["ray_s"]
     res = {"preset": args.preset, "experts": len(jobs), "steps": cfg.train.steps, "cpus": available_cpus(),
-           "sequential_s": round(seq, 2), "sequential_threads": available_cpus(),
+           "sequential_s": round(seq, 2), "sequential_all_threads_s": round(t["sequential_s"], 2),
+           "sequential_1thread_s": round(t["sequential_1thread_s"], 2),
            "ray_s": round(par, 2), "ray_num_cpus_per_task": cfg.resources.num_cpus,
            "ray_init_s": round(t["ray_init_s"], 2), "ratio": round(par / seq, 3), "goal_ratio": 0.6,
+           "ray_all_at_once_s": round(t["ray_all_at_once_s"], 2),
+           "all_at_once_num_cpus_per_task": t["all_at_once_num_cpus"],
+           "ratio_all_at_once": round(t["ray_all_at_once_s"] / seq, 3),
            "load_avg_1m": round(__import__("os").getloadavg()[0], 2)}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(res, indent=2) + "\n")
