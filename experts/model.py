@@ -1,12 +1,14 @@
 """A Llama-style decoder: pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU or MoE FFN.
 
 Parameter names follow Meta's Llama reference code, so mapping to HF ``LlamaForCausalLM`` is a
-rename: ``tok_embeddings -> model.embed_tokens``, ``layers.N.attention.{wq,wk,wv,wo} ->
-model.layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.feed_forward.{w1,w2,w3} ->
-mlp.{gate,down,up}_proj``, ``attention_norm -> input_layernorm``, ``ffn_norm ->
-post_attention_layernorm``, ``norm -> model.norm``, ``output -> lm_head``. RoPE uses the HF
-"rotate_half" layout (first half of each head pairs with the second half), so q/k weights
-need *no* permutation.
+rename: ``tok_embeddings -> model.embed_tokens``, ``layers.N.attention.wo ->
+model.layers.N.self_attn.o_proj``, ``layers.N.feed_forward.{w1,w2,w3} -> mlp.{gate,down,up}_proj``,
+``attention_norm -> input_layernorm``, ``ffn_norm -> post_attention_layernorm``, ``norm ->
+model.norm``, ``output -> lm_head``. The q/k/v projections are fused into one matmul (litgpt
+style; one kernel instead of three matters for batch-1 decoding): ``attention.wqkv.weight`` is
+``cat([q_proj, k_proj, v_proj])`` by rows, split with ``.split([H*Dh, Hkv*Dh, Hkv*Dh])``.
+RoPE uses the HF "rotate_half" layout (first half of each head pairs with the second half), so
+q/k weights need *no* permutation.
 
 Shape legend: B batch, T new tokens, S attended keys, D d_model, H heads, Hkv key/value heads,
 Dh head_dim, V vocab.
@@ -151,7 +153,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (B, H, T, Dh)`` by position; ``cos``/``sin`` broadcast as (T, Dh) or (B, 1, T, Dh)."""
+    """Rotate ``x (B, T, heads, Dh)`` by position; ``cos``/``sin`` are (T, 1, Dh) or (B, T, 1, Dh)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -161,19 +163,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, step: _CacheStep | None) -> torch.Tensor:
         B, T, D = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_heads, self.kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, Dh)
+        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # one rotation for q and k together
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, Dh)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, Dh)
         mask, is_causal = None, T > 1
         if cache is not None:
             k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, S, Dh)
@@ -193,15 +195,19 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = MoEFFN(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # functional and skipped when off: a no-op module call per residual costs at batch-1 decode
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, step))
+        x = x + self._drop(self.attention(self.attention_norm(x), cos, sin, cache, step))
         y, aux = self.feed_forward(self.ffn_norm(x)), None
         if isinstance(y, tuple):
             y, aux = y
-        return x + self.dropout(y), aux
+        return x + self._drop(y), aux
 
 
 class Transformer(nn.Module):
@@ -209,7 +215,6 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -232,16 +237,16 @@ class Transformer(nn.Module):
 
     def _rope(self, B: int, T: int, positions: torch.Tensor | None,
               step: _CacheStep | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for the new tokens: a (T, Dh) slice when rows share positions, else (B, 1, T, Dh)."""
+        """cos/sin for the new tokens: a (T, 1, Dh) slice when rows share positions, else (B, T, 1, Dh)."""
         if positions is None and step is not None and any(s != step.starts[0] for s in step.starts):
             positions = torch.tensor(step.starts, device=self.rope_cos.device)[:, None] + \
                 torch.arange(T, device=self.rope_cos.device)  # (B, T)
         if positions is not None:
             if positions.shape != (B, T):
                 raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {(B, T)}")
-            return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            return self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2)
         start = step.starts[0] if step is not None else 0
-        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        return self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> ModelOutput:
@@ -251,7 +256,9 @@ class Transformer(nn.Module):
         if step is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self._rope(B, T, positions, step)
-        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, D)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        if self.training and self.cfg.dropout:
+            h = F.dropout(h, self.cfg.dropout, training=True)
         auxes = []
         for layer in self.layers:
             h, aux = layer(h, cos, sin, cache, step)

@@ -84,9 +84,10 @@ def _reference_mha(model: Transformer, x: torch.Tensor) -> torch.Tensor:
     attn = model.layers[0].attention
     B, T, D = x.shape
     H, Dh = attn.n_heads, attn.head_dim
-    q = (x @ attn.wq.weight.T).view(B, T, H, Dh).transpose(1, 2)
-    k = (x @ attn.wk.weight.T).view(B, T, H, Dh).transpose(1, 2)
-    v = (x @ attn.wv.weight.T).view(B, T, H, Dh).transpose(1, 2)
+    wq, wk, wv = attn.wqkv.weight.split([H * Dh, H * Dh, H * Dh])  # the documented HF mapping
+    q = (x @ wq.T).view(B, T, H, Dh).transpose(1, 2)
+    k = (x @ wk.T).view(B, T, H, Dh).transpose(1, 2)
+    v = (x @ wv.T).view(B, T, H, Dh).transpose(1, 2)
     pos = torch.arange(T, dtype=torch.float64)
     inv = 1.0 / model.cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
     ang = torch.outer(pos, inv)  # (T, Dh/2)
@@ -106,7 +107,7 @@ def _reference_mha(model: Transformer, x: torch.Tensor) -> torch.Tensor:
 def test_attention_with_kv_heads_equal_heads_matches_reference_mha():
     model = _model("tiny", n_kv_heads=4)
     x = torch.randn(2, 12, model.cfg.d_model)
-    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    cos, sin = model._rope(2, 12, None, None)
     with torch.no_grad():
         got = model.layers[0].attention(x, cos, sin, None, None)
         torch.testing.assert_close(got, _reference_mha(model, x), atol=1e-5, rtol=1e-4)
@@ -119,8 +120,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     sd = gqa.state_dict()
     Dh = gqa.cfg.head_dim
     for name in list(sd):
-        if name.endswith(("wk.weight", "wv.weight")):  # (Hkv*Dh, D) -> (H*Dh, D)
-            sd[name] = sd[name].view(2, Dh, -1).repeat_interleave(2, dim=0).reshape(4 * Dh, -1)
+        if name.endswith("wqkv.weight"):  # k, v: (Hkv*Dh, D) -> (H*Dh, D), each kv head repeated
+            q, k, v = sd[name].split([4 * Dh, 2 * Dh, 2 * Dh])
+            k, v = (w.view(2, Dh, -1).repeat_interleave(2, dim=0).reshape(4 * Dh, -1) for w in (k, v))
+            sd[name] = torch.cat([q, k, v])
     mha.load_state_dict(sd)
     x = torch.randint(0, 512, (2, 10))
     with torch.no_grad():
@@ -144,7 +147,7 @@ def test_tied_embeddings_and_scaled_init():
     assert model.output.weight is model.tok_embeddings.weight
     n = model.cfg.n_layers
     wo = model.layers[0].attention.wo.weight.std().item()
-    wq = model.layers[0].attention.wq.weight.std().item()
+    wq = model.layers[0].attention.wqkv.weight.std().item()
     assert wo == pytest.approx(0.02 / math.sqrt(2 * n), rel=0.05)
     assert wq == pytest.approx(0.02, rel=0.05)
     assert "rope_cos" not in model.state_dict()  # non-persistent buffers
