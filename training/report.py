@@ -282,6 +282,8 @@ def _plots(rep: dict[str, Any], out: Path) -> None:
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, c in rep["curves"].items():
+        if name not in rep["compute"]:  # LM curves only (the router's loss is another quantity)
+            continue
         for ax, key in zip(axes, ("train", "val")):
             if c[key]:
                 ax.plot([p[1] for p in c[key]], [p[2] for p in c[key]], label=name)
