@@ -274,7 +274,9 @@ def _plots(rep: dict[str, Any], out: Path) -> None:
     for i, n in enumerate(names):
         for j, d in enumerate(doms):
             if d in rep["matrix"][n]:
-                ax.text(j, i, f"{rep['matrix'][n][d]['ppl']:.1f}", ha="center", va="center", color="w", fontsize=8)
+                light = grid[i][j] < (min(map(min, grid)) + max(map(max, grid))) / 2  # yellow end of viridis_r
+                ax.text(j, i, f"{rep['matrix'][n][d]['ppl']:.1f}", ha="center", va="center",
+                        color="k" if light else "w", fontsize=8)
     fig.colorbar(im, ax=ax, label="log perplexity")
     ax.set_title("test perplexity: model (row) on domain (column)")
     fig.tight_layout()
