@@ -15,6 +15,9 @@ missing, truncated or corrupt file is refused with an error naming the file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -74,16 +77,60 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    libc = _libc()
+    if libc is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def recover_dir(path: str | Path) -> None:
+    """Undo what a crash inside :func:`atomic_dir` can leave: put a moved-aside ``path`` back.
+
+    Without an atomic exchange, the old directory is renamed to ``.old-<name>-<pid>`` before the
+    new one takes its place; a kill between the two renames leaves ``path`` missing. Stale
+    ``.tmp-<name>-*`` directories of killed writers are removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    if not path.exists():
+        olds = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], path)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+    """Yield a temporary sibling directory; on success it replaces ``path`` atomically.
 
-    A crash inside the block leaves ``path`` as it was (the temporary directory is removed, or
-    left with a ``.tmp-`` prefix that loaders ignore). An existing ``path`` is moved aside first
-    and deleted only after the new directory is in place.
+    A crash (even SIGKILL) at any point leaves ``path`` as it was or fully replaced: the new
+    directory is swapped in with one atomic exchange where the OS has one (Linux), else the old
+    one is moved aside first and :func:`recover_dir` (called by writers and by :func:`read_meta`)
+    puts it back if the process died between the two renames. One writer per ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
         yield tmp
@@ -91,17 +138,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _fsync_dir(tmp)
+        if path.exists() and _exchange(tmp, path):
+            _fsync_dir(path.parent)  # tmp now holds the old directory; removed below
+        else:
+            old = None
+            if path.exists():
+                old = path.parent / f".old-{path.name}-{os.getpid()}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | Path) -> str:
@@ -163,6 +213,8 @@ def read_meta(path: str | Path, *, kind: str | None = None, verify: bool = True)
     """Read and check ``meta.json``: format version, kind, and (with ``verify``) file hashes."""
     path = Path(path)
     meta_path = path / META
+    if not path.exists():
+        recover_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (it does not exist or is a file)")
     if not meta_path.is_file():

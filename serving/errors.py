@@ -123,6 +123,9 @@ def to_serving_error(exc: BaseException) -> ServingError:
     return ServingError("internal server error")
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
 def _validation_error(exc: RequestValidationError) -> ServingError:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -130,8 +133,9 @@ def _validation_error(exc: RequestValidationError) -> ServingError:
         return InvalidRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
                               code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # drop pydantic's union-member tags (e.g. "str", "list[int]") so `param` names the field
-    field_path = [p for p in loc if not (p.startswith(("list[", "str", "int", "function-")) or p.isdigit())]
+    # drop list indices and pydantic's union-member tags ("str", "list[int]", "constrained-str",
+    # "function-after[...]") so `param` names the field; our field names have no "[" or "-"
+    field_path = [p for p in loc if not (p.isdigit() or "[" in p or "-" in p or p in _TYPE_TAGS)]
     param = ".".join(field_path) or None
     message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                         for e in errors[:3])

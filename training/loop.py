@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from experts.checkpoint import (CheckpointError, atomic_write_json, load_state_into, load_tensors,
-                                read_meta, save_checkpoint)
+                                read_meta, recover_dir, save_checkpoint)
 from experts.device import autocast_dtype, resolve_device, set_threads
 from training import optim
 
@@ -254,6 +254,7 @@ def _load_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
 
 def _try_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                 data: StatefulIterator, metrics: MetricsLog) -> _State | None:
+    recover_dir(path)  # a writer killed mid-swap (no atomic exchange) left the last one aside
     if not path.exists():
         return None
     try:
