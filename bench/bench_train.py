@@ -42,15 +42,19 @@ def main() -> dict[str, Any]:
                               "models": {}}
     for name in PRESETS:
         cfg = ModelConfig.preset(name, vocab_size=VOCAB, max_seq_len=SEQ)
+        before = matmul_gflops(repeats=7)
         sec = train_step_seconds(cfg)
+        local = (before + matmul_gflops(repeats=7)) / 2  # the machine's speed around this model's run
         tok_s = BATCH * SEQ / sec
         gflops = tok_s * cfg.flops_per_token(SEQ) / 1e9
-        result["models"][name] = {"step_s": round(sec, 4), "tokens_per_s": round(tok_s, 1),
-                                  "gflops": round(gflops, 2), "ratio_to_matmul": round(gflops / peak, 3),
-                                  "params": cfg.num_params(), "active_params": cfg.num_params(active=True)}
-        log.info("%s: %.0f tok/s, %.1f GFLOP/s (%.0f%% of matmul %.1f)", name, tok_s, gflops,
-                 100 * gflops / peak, peak)
-    result["goal"] = "dense ratio_to_matmul >= 0.70"
+        result["models"][name] = {
+            "step_s": round(sec, 4), "tokens_per_s": round(tok_s, 1), "gflops": round(gflops, 2),
+            "ratio_to_matmul": round(gflops / peak, 3),
+            "matmul_gflops_adjacent": round(local, 2), "ratio_to_adjacent_matmul": round(gflops / local, 3),
+            "params": cfg.num_params(), "active_params": cfg.num_params(active=True)}
+        log.info("%s: %.0f tok/s, %.1f GFLOP/s (%.0f%% of matmul %.1f; %.0f%% of adjacent %.1f)", name, tok_s,
+                 gflops, 100 * gflops / peak, peak, 100 * gflops / local, local)
+    result["goal"] = "dense ratio_to_matmul >= 0.70 (on a quiet machine; compare the adjacent ratio when noisy)"
     return result
 
 
