@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks named on the command line (default: all) and write their JSON."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     wanted = set(argv if argv is not None else sys.argv[1:])
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                    if m.name.startswith("bench_") and (not wanted or m.name in wanted))
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in names:
