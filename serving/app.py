@@ -26,11 +26,15 @@ STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRou
 
 
 def _expert_configs(args: AppArgs) -> dict[str, ModelConfig]:
-    """Read each expert's config from its checkpoint (fails early, naming the missing file)."""
+    """Read and verify each expert's checkpoint (fails before deploying, naming the bad file)."""
     configs = {}
     for name in args.experts:
-        meta = read_meta(args.expert_dir(name), kind="lm", verify=False)
-        configs[name] = ModelConfig.from_dict(meta["config"])
+        path = args.expert_dir(name)
+        meta = read_meta(path, kind="lm", verify=True)  # a corrupt file is refused, not served
+        try:
+            configs[name] = ModelConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}/meta.json: invalid model config ({e})") from e
     return configs
 
 
@@ -60,7 +64,7 @@ def _expert_app(args: AppArgs, name: str) -> Application:
 
 def _router_app(args: AppArgs) -> Application:
     if args.router_probs is None:
-        read_meta(args.router_dir, kind="router", verify=False)
+        read_meta(args.router_dir, kind="router", verify=True)
     return Router.options(num_replicas=args.router.replicas, ray_actor_options=args.router.actor_options(),
                           max_ongoing_requests=args.max_ongoing_requests,
                           max_queued_requests=args.max_queued_requests).bind(

@@ -26,12 +26,13 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
 
     from serving.app import build_app
 
+    app = build_app(args)  # checks every checkpoint before Ray starts (CheckpointError)
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({"num_cpus": num_cpus} if num_cpus and address == "local" else {}))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     _wait_ready(url, args.api_key, wait_ready_s)
     return url
@@ -74,7 +75,13 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
 def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
     from ray import serve
 
-    url = start(app_args, host=ns.host, port=ns.port)
+    from experts.checkpoint import CheckpointError
+
+    try:
+        url = start(app_args, host=ns.host, port=ns.port)
+    except CheckpointError as e:  # refuse to serve a corrupt or incomplete run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}", flush=True)
     print("try:\n" + curl_example(url, app_args.api_key), flush=True)
     print("Ctrl-C stops it.", flush=True)
@@ -93,7 +100,12 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def serve_main(ns: argparse.Namespace) -> int:
     """``hmoe serve RUN_DIR``: serve a trained run and block."""
-    return _serve_forever(_app_args(ns, ns.run_dir), ns)
+    try:
+        app_args = _app_args(ns, ns.run_dir)
+    except ValueError as e:  # pydantic's ValidationError: a missing run dir, a bad flag value
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _serve_forever(app_args, ns)
 
 
 def up_main(ns: argparse.Namespace) -> int:
