@@ -201,3 +201,13 @@ def test_layering_experts_and_router_never_import_ray_serving_training(package):
     for f in files:
         bad = _imports(f) & {"ray", "serving", "training"}
         assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_rope_is_relative_shifting_all_positions_keeps_logits():
+    model = _model("tiny")
+    x = torch.randint(0, 512, (2, 12))
+    shifted = (torch.arange(12) + 37).expand(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, positions=shifted).logits, model(x).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        model(x, positions=torch.arange(5)[None])
