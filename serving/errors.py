@@ -109,8 +109,8 @@ def to_serving_error(exc: BaseException) -> ServingError:
             return to_serving_error(cause)
     if isinstance(exc, serve_exc.BackPressureError):
         return Overloaded(f"the server is at capacity ({exc.message}); retry shortly")
-    if isinstance(exc, (serve_exc.DeploymentUnavailableError, ray_exc.ActorDiedError,
-                        ray_exc.ActorUnavailableError)):
+    if isinstance(exc, (serve_exc.DeploymentUnavailableError, serve_exc.ReplicaUnavailableError,
+                        ray_exc.RayActorError)):  # RayActorError: ActorDiedError, ActorUnavailableError
         return NotReady(f"a model replica is unavailable ({type(exc).__name__}); retry shortly")
     if isinstance(exc, CheckpointError):
         log.error("checkpoint error while serving: %s", exc)
