@@ -278,7 +278,9 @@ class Ingress:
     async def generate(self, req: S.GenerateRequest) -> Any:
         model = self._check_model(req.expert, "expert") if req.expert else "auto"
         ids = [self.tok.bos_id, *self.tok.encode(req.prompt)]
-        job = self._job(ids, 1, req.prompt, req, model, req.max_tokens)
+        # the schema's default (64) must not fail on a server whose cap is lower: only an explicit value can
+        budget = req.max_tokens if "max_tokens" in req.model_fields_set else min(64, self.settings.max_tokens_cap)
+        job = self._job(ids, 1, req.prompt, req, model, budget)
         if req.stream:
             return await self._sse(self._native_stream(job))
         g = await self._collect(job)

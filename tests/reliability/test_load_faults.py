@@ -97,7 +97,7 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, target: str, ta
             assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
             if '"error"' in r.text:  # an in-band error after the 200 (the replica died mid-stream)
                 status, note = (503 if '"type":"overloaded_error"' in r.text else 500), r.text
-        if status == 503:
+        if r.status_code == 503:  # (an in-band stream error has no headers of its own)
             assert r.headers.get("retry-after"), r.headers
     except httpx.TimeoutException as e:
         status, note = 599, f"timeout after {REQUEST_TIMEOUT_S}s: {e!r}"
