@@ -20,10 +20,8 @@ from experts.checkpoint import TOKENIZER, atomic_dir, load_lm
 from safetensors.torch import save_file
 
 # hmoe name (after "layers.N.") -> HF name (after "model.layers.N.")
+# (the fused ``attention.wqkv.weight`` is split by rows into q_proj, k_proj, v_proj)
 _LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
@@ -47,6 +45,24 @@ def hf_name(name: str) -> str:
     if prefix != "layers" or rest not in _LAYER_NAMES:
         raise ExportError(f"parameter {name!r} has no LlamaForCausalLM equivalent")
     return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def hf_state_dict(model) -> dict:
+    """The ``LlamaForCausalLM`` state dict of a dense hmoe ``Transformer`` (tied lm_head omitted)."""
+    cfg = model.cfg
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().clone()
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # tied: transformers re-ties lm_head to embed_tokens
+        if name.endswith("attention.wqkv.weight"):
+            layer = name.split(".")[1]
+            for proj, part in zip("qkv", t.split([q, kv, kv])):  # rows: (H + 2 Hkv) * Dh
+                out[f"model.layers.{layer}.self_attn.{proj}_proj.weight"] = part.contiguous()
+            continue
+        out[hf_name(name)] = t
+    return out
 
 
 def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
@@ -89,11 +105,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     if not (ckpt / TOKENIZER).is_file():
         raise ExportError(f"{ckpt / TOKENIZER}: missing; the export needs the checkpoint's tokenizer")
     tok_config, ids = _tokenizer_files(ckpt)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "output.weight" and cfg.tie_embeddings:
-            continue  # tied: transformers re-ties lm_head to embed_tokens
-        tensors[hf_name(name)] = t.detach().contiguous().clone()
+    tensors = hf_state_dict(model)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -2,7 +2,8 @@
 
 ``hmoe data build|show`` (corpora), ``hmoe train`` (the whole run through Ray; also the
 entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``; ``serve``, ``up``,
-``chat`` and ``export`` are provided by ``serving.cli`` and imported only when used.
+and ``chat`` are provided by ``serving.cli`` and imported only when used; ``hmoe export`` writes
+a dense expert as a Hugging Face Llama directory.
 """
 
 from __future__ import annotations
@@ -19,8 +20,33 @@ SERVING_COMMANDS = {
     "serve": "serve the experts and the router with Ray Serve",
     "up": "build, train (if needed) and serve in one command",
     "chat": "chat with a running server from the terminal",
-    "export": "export a trained expert",
 }
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a trained dense expert for transformers (LlamaForCausalLM)")
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--expert", required=True, help="the expert to export, e.g. math")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: a Hugging Face model directory")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experts.checkpoint import CheckpointError
+    from experts.export import ExportError, export_hf
+    from router.domains import check_domain
+
+    try:
+        ckpt = Path(args.run_dir) / "experts" / check_domain(args.expert)
+        out = export_hf(ckpt, args.out)
+    except (ExportError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {ckpt} -> {out}\nload it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.set_defaults(func=lambda a, err=e: print(f"error: hmoe data unavailable: {err}") or 2)
     _add_train(sub)
     _add_report(sub)
+    _add_export(sub)
     _add_serving(sub)
     return parser
 
