@@ -47,7 +47,8 @@ def ingress_settings(args: AppArgs, configs: dict[str, ModelConfig]) -> IngressS
         vocab_size=min(Tokenizer.load(tokenizer).vocab_size, *(c.vocab_size for c in configs.values())),
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,
-        ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k)
+        ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k,
+        first_token_timeout_s=args.first_token_timeout_s)
 
 
 def _expert_app(args: AppArgs, name: str) -> Application:

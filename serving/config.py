@@ -48,6 +48,9 @@ class AppArgs(BaseModel):
     ensemble_threshold: float = Field(0.5, ge=0.0, le=1.0,
                                       description="mode=auto mixes experts when top prob < this")
     ensemble_top_k: int = Field(2, ge=1, le=len(DOMAINS))
+    first_token_timeout_s: float = Field(
+        5.0, gt=0, description="an expert that has not started answering by then is treated as down: "
+                               "503 + Retry-After, and its requests fail fast until it answers a probe")
     router_probs: dict[str, float] | None = Field(
         None, description="debug/tests only: fixed expert probabilities instead of the learned router")
 

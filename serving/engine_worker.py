@@ -123,6 +123,11 @@ class EngineWorker:
         return {"queue_ms": _ms(s.t_arrival, s.t_admit), "prefill_ms": s.prefill_ms,
                 "decode_ms": _ms(s.t_admit, now) - s.prefill_ms, "max_batch": s.max_batch}
 
+    async def idle(self) -> None:
+        """Wait until the stepping loop has run out of work (finished slots are released)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
     def _kick(self) -> None:
         self._wake.set()
         if self._task is None or self._task.done():

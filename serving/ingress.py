@@ -34,6 +34,7 @@ from router.policy import decide
 from serving import guard
 from serving import schemas as S
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
+from serving.health import ExpertHealth, is_replica_death
 from serving.textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class IngressSettings(BaseModel):
     api_key: str | None = None
     ensemble_threshold: float = 0.5
     ensemble_top_k: int = 2
+    first_token_timeout_s: float = 5.0
 
 
 app = FastAPI(title="hmoe", description="hierarchical mixture of small domain experts",
@@ -126,6 +128,7 @@ class Ingress:
                  settings: IngressSettings | dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(settings)
         self.experts = dict(experts)
+        self.health = ExpertHealth(self.experts)
         self.router = router
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
@@ -167,7 +170,8 @@ class Ingress:
         """Decode batch statistics of each expert (one replica each)."""
         names = list(self.experts)
         got = await asyncio.gather(*(self.experts[n].stats.remote() for n in names))
-        return {"experts": dict(zip(names, got)), "max_batch": max(s["max_batch"] for s in got)}
+        return {"experts": dict(zip(names, got)), "max_batch": max(s["max_batch"] for s in got),
+                "health": self.health.status()}
 
     # ---- OpenAI: completions ------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -388,10 +392,33 @@ class Ingress:
         finally:
             await source.aclose()
 
-    def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
-        if len(decision["experts"]) == 1:
-            return self._single(decision["experts"][0], job)
-        return self._ensemble(decision["experts"], decision["weights"], job)
+    async def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
+        """Token chunks from the chosen expert(s); a dead replica marks its expert down (503s)."""
+        names = decision["experts"]
+        self.health.check(names)
+        source = (self._single(names[0], job) if len(names) == 1
+                  else self._ensemble(names, decision["weights"], job))
+        try:
+            try:  # Serve holds requests for a dead replica until its replacement is up: bound that
+                first = await asyncio.wait_for(source.__anext__(), self.settings.first_token_timeout_s)
+            except asyncio.TimeoutError:
+                e = NotReady(f"expert {', '.join(names)} did not start answering within "
+                             f"{self.settings.first_token_timeout_s:g} s; retry shortly", retry_after_s=1)
+                for name in names:
+                    self.health.mark_down(name, e)
+                raise e from None
+            yield first
+            async for chunk in source:
+                yield chunk
+        except StopAsyncIteration:
+            return
+        except Exception as e:
+            if is_replica_death(e):
+                for name in names:
+                    self.health.mark_down(name, e)
+            raise
+        finally:
+            await source.aclose()
 
     async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
         if not job.stream and not job.stops:  # nothing to watch token by token: one message

@@ -29,6 +29,7 @@ WARMUP_S = 10.0
 REQUEST_TIMEOUT_S = 30.0  # a request that takes longer than this counts as a hang
 FAIL_FAST_S = 20.0  # every request to a killed expert is answered (200 after the restart, or 503) within this
 RECOVERY_LIMIT_S = 120.0
+FAST_503_S = 2.0  # after the ingress has seen a replica die, its requests get 503 within this
 
 
 # ---- replica processes -------------------------------------------------------------------------
@@ -208,11 +209,18 @@ def test_sigkill_expert_replica_during_load(server):
     SUMMARY["requests_served"] += sum(1 for e in tally.events if e[2] == 200)
     for k, v in tally.statuses.items():
         count_errors(SUMMARY["errors_by_class"], f"kill {k}", v) if not k.endswith(" 200") else None
+    # once the ingress has seen the replica die, requests for it fail fast until it is back
+    first_fail = min((e[0] for e in failed), default=None)
+    fast = [e for e in after if first_fail is not None and e[0] - e[3] > first_fail and e[2] == 503]
+    SUMMARY["checks"]["replica_kill"]["victim_fast_503"] = len(fast)
+    SUMMARY["checks"]["replica_kill"]["victim_fast_503_max_s"] = round(max((e[3] for e in fast), default=0.0), 3)
     print("replica kill:", SUMMARY["checks"]["replica_kill"], "recovery s:", recovery)
     assert tally.bad == [], tally.bad[:10]  # only 200s and 503s (with Retry-After): no 5xx, no hangs
     # Serve holds (or retries) requests for the dead replica until its replacement is up: bounded
     assert all(e[3] < FAIL_FAST_S for e in after), [e for e in after if e[3] >= FAIL_FAST_S][:5]
     assert recovery is not None and recovery < RECOVERY_LIMIT_S, state
+    assert failed, "no request for the killed expert failed: the kill was not observed"
+    assert all(e[3] < FAST_503_S for e in fast), [e for e in fast if e[3] >= FAST_503_S][:5]
     assert new_pid and new_pid != old_pid
     assert SUMMARY["checks"]["replica_kill"]["others_non_200"] == 0, tally.statuses
 

@@ -21,14 +21,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     return make_tiny_run(tmp_path_factory.mktemp("run"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tiny_run):
-    """Base URL of a running hmoe app (five tiny experts, the tiny router, an API key)."""
+    """Base URL of a running hmoe app (five tiny experts, the tiny router, an API key).
+
+    Package-scoped: Serve and Ray are shut down after tests/serving, so the replicas' CPUs are
+    free again for the Ray training tasks of other packages.
+    """
     ray = pytest.importorskip("ray")
     from ray import serve
 

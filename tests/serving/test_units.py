@@ -56,6 +56,7 @@ def test_worker_batches_concurrent_requests_and_queues_beyond_slots():
             return toks
 
         outs = await asyncio.gather(*(one(i) for i in range(6)))
+        await asyncio.wait_for(w.idle(), 10)  # the loop releases the last slots after they finish
         return w, outs
 
     w, outs = asyncio.run(run())
