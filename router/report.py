@@ -1,21 +1,26 @@
 """The router's part of the run report (``training.report`` imports this module if present).
 
-``report_rows(ctx)`` adds two rows to the perplexity matrix, on exactly the test windows of the
-other rows (so routed/dense and MoE/dense ratios are read straight off the matrix):
+``report_rows(ctx)`` adds two rows to the perplexity matrix, on exactly the test documents and
+tokens of the other rows (``ctx.docs``), so routed / dense and MoE / dense ratios are like for like:
 
-* ``router-top1``: each window is scored by the expert the router picks from its opening
-  (the first ``OPENING_TOKENS`` tokens, decoded to text);
-* ``router-mixture``: the router-weighted mixture of its top-k experts, log sum_k w_k p_k(token).
+* ``router-top1``: each test document is scored by the expert the router picks from the
+  document's opening (its first ``ctx``-defined characters, ``DocSet.openings``);
+* ``router-mixture``: the router-weighted mixture of its top-k experts (weights renormalised),
+  log sum_k w_k p_k(token), for every token of the document.
 
-As a side effect it writes the router evaluation (accuracy, confusion, ECE, learned vs likelihood
-router) to ``<run_dir>/metrics/router_eval.json`` and the confusion plot next to it; the report can
-embed them (see :func:`router_summary`). ``training`` is imported lazily: ``router/`` never imports
-it at module level.
+The experts' per-token log-probs come from ``ctx.logprobs`` (computed once for the matrix rows),
+so the routed rows cost no extra forward pass. The routing accuracy on test-document openings
+(learned router, and the likelihood/BTM router from the same log-probs) and on test prompts goes
+to ``ctx.sections["router"]`` (the report's "Router" section); the full evaluation (accuracy,
+confusion, ECE, learned vs likelihood router on prompts) to ``<run_dir>/metrics/router_eval.json``
+with the confusion plot next to it. ``training`` is imported lazily: ``router/`` never imports it
+at module level.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,18 @@ import torch
 
 from experts.checkpoint import atomic_write_json, load_lm
 from router.domains import DOMAINS
-from router.evaluate import compare_with_likelihood, evaluate_router, plot_confusion
-from router.policy import decide
+from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
+from router.policy import Decision, decide
 from router.router import Router, load_router
 
 log = logging.getLogger(__name__)
 
-OPENING_TOKENS = 64
+OPENING_CHARS = 256  # when the context gives no openings: route from this many characters
 EVAL_FILE, CONFUSION_FILE = "router_eval.json", "router_confusion.png"
-LIKELIHOOD_PER_DOMAIN = 40  # the likelihood router runs every expert per prompt: keep it small
+OPENINGS_CONFUSION_FILE = "router_confusion_openings.png"
+LIKELIHOOD_PER_DOMAIN = 20  # the prompt likelihood router runs every expert per prompt: keep it small
+LIKELIHOOD_TOKENS = 64  # ... on the first LIKELIHOOD_TOKENS tokens (the learned router reads openings too)
+ROUTE_BATCH = 256
 
 
 def _load(ctx: Any) -> tuple[Router, dict[str, torch.nn.Module]] | None:
@@ -44,70 +52,107 @@ def _load(ctx: Any) -> tuple[Router, dict[str, torch.nn.Module]] | None:
         log.warning("experts %s missing: no routed rows", missing)
         return None
     router = load_router(router_dir, device=ctx.device, tokenizer=ctx.tokenizer)
-    return router, {d: load_lm(experts_dir / d, device=ctx.device)[0] for d in DOMAINS}
+    loaded = getattr(ctx, "models", None) or {}  # the report's already loaded models
+    return router, {d: loaded[d] if d in loaded else load_lm(experts_dir / d, device=ctx.device)[0].eval()
+                    for d in DOMAINS}
 
 
-@torch.no_grad()
-def _window_nats(router: Router, experts: dict[str, torch.nn.Module], tokenizer: Any,
-                 w: torch.Tensor) -> tuple[float, float]:
-    """(top-1 nats, mixture nats) of one (B, T+1) window batch, each row routed from its opening."""
-    decisions = router.route_batch([tokenizer.decode(row[:OPENING_TOKENS].tolist()) for row in w])
-    mixes = [decide(d.expert_probs, threshold=1.0, top_k=router.top_k) for d in decisions]
-    needed = sorted({e for m in mixes for e in m.experts}, key=DOMAINS.index)
-    x, y = w[:, :-1], w[:, 1:]  # (B, T)
-    lp = {e: torch.log_softmax(experts[e](x.to(next(experts[e].parameters()).device)).logits.float(), -1)
-          .gather(-1, y.to(next(experts[e].parameters()).device)[..., None])[..., 0].cpu() for e in needed}  # (B, T)
-    top1 = mix = 0.0
-    for i, m in enumerate(mixes):
-        top1 -= float(lp[m.experts[0]][i].sum())
-        stacked = torch.stack([lp[e][i] for e in m.experts])  # (K, T)
-        logw = torch.tensor(m.weights, dtype=stacked.dtype).log()[:, None]  # (K, 1)
-        mix -= float(torch.logsumexp(stacked + logw, 0).sum())
+def route_all(router: Router, prompts: Sequence[str], batch_size: int = ROUTE_BATCH) -> list[Decision]:
+    """The router's top-k mixture decision (threshold 1: always its top ``router.top_k``) per prompt."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += [decide(d.expert_probs, threshold=1.0, top_k=router.top_k)
+                for d in router.route_batch(list(prompts[i:i + batch_size]))]
+    return out
+
+
+def routed_nll(decisions: Sequence[Decision], logprobs: Mapping[str, Sequence[torch.Tensor]]) -> tuple[list, list]:
+    """Per-document (top-1 NLL, mixture NLL) given each expert's per-document token log-probs."""
+    top1, mix = [], []
+    for i, m in enumerate(decisions):
+        top1.append(-float(logprobs[m.experts[0]][i].sum()))
+        mix.append(_mixture_nll({e: logprobs[e][i] for e in m.experts}, m.experts, m.weights))
     return top1, mix
+
+
+def _accuracy(pred: Sequence[str], true: Sequence[str]) -> dict[str, Any]:
+    by = {d: [p == t for p, t in zip(pred, true) if t == d] for d in DOMAINS}
+    return {"n": len(true), "all": sum(p == t for p, t in zip(pred, true)) / len(true) if true else None,
+            "by_domain": {d: sum(v) / len(v) if v else None for d, v in by.items()},
+            "n_by_domain": {d: len(v) for d, v in by.items()}}
 
 
 def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
     """Matrix rows ``router-top1`` and ``router-mixture`` (``training.report.Cell`` per domain)."""
-    from training.report import Cell, _window_bytes  # lazy: router/ must not import training at load
-
     loaded = _load(ctx)
     if loaded is None:
         return {}
     router, experts = loaded
+    lp = {e: ctx.logprobs(e, experts[e]) for e in DOMAINS}  # cached: the matrix rows scored them already
     rows: dict[str, dict[str, Any]] = {"router-top1": {}, "router-mixture": {}}
+    pred, lik_pred, true = [], [], []
     for d in ctx.domains:
-        windows = ctx.windows[d]
-        top1 = mix = 0.0
-        for w in windows:
-            a, b = _window_nats(router, experts, ctx.tokenizer, w)
-            top1, mix = top1 + a, mix + b
-        tokens, n_bytes = sum(w[:, 1:].numel() for w in windows), _window_bytes(windows, ctx.tokenizer)
-        rows["router-top1"][d], rows["router-mixture"][d] = Cell(top1, tokens, n_bytes), Cell(mix, tokens, n_bytes)
+        docs = ctx.docs[d]
+        decisions = route_all(router, docs.openings)
+        top1, mix = routed_nll(decisions, {e: lp[e][d] for e in DOMAINS})
+        rows["router-top1"][d], rows["router-mixture"][d] = ctx.cell(d, top1), ctx.cell(d, mix)
+        pred += [m.experts[0] for m in decisions]
+        true += [d] * len(decisions)
+        # the likelihood (BTM) router on the same openings, from the same log-probs: free
+        n_open = [len(router.tokenizer.encode(o)) for o in docs.openings]
+        lik_pred += [max(DOMAINS, key=lambda e, i=i, k=k: float(lp[e][d][i][:k].sum())) for i, k in enumerate(n_open)]
+    section: dict[str, Any] = {"scored_documents": len(true), "routed_accuracy": _accuracy(pred, true),
+                               "opening_likelihood_accuracy": _accuracy(lik_pred, true)}
     try:
-        router_summary(ctx, router, experts)
+        summary = router_summary(ctx, router, experts)
+        section["opening_accuracy"] = summary.get("test_openings", {}).get("accuracy")
+        section["prompt_accuracy"] = summary.get("test", {}).get("accuracy")
+        section["learned_vs_likelihood_prompts"] = summary.get("learned_vs_likelihood")
     except Exception as e:  # noqa: BLE001 - the rows above must not be lost to a summary failure
         log.warning("router summary failed: %s", e)
+    if isinstance(getattr(ctx, "sections", None), dict):
+        ctx.sections["router"] = section
     return rows
+
+
+def opening_examples(ctx: Any, chars: int = OPENING_CHARS) -> list[tuple[str, str]]:
+    """(opening, domain) of every test document (all of them when the corpus is there, else ``ctx.docs``)."""
+    if getattr(ctx, "corpus", None) is not None:
+        return [(r["text"][:chars], d) for d in ctx.domains for r in ctx.corpus.docs(d, "test")
+                if r["text"].strip()]
+    return [(o, d) for d in ctx.domains for o in ctx.docs[d].openings]
 
 
 def router_summary(ctx: Any, router: Router | None = None, experts: dict | None = None,
                    out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the router on the test prompts; write ``router_eval.json`` + confusion PNG to ``out_dir``."""
-    from training.data import router_examples  # lazy
-
+    """Evaluate the router on test prompts and test-document openings; write ``router_eval.json`` + PNGs."""
     if router is None:
         loaded = _load(ctx)
         if loaded is None:
             return {}
         router, experts = loaded
     out = Path(out_dir or Path(ctx.run_dir) / "metrics")
-    examples = router_examples(ctx.corpus, "test", per_domain=100_000, seed=0)
-    summary = {"test": evaluate_router(router, examples)}
-    if experts:
-        small = router_examples(ctx.corpus, "test", per_domain=LIKELIHOOD_PER_DOMAIN, seed=0)
-        summary["learned_vs_likelihood"] = compare_with_likelihood(router, experts, ctx.tokenizer, small)
-    plot_confusion(summary["test"]["confusion"], out / CONFUSION_FILE)
+    summary: dict[str, Any] = {}
+    if getattr(ctx, "corpus", None) is not None:
+        from training.data import router_examples  # lazy
+
+        examples = router_examples(ctx.corpus, "test", per_domain=100_000, seed=0)
+        summary["test"] = evaluate_router(router, examples)
+        if experts:
+            small = router_examples(ctx.corpus, "test", per_domain=LIKELIHOOD_PER_DOMAIN, seed=0)
+            summary["learned_vs_likelihood"] = compare_with_likelihood(router, experts, ctx.tokenizer, small,
+                                                                      max_tokens=LIKELIHOOD_TOKENS)
+        plot_confusion(summary["test"]["confusion"], out / CONFUSION_FILE)
+    openings = opening_examples(ctx)
+    if openings:
+        summary["test_openings"] = evaluate_router(router, openings)
+        plot_confusion(summary["test_openings"]["confusion"], out / OPENINGS_CONFUSION_FILE,
+                       title="router on test-document openings (rows: true, columns: predicted)")
+    for key in ("test", "test_openings"):
+        if key in summary:
+            s = summary[key]
+            s["accuracy"] = {"n": s["n"], "all": s["expert_accuracy"], "by_domain": s["expert_accuracy_by_domain"]}
+            log.info("router on %s: group acc %.4f, expert acc %.4f, ECE %.4f", key, s["group_accuracy"],
+                     s["expert_accuracy"], s["ece"])
     atomic_write_json(out / EVAL_FILE, summary)
-    log.info("router: group acc %.4f, expert acc %.4f, ECE %.4f", summary["test"]["group_accuracy"],
-             summary["test"]["expert_accuracy"], summary["test"]["ece"])
     return summary

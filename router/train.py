@@ -46,6 +46,8 @@ class RouterTrainConfig:
     crop_prob: float = 0.3  # train on a random prefix of the prompt this often (short prompts)
     min_share: float = 0.5  # repeat a rare domain's examples until it has this share of the largest one
     min_crop: int = 4
+    opening_share: float = 0.5  # document openings per domain, as a share of per_domain (0: prompts only)
+    opening_chars: int = 256  # an opening is the first opening_chars characters of a document
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +56,10 @@ class RouterTrainConfig:
                 raise ValueError(f"RouterTrainConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError(f"RouterTrainConfig.min_share={self.min_share!r} is invalid: must be in [0, 1]")
+        if not self.opening_share >= 0.0:
+            raise ValueError(f"RouterTrainConfig.opening_share={self.opening_share!r} is invalid: must be >= 0")
+        if self.opening_chars < 1:
+            raise ValueError(f"RouterTrainConfig.opening_chars={self.opening_chars!r} is invalid: must be >= 1")
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"RouterTrainConfig.crop_prob={self.crop_prob!r} is invalid: must be in [0, 1]")
         if not self.lr > 0:
@@ -213,10 +219,34 @@ class RouterTask:
         log.info("router checkpoint written to %s (T=%.3f)", path, self.temperature)
 
 
-def _examples(corpus: Any, split: str, per_domain: int | None, seed: int) -> list[tuple[str, str]]:
+def document_openings(corpus: Any, split: str, per_domain: int | None, *, chars: int = 256,
+                      seed: int = 0) -> list[tuple[str, str]]:
+    """(first ``chars`` characters of a document, domain): a seeded sample of ``per_domain`` per domain.
+
+    Documents are a prompt type of their own (a pasted file starts with a license header or imports,
+    a factbook entry with its title): the report routes every test document from its opening.
+    """
+    import random
+
+    out = []
+    for domain in corpus.domains:
+        openings = sorted({r["text"][:chars].strip() for r in corpus.docs(domain, split) if r["text"].strip()})
+        random.Random(f"openings:{seed}:{domain}").shuffle(openings)
+        out += [(o, domain) for o in openings[:per_domain]]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def _examples(corpus: Any, split: str, per_domain: int | None, seed: int,
+              tc: RouterTrainConfig | None = None) -> list[tuple[str, str]]:
+    """Prompts (``training.data.router_examples``) plus document openings (``tc.opening_share``)."""
     from training.data import router_examples  # lazy: router/ must not import training at module level
 
-    return list(router_examples(corpus, split, per_domain=per_domain, seed=seed))
+    out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed))
+    if tc is not None and tc.opening_share > 0:
+        n = None if per_domain is None else max(1, math.ceil(tc.opening_share * per_domain))
+        out += document_openings(corpus, split, n, chars=tc.opening_chars, seed=seed)
+    return out
 
 
 def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterConfig | None = None, *,
@@ -225,7 +255,8 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
                  **loop_overrides: Any):
     """Train, calibrate and save the router under ``run_dir/out_dir``; returns the loop's ``TrainResult``.
 
-    Examples come from ``training.data.router_examples(corpus, split, ...)`` unless ``examples``
+    Examples come from ``training.data.router_examples(corpus, split, ...)`` plus document openings
+    (:func:`document_openings`, ``train_cfg.opening_share``) unless ``examples``
     (``{"train": [(prompt, domain)], "val": [...]}``) is given. ``loop_overrides`` go to
     ``training.loop.LoopConfig`` (e.g. ``num_threads``, ``device``, ``progress``).
     ``result.extra["temperature"]`` holds the fitted temperature.
@@ -235,8 +266,8 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     tc = train_cfg or RouterTrainConfig()
     cfg = (cfg or RouterConfig()).replace(vocab_size=tokenizer.vocab_size)
     if examples is None:
-        examples = {"train": _examples(corpus, "train", tc.per_domain, tc.seed),
-                    "val": _examples(corpus, "val", tc.val_per_domain, tc.seed)}
+        examples = {"train": _examples(corpus, "train", tc.per_domain, tc.seed, tc),
+                    "val": _examples(corpus, "val", tc.val_per_domain, tc.seed, tc)}
     train_ex = balance(encode_examples(examples["train"], tokenizer, cfg.max_len), tc.min_share)
     val_ex = encode_examples(examples.get("val", []), tokenizer, cfg.max_len)
     log.info("router: %d train / %d val examples", len(train_ex), len(val_ex))

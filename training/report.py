@@ -1,12 +1,20 @@
-"""Per-expert report of a run: cross-domain perplexity / bits-per-byte, loss curves, compute, generation.
+"""Per-expert report of a run: test-document perplexity / bits-per-byte, loss curves, compute, generation.
 
 ``write_report(run_dir)`` (also ``hmoe report RUN_DIR``) writes ``report/report.json``,
 ``report/report.md`` and PNG plots, atomically (the whole ``report/`` directory is replaced).
+
+Every row of the matrix is scored on the same test *documents* (per domain a seeded sample of
+whole documents, ``<|bos|>`` text ``<|eos|>`` truncated to ``MAX_DOC_TOKENS``, chunked to the model
+context; up to ``MAX_TOKENS_PER_DOMAIN`` tokens per domain), so every cell, the pooled *mixed test*
+column and the ratios to the dense generalist are like for like. Each model scores all documents
+once, in length-sorted padded batches (``doc_logprobs``); the per-token log-probs are cached in the
+context so that rows combining experts (the router's) cost no extra forward pass.
 
 Extension point: extra rows of the matrix (e.g. the router-selected ensemble) come from *row
 providers*: callables ``provider(ctx: ReportContext) -> dict[row_name, dict[domain, Cell]]``,
 registered with :func:`register_row_provider`, passed as ``write_report(extra_rows=[...])``, or
 exported as ``report_rows`` by a module listed in :data:`ROW_PROVIDER_MODULES` (imported if present).
+A provider may add a report section in ``ctx.sections[name]`` (rendered for ``"router"``).
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +43,12 @@ log = logging.getLogger(__name__)
 
 ROW_PROVIDER_MODULES = ("router.report",)  # modules exporting report_rows(ctx)
 QA_DOMAINS = ("math", "reasoning")
+OPENING_CHARS = 256  # the router routes a test document from its first OPENING_CHARS characters
+MAX_DOC_TOKENS = 512  # a test document is scored on its first MAX_DOC_TOKENS ids (<|bos|> text <|eos|>)
+MAX_TOKENS_PER_DOMAIN = 8192  # cap on the scored test tokens per domain (keeps the report fast)
+SCORE_BATCH = 32  # chunks per forward pass when scoring
+THREADS_ENV = "HMOE_REPORT_THREADS"  # torch threads for the report (default: the CPUs idle when it starts)
+RATIO_ROWS = ("router-top1", "router-mixture", "baseline-moe")  # mixed-test ratios to baseline-dense
 
 
 @dataclass
@@ -56,16 +73,66 @@ class Cell:
 
 
 @dataclass
+class DocSet:
+    """The test documents of one domain that every row is scored on (identical tokens for every row)."""
+
+    ids: list[list[int]]  # <|bos|> + text (+ <|eos|>), truncated to the report's max_doc_tokens
+    openings: list[str]  # the first OPENING_CHARS characters of each document (what the router reads)
+    n_bytes: list[int]  # UTF-8 bytes of each document's predicted text (specials excluded)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(i) - 1 for i in self.ids)
+
+
+@dataclass
 class ReportContext:
-    """What row providers get: the run, its corpus and tokenizer, and the evaluation windows."""
+    """What row providers get: the run, its corpus and tokenizer, the test documents and the loaded models.
+
+    Every row is scored on ``docs``; ``logprobs(name)`` gives each model's per-token log-probs on
+    them (computed once per model and cached, so providers combine experts without re-scoring).
+    Providers may put a JSON-able section of the report in ``sections[name]``.
+    """
 
     run_dir: Path
     corpus: Any
     tokenizer: Any
     domains: tuple[str, ...]
-    windows: dict[str, list[torch.Tensor]]  # domain -> list of (B, T+1) id windows
+    docs: dict[str, DocSet]
     device: torch.device
-    evaluate: Callable[[torch.nn.Module, str], Cell]  # (model, domain) -> Cell, same windows
+    window: int  # context length every document is chunked to (the smallest model context)
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = SCORE_BATCH
+    _cache: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict, repr=False)
+
+    def logprobs(self, name: str, model: torch.nn.Module | None = None) -> dict[str, list[torch.Tensor]]:
+        """Domain -> per-document log p(token_t | earlier tokens), t = 1..n-1 (cached by ``name``)."""
+        if name not in self._cache:
+            model = model if model is not None else self.models[name]
+            flat = [ids for d in self.domains for ids in self.docs[d].ids]
+            lps = doc_logprobs(model, flat, window=self.window, device=self.device, batch_size=self.batch_size)
+            out, i = {}, 0
+            for d in self.domains:
+                n = len(self.docs[d].ids)
+                out[d], i = lps[i:i + n], i + n
+            self._cache[name] = out
+        return self._cache[name]
+
+    def cell(self, domain: str, lps: Iterable[torch.Tensor] | Iterable[float]) -> Cell:
+        """The Cell of per-document log-probs (tensors) or per-document NLLs (floats) on ``domain``."""
+        nats = sum(-float(x.sum()) if isinstance(x, torch.Tensor) else float(x) for x in lps)
+        return Cell(nats, self.docs[domain].tokens, sum(self.docs[domain].n_bytes))
+
+    def score(self, name: str, model: torch.nn.Module | None = None) -> dict[str, Cell]:
+        lp = self.logprobs(name, model)
+        return {d: self.cell(d, lp[d]) for d in self.domains}
+
+    def evaluate(self, model: torch.nn.Module, domain: str) -> Cell:
+        """One (model, domain) cell on the report documents (not cached)."""
+        lps = doc_logprobs(model, self.docs[domain].ids, window=self.window, device=self.device,
+                           batch_size=self.batch_size)
+        return self.cell(domain, lps)
 
 
 _PROVIDERS: list[Callable[[ReportContext], dict[str, dict[str, Cell]]]] = []
@@ -87,43 +154,67 @@ def model_dirs(run_dir: Path) -> dict[str, Path]:
     return out
 
 
-def test_windows(path: Path, seq_len: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
-    """Consecutive non-overlapping (B, T+1) windows from the start of a packed test split."""
-    from training.data.packing import load_tokens
+def select_docs(texts: Iterable[str], tokenizer: Any, *, budget: int | None, max_doc_tokens: int,
+                seed: int = 0) -> DocSet:
+    """A seeded random sample of documents, each truncated to ``max_doc_tokens``, until ``budget`` tokens."""
+    from router.evaluate import doc_ids
 
-    tokens = load_tokens(path)
-    n = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
-    w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype("int64"))
-                     for i in range(n)])  # (N, T+1)
-    return [w[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def _window_bytes(windows: list[torch.Tensor], tokenizer: Any) -> int:
-    """UTF-8 bytes of the predicted text (targets, specials excluded)."""
-    return sum(len(tokenizer.decode(row[1:].tolist()).encode("utf-8")) for b in windows for row in b)
-
-
-@torch.no_grad()
-def eval_cell(model: torch.nn.Module, windows: list[torch.Tensor], n_bytes: int, device: torch.device) -> Cell:
-    """Total next-token NLL of ``model`` over ``windows``."""
-    nats, tokens = 0.0, 0
-    for w in windows:
-        w = w.to(device)
-        logits = model(w[:, :-1]).logits  # (B, T, V)
-        nats += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum"))
-        tokens += w[:, 1:].numel()
-    return Cell(nats, tokens, n_bytes)
+    texts = [t for t in texts if t and t.strip()]
+    random.Random(seed).shuffle(texts)
+    ids_out, openings, n_bytes, total = [], [], [], 0
+    for text in texts:
+        if budget is not None and total >= budget:
+            break
+        ids = doc_ids(tokenizer, text[: 16 * max_doc_tokens], max_doc_tokens)
+        if len(ids) < 2:
+            continue
+        ids_out.append(ids)
+        openings.append(text[:OPENING_CHARS])
+        n_bytes.append(len(tokenizer.decode(ids[1:]).encode("utf-8")))
+        total += len(ids) - 1
+    return DocSet(ids_out, openings, n_bytes)
 
 
-def _context(run_dir: Path, corpus: Any, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device) -> ReportContext:
+def chunk_spans(n: int, window: int) -> list[tuple[int, int]]:
+    """[start, end) windows of at most ``window`` ids over ``n`` ids, overlapping by one id, so that every
+    token after the first is predicted exactly once (with the context of its own window)."""
+    return [(s, min(s + window, n)) for s in range(0, max(0, n - 1), window - 1)]
+
+
+@torch.inference_mode()
+def doc_logprobs(model: torch.nn.Module, docs: list[list[int]], *, window: int, device: torch.device,
+                 batch_size: int = SCORE_BATCH, pad_id: int = 0) -> list[torch.Tensor]:
+    """Per-document log p(ids[t] | context) for t = 1..n-1 (fp32, CPU), chunked to ``window`` ids.
+
+    Chunks of all documents are sorted by length and scored in right-padded batches (causal
+    attention: padding on the right never changes the scores of earlier positions).
+    """
+    chunks = [(i, s, e) for i, ids in enumerate(docs) for s, e in chunk_spans(len(ids), window)]
+    chunks.sort(key=lambda c: c[2] - c[1], reverse=True)
+    parts: dict[tuple[int, int], torch.Tensor] = {}
+    for b in range(0, len(chunks), batch_size):
+        batch = chunks[b:b + batch_size]
+        t = batch[0][2] - batch[0][1]
+        x = torch.full((len(batch), t), pad_id, dtype=torch.long)  # (B, T)
+        for r, (i, s, e) in enumerate(batch):
+            x[r, : e - s] = torch.tensor(docs[i][s:e])
+        x = x.to(device)
+        logits = model(x[:, :-1]).logits.float()  # (B, T-1, V)
+        lp = (logits.gather(-1, x[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)).cpu()  # (B, T-1)
+        for r, (i, s, e) in enumerate(batch):
+            parts[(i, s)] = lp[r, : e - s - 1]
+    return [torch.cat([parts[(i, s)] for s, _ in chunk_spans(len(ids), window)]) if len(ids) > 1
+            else torch.zeros(0) for i, ids in enumerate(docs)]
+
+
+def _context(run_dir: Path, corpus: Any, models: dict[str, torch.nn.Module], budget: int | None,
+             max_doc_tokens: int, device: torch.device) -> ReportContext:
     tok = corpus.tokenizer()
     domains = tuple(d for d in DOMAINS if d in corpus.domains)
-    windows = {d: test_windows(corpus.tokens_path(d, "test"), seq_len, batch_size, max_batches) for d in domains}
-    n_bytes = {d: _window_bytes(windows[d], tok) for d in domains}
-    return ReportContext(run_dir, corpus, tok, domains, windows, device,
-                         lambda m, d: eval_cell(m, windows[d], n_bytes[d], device))
+    docs = {d: select_docs((r["text"] for r in corpus.docs(d, "test")), tok, budget=budget,
+                           max_doc_tokens=max_doc_tokens) for d in domains}
+    window = min((m.cfg.max_seq_len for m in models.values()), default=max_doc_tokens)
+    return ReportContext(run_dir, corpus, tok, domains, docs, device, window, models)
 
 
 def _external_rows(ctx: ReportContext, extra: Iterable[Callable]) -> dict[str, dict[str, Cell]]:
@@ -237,15 +328,28 @@ def compute_used(run_dir: Path, names: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
+def _fmt(c: dict | None) -> str:
+    return f"{c['ppl']:.2f} ({c['bpb']:.3f})" if c else "-"
+
+
 def _markdown(rep: dict[str, Any]) -> str:
-    doms, rows = rep["domains"], rep["matrix"]
-    lines = [f"# Report: {rep['run_dir']}", "", "## Perplexity (bits per byte) on each domain's test split", "",
-             "| model | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    doms, rows, mixed, ev = rep["domains"], rep["matrix"], rep.get("mixed_test", {}), rep.get("eval", {})
+    lines = [f"# Report: {rep['run_dir']}", "", "## Perplexity (bits per byte) on each domain's test documents", ""]
+    if ev:
+        lines += [f"Every row is scored on the same {ev['documents']} test documents ({ev['tokens']} tokens): per "
+                  f"domain a seeded sample of up to {ev['max_tokens_per_domain']} tokens, each document "
+                  f"`<|bos|>` + text + `<|eos|>` truncated to {ev['max_doc_tokens']} tokens and scored in "
+                  f"{ev['window']}-token windows. The router routes each document from its first "
+                  f"{ev['opening_chars']} characters. *mixed* pools every domain's documents (token-weighted).", ""]
+    lines += ["| model | " + " | ".join(doms) + " | mixed |", "|---" * (len(doms) + 2) + "|"]
     for name, cells in rows.items():
-        vals = [f"{cells[d]['ppl']:.2f} ({cells[d]['bpb']:.3f})" if d in cells else "-" for d in doms]
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    lines += ["", f"Own-domain expert is best on every domain: **{rep['experts_best_on_own_domain']}**", "",
-              "## Compute", "", "| model | steps | tokens | active params | tokens x active | FLOPs |",
+        lines.append(f"| {name} | " + " | ".join(_fmt(cells.get(d)) for d in doms) + f" | {_fmt(mixed.get(name))} |")
+    lines += ["", f"Own-domain expert is best on every domain: **{rep['experts_best_on_own_domain']}**", ""]
+    if rep.get("ratios"):
+        lines += ["Mixed-test perplexity ratios (compute-matched; < 1 is better than the dense generalist): "
+                  + ", ".join(f"{k} = **{v:.3f}**" for k, v in rep["ratios"].items()), ""]
+    lines += _router_markdown(rep.get("router"), doms)
+    lines += ["## Compute", "", "| model | steps | tokens | active params | tokens x active | FLOPs |",
               "|---|---|---|---|---|---|"]
     for name, c in rep["compute"].items():
         lines.append(f"| {name} | {c['steps']} | {c['tokens']} | {c['active_params']:,} | "
@@ -256,8 +360,31 @@ def _markdown(rep: dict[str, Any]) -> str:
         if em:
             lines.append(f"- {name}: greedy exact match {em['correct']}/{em['n']}")
         lines.append(f"- {name}: sampled distinct-2 {g['sampling']['distinct_2']}")
+    if rep.get("timing_s"):
+        lines += ["", "Report timing (s, wall clock on a possibly shared CPU): "
+                  + ", ".join(f"{k} {v}" for k, v in rep["timing_s"].items())]
     lines += ["", "![matrix](matrix_ppl.png)", "", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
+    """The router section (``router.report`` fills ``rep["router"]``): routing accuracy per domain."""
+    if not r:
+        return []
+    lines = ["## Router", "", "| routing accuracy | " + " | ".join(doms) + " | all |", "|---" * (len(doms) + 2) + "|"]
+    for key, label in (("opening_accuracy", "learned, openings of all test documents"),
+                       ("routed_accuracy", "learned, openings of the scored documents"),
+                       ("opening_likelihood_accuracy", "likelihood (BTM), openings of the scored documents"),
+                       ("prompt_accuracy", "learned, test prompts")):
+        acc = r.get(key)
+        if acc:
+            lines.append(f"| {label} (n={acc.get('n')}) | " + " | ".join(_pct(acc["by_domain"].get(d)) for d in doms)
+                         + f" | {_pct(acc.get('all'))} |")
+    return lines + [""]
 
 
 def _plots(rep: dict[str, Any], out: Path) -> None:
@@ -265,20 +392,25 @@ def _plots(rep: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doms, names = rep["domains"], list(rep["matrix"])
-    grid = [[math.log(rep["matrix"][n].get(d, {}).get("ppl", float("nan"))) for d in doms] for n in names]
+    names = list(rep["matrix"])
+    cells = {n: {**rep["matrix"][n], **({"mixed": rep["mixed_test"][n]} if n in rep.get("mixed_test", {}) else {})}
+             for n in names}
+    doms = rep["domains"] + (["mixed"] if rep.get("mixed_test") else [])
+    grid = [[math.log(cells[n].get(d, {}).get("ppl", float("nan"))) for d in doms] for n in names]
+    finite = [v for row in grid for v in row if v == v]
+    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
     fig, ax = plt.subplots(figsize=(1.4 * len(doms) + 2, 0.6 * len(names) + 1.5))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(doms)), doms, rotation=30)
     ax.set_yticks(range(len(names)), names)
     for i, n in enumerate(names):
         for j, d in enumerate(doms):
-            if d in rep["matrix"][n]:
-                light = grid[i][j] < (min(map(min, grid)) + max(map(max, grid))) / 2  # yellow end of viridis_r
-                ax.text(j, i, f"{rep['matrix'][n][d]['ppl']:.1f}", ha="center", va="center",
+            if d in cells[n]:
+                light = grid[i][j] < mid  # yellow end of viridis_r
+                ax.text(j, i, f"{cells[n][d]['ppl']:.1f}", ha="center", va="center",
                         color="k" if light else "w", fontsize=8)
     fig.colorbar(im, ax=ax, label="log perplexity")
-    ax.set_title("test perplexity: model (row) on domain (column)")
+    ax.set_title("test-document perplexity: model (row) on domain (column)")
     fig.tight_layout()
     fig.savefig(out / "matrix_ppl.png", dpi=110)
     plt.close(fig)
@@ -307,10 +439,66 @@ def _own_best(matrix: dict[str, dict[str, dict]], domains: tuple[str, ...]) -> b
     return all(matrix[d][d]["ppl"] < min(matrix[e][d]["ppl"] for e in experts if e != d) for d in experts)
 
 
+def _mixed(matrix: dict[str, dict[str, Cell]], domains: tuple[str, ...]) -> dict[str, dict]:
+    """Every row with a cell on every domain: all domains' documents pooled (token-weighted)."""
+    out = {}
+    for name, cells in matrix.items():
+        if all(d in cells for d in domains):
+            out[name] = Cell(sum(cells[d].nats for d in domains), sum(cells[d].tokens for d in domains),
+                             sum(cells[d].bytes for d in domains)).to_dict()
+    return out
+
+
+def _ratios(mixed: dict[str, dict], base: str = "baseline-dense") -> dict[str, float]:
+    if base not in mixed:
+        return {}
+    return {f"{n}/{base.removeprefix('baseline-')}": round(mixed[n]["ppl"] / mixed[base]["ppl"], 4)
+            for n in RATIO_ROWS if n in mixed}
+
+
+def _idle_cpus(interval: float = 0.3) -> float | None:
+    """CPUs left idle by every other process over ``interval`` seconds (Linux ``/proc/stat``), else None."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, total (user .. steal)
+
+    try:
+        i0, t0 = sample()
+        time.sleep(interval)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (i1 - i0) / max(1, t1 - t0) * (os.cpu_count() or 1)
+
+
+def report_threads(device: torch.device) -> int:
+    """Torch threads for the report: ``HMOE_REPORT_THREADS``, else the CPUs that are idle right now.
+
+    On a shared CPU, intra-op threads that do not get a core of their own spin at every barrier:
+    measured on the quick run with one competing busy process, 2 threads took 41 s, 1 thread 27 s
+    (and up to ~3 min under heavier load), while on an idle machine 2 threads take 17 s.
+    """
+    cur = torch.get_num_threads()
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    if device.type != "cpu":
+        return cur
+    idle = _idle_cpus()
+    return cur if idle is None else max(1, min(cur, int(idle + 0.5)))
+
+
 def write_report(run_dir: str | Path, *, corpus: Any = None, run_cfg: Any = None,
-                 extra_rows: Iterable[Callable] = (), device: str = "auto") -> dict[str, Any]:
-    """Evaluate every finished model of ``run_dir`` and write ``run_dir/report/``; returns the JSON."""
+                 extra_rows: Iterable[Callable] = (), device: str = "auto",
+                 max_tokens_per_domain: int | None = MAX_TOKENS_PER_DOMAIN,
+                 max_doc_tokens: int = MAX_DOC_TOKENS) -> dict[str, Any]:
+    """Evaluate every finished model of ``run_dir`` and write ``run_dir/report/``; returns the JSON.
+
+    Per domain the scored test tokens are ``report.eval_batches x batch_size x seq_len``, capped at
+    ``max_tokens_per_domain`` (None: no cap), taken as whole documents (truncated to ``max_doc_tokens``).
+    """
     run_dir = Path(run_dir).resolve()
+    t0 = time.perf_counter()
     if run_cfg is None:
         from training.run_config import load_run_config
         run_cfg = load_run_config(str(run_dir / "run.yaml"))
@@ -322,18 +510,53 @@ def write_report(run_dir: str | Path, *, corpus: Any = None, run_cfg: Any = None
     if not names:
         raise CheckpointError(f"{run_dir}: no finished expert or baseline checkpoints to report on")
     rc = run_cfg.report
-    ctx = _context(run_dir, corpus, run_cfg.train.seq_len, run_cfg.train.batch_size, rc.eval_batches, dev)
-    models = {n: load_lm(p, device=dev)[0] for n, p in names.items()}
-    matrix = {n: {d: ctx.evaluate(m, d) for d in ctx.domains} for n, m in models.items()}
+    budget = rc.eval_batches * run_cfg.train.batch_size * run_cfg.train.seq_len
+    if max_tokens_per_domain is not None:
+        budget = min(budget, max_tokens_per_domain)
+    threads, prev_threads = report_threads(dev), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _write_report(run_dir, corpus, names, rc, budget, max_doc_tokens, dev, extra_rows, t0, threads)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, budget: int | None,
+                  max_doc_tokens: int, dev: torch.device, extra_rows: Iterable[Callable], t0: float,
+                  threads: int) -> dict[str, Any]:
+    timing: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
+
+    models = {n: load_lm(p, device=dev)[0].eval() for n, p in names.items()}
+    ctx = _context(run_dir, corpus, models, budget, max_doc_tokens, dev)
+    lap("load")
+    matrix = {n: ctx.score(n) for n in models}
+    lap("score")
     matrix.update(_external_rows(ctx, extra_rows))
+    lap("extra_rows")
     mat = {n: {d: c.to_dict() for d, c in cells.items()} for n, cells in matrix.items()}
-    rep = {"run_dir": str(run_dir), "domains": list(ctx.domains), "matrix": mat,
+    mixed = _mixed(matrix, ctx.domains)
+    rep = {"run_dir": str(run_dir), "domains": list(ctx.domains), "matrix": mat, "mixed_test": mixed,
+           "ratios": _ratios(mixed),
+           "eval": {"documents": sum(len(ctx.docs[d].ids) for d in ctx.domains),
+                    "tokens": sum(ctx.docs[d].tokens for d in ctx.domains),
+                    "by_domain": {d: {"documents": len(ctx.docs[d].ids), "tokens": ctx.docs[d].tokens}
+                                  for d in ctx.domains},
+                    "max_tokens_per_domain": budget, "max_doc_tokens": max_doc_tokens, "window": ctx.window,
+                    "opening_chars": OPENING_CHARS},
            "experts_best_on_own_domain": _own_best(mat, ctx.domains),
-           "compute": compute_used(run_dir, names), "curves": loss_curves(run_dir),
-           "generation": generation_checks(models, ctx, rc.gen_items, rc.samples, rc.max_new_tokens)}
+           "compute": compute_used(run_dir, names), "curves": loss_curves(run_dir)}
+    rep.update(ctx.sections)
+    rep["generation"] = generation_checks(models, ctx, rc.gen_items, rc.samples, rc.max_new_tokens)
+    lap("generation")
     with atomic_dir(run_dir / "report") as tmp:
         (tmp / "report.json").write_text(json.dumps(rep, indent=2))
-        (tmp / "report.md").write_text(_markdown(rep))
         _plots(rep, tmp)
-    log.info("report written to %s", run_dir / "report")
+        lap("plots")
+        rep["timing_s"] = {**timing, "total": round(time.perf_counter() - t0, 2), "threads": threads}
+        (tmp / "report.json").write_text(json.dumps(rep, indent=2))
+        (tmp / "report.md").write_text(_markdown(rep))
+    log.info("report written to %s in %.1fs", run_dir / "report", time.perf_counter() - t0)
     return rep

@@ -1,7 +1,8 @@
-"""router.report: the routed rows of the report matrix, on the report's own windows."""
+"""router.report: the routed rows of the report matrix, on the report's own test documents."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -12,35 +13,112 @@ from experts.checkpoint import save_lm
 from experts.config import ModelConfig
 from experts.model import Transformer
 from router.domains import DOMAINS
+from router.policy import decide
+from tests.router.fixtures import HELD_OUT, make_examples
+
+report = pytest.importorskip("training.report")
+
+
+def _docs(tokenizer, n: int = 3, max_doc_tokens: int = 40) -> dict:
+    """Per domain a few documents: templated prompts, each domain's held-out prompt repeated (long)."""
+    texts = {d: [p for p, dd in make_examples(n, seed=7) if dd == d] + [(HELD_OUT[d] + "\n") * 4] for d in DOMAINS}
+    return {d: report.select_docs(texts[d], tokenizer, budget=None, max_doc_tokens=max_doc_tokens) for d in DOMAINS}
+
+
+def _ctx(run_dir, tokenizer, models, window=16):
+    return report.ReportContext(run_dir, None, tokenizer, DOMAINS, _docs(tokenizer), torch.device("cpu"), window,
+                                dict(models))
+
+
+def _run_with_router(trained_router_dir, tmp_path, models: dict) -> object:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_router_dir[0], run_dir / "router")
+    for d, (model, cfg) in models.items():
+        save_lm(run_dir / "experts" / d, model, cfg)
+    return run_dir
+
+
+def _tiny(tokenizer, seed: int) -> tuple[Transformer, ModelConfig]:
+    cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=32)
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval(), cfg
+
+
+def test_doc_logprobs_batched_chunks_match_one_by_one(tokenizer):
+    from router.likelihood import token_logprobs
+
+    model, _ = _tiny(tokenizer, 0)
+    docs = _docs(tokenizer, max_doc_tokens=70)["code"].ids + _docs(tokenizer)["math"].ids
+    assert max(map(len, docs)) > 32  # some documents span several windows
+    got = report.doc_logprobs(model, docs, window=32, device=torch.device("cpu"), batch_size=3)
+    for ids, lp in zip(docs, got):
+        assert lp.shape == (len(ids) - 1,)
+        torch.testing.assert_close(lp, token_logprobs(model, ids), rtol=1e-4, atol=1e-4)
+    assert report.chunk_spans(5, 3) == [(0, 3), (2, 5)] and report.chunk_spans(1, 3) == []
 
 
 def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_router_dir, tokenizer, tmp_path):
-    report = pytest.importorskip("training.report")
     from router.report import report_rows
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained_router_dir[0], run_dir / "router")
-    cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=32)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    for d in DOMAINS:
-        save_lm(run_dir / "experts" / d, model, cfg)
-    g = torch.Generator().manual_seed(0)
-    windows = {d: [torch.randint(10, tokenizer.vocab_size, (3, 17), generator=g)] for d in DOMAINS}
-    ctx = SimpleNamespace(run_dir=run_dir, corpus=None, tokenizer=tokenizer, domains=DOMAINS, windows=windows,
-                          device=torch.device("cpu"))
+    model, cfg = _tiny(tokenizer, 0)
+    run_dir = _run_with_router(trained_router_dir, tmp_path, {d: (model, cfg) for d in DOMAINS})
+    ctx = _ctx(run_dir, tokenizer, {d: model for d in DOMAINS})
     rows = report_rows(ctx)
     assert set(rows) == {"router-top1", "router-mixture"}
     for d in DOMAINS:
-        ref = report.eval_cell(model, windows[d], 1, torch.device("cpu"))
+        ref = ctx.evaluate(model, d)
         for name in rows:
-            assert rows[name][d].tokens == ref.tokens == 3 * 16
+            assert rows[name][d].tokens == ref.tokens == ctx.docs[d].tokens > 0
+            assert rows[name][d].bytes == ref.bytes
             assert rows[name][d].nats == pytest.approx(ref.nats, rel=1e-4)
+    section = ctx.sections["router"]
+    assert section["scored_documents"] == sum(len(ctx.docs[d].ids) for d in DOMAINS)
+    assert set(section["routed_accuracy"]["by_domain"]) == set(DOMAINS)
+    # no corpus: the openings of the scored documents are evaluated
+    assert section["opening_accuracy"]["n"] == section["scored_documents"]
+    saved = json.loads((run_dir / "metrics" / "router_eval.json").read_text())
+    assert saved["test_openings"]["n"] == section["scored_documents"]
+
+
+def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_path):
+    from router.report import report_rows, route_all
+
+    models = {d: _tiny(tokenizer, i) for i, d in enumerate(DOMAINS)}
+    run_dir = _run_with_router(trained_router_dir, tmp_path, models)
+    ctx = _ctx(run_dir, tokenizer, {d: m for d, (m, _) in models.items()})
+    rows = report_rows(ctx)
+    from router.router import load_router
+
+    router = load_router(run_dir / "router", tokenizer=tokenizer)
+    for d in DOMAINS:
+        decisions = route_all(router, ctx.docs[d].openings)
+        lp = {e: ctx.logprobs(e)[d] for e in DOMAINS}
+        top1 = sum(-float(lp[m.experts[0]][i].sum()) for i, m in enumerate(decisions))
+        assert rows["router-top1"][d].nats == pytest.approx(top1, rel=1e-5)
+        mix = 0.0
+        for i, m in enumerate(decisions):
+            probs = torch.stack([lp[e][i].exp() * w for e, w in zip(m.experts, m.weights)]).sum(0)
+            mix -= float(probs.log().sum())
+        assert rows["router-mixture"][d].nats == pytest.approx(mix, rel=1e-4)
+        assert decisions[0] == decide(decisions[0].expert_probs, threshold=1.0, top_k=router.top_k)
 
 
 def test_no_router_checkpoint_means_no_rows(tmp_path, tokenizer):
     from router.report import report_rows
 
-    ctx = SimpleNamespace(run_dir=tmp_path, corpus=None, tokenizer=tokenizer, domains=DOMAINS, windows={},
+    ctx = SimpleNamespace(run_dir=tmp_path, corpus=None, tokenizer=tokenizer, domains=DOMAINS, docs={},
                           device=torch.device("cpu"))
     assert report_rows(ctx) == {}
+
+
+def test_document_openings_are_router_examples():
+    from router.train import RouterTrainConfig, document_openings
+
+    docs = {"code": [{"text": "# license header\nimport os\n" + "x = 1\n" * 100}, {"text": "  "}],
+            "math": [{"text": "What is 2 + 2?\n4"}]}
+    corpus = SimpleNamespace(domains=tuple(docs), docs=lambda d, split: docs[d])
+    out = document_openings(corpus, "train", None, chars=30)
+    assert sorted(out) == [("# license header\nimport os\nx =", "code"), ("What is 2 + 2?\n4", "math")]
+    assert document_openings(corpus, "train", 0, chars=30) == []
+    with pytest.raises(ValueError, match="opening_share"):
+        RouterTrainConfig(opening_share=-1)
