@@ -8,7 +8,6 @@ latest checkpoint, so re-running the same command after a crash continues the ru
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import time
@@ -25,7 +24,6 @@ from training.tasks import LMTask
 
 log = logging.getLogger(__name__)
 
-ROUTER_HOOK = "router.train"  # module providing train_router(corpus, tokenizer, run_dir, ...)
 
 
 @dataclass
@@ -185,10 +183,7 @@ def _summary(cfg: RunConfig, run_dir: Path, jobs: list[Job], results: dict[str, 
 
 # ---- the router hook --------------------------------------------------------------------------
 def _submit_router(cfg: RunConfig, corpus: Any, run_dir: Path) -> Any:
-    """Train the router as a Ray task if ``router.train`` exists (another package provides it)."""
-    if importlib.util.find_spec(ROUTER_HOOK) is None:
-        log.warning("%s not found: the router is not trained (the run has experts only)", ROUTER_HOOK)
-        return None
+    """Train the router as a Ray task (``training.router_train``)."""
     if load_result(run_dir, "router") is not None:
         log.info("router already trained; skipping")
         return None
@@ -204,12 +199,12 @@ def _submit_router(cfg: RunConfig, corpus: Any, run_dir: Path) -> Any:
 
 def train_router_task(corpus_root: str, corpus_name: str, run_dir: str, steps: int | None,
                       per_domain: int | None, seed: int, device: str) -> Any:
-    """Inside a Ray task: load the corpus and call ``router.train.train_router``."""
+    """Inside a Ray task: load the corpus and call ``training.router_train.train_router``."""
     from experts.device import available_cpus  # noqa: F401  (threads already set by the wrapper)
     from training.data import load_corpora
 
     try:
-        from router.train import RouterTrainConfig, train_router
+        from training.router_train import RouterTrainConfig, train_router
     except ImportError as e:
         log.warning("router training unavailable (%s); skipping", e)
         return None

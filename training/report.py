@@ -41,7 +41,7 @@ from training.loop import read_metrics
 
 log = logging.getLogger(__name__)
 
-ROW_PROVIDER_MODULES = ("router.report",)  # modules exporting report_rows(ctx)
+ROW_PROVIDER_MODULES = ("training.router_report",)  # modules exporting report_rows(ctx)
 QA_DOMAINS = ("math", "reasoning")
 OPENING_CHARS = 256  # the router routes a test document from its first OPENING_CHARS characters
 MAX_DOC_TOKENS = 512  # a test document is scored on its first MAX_DOC_TOKENS ids (<|bos|> text <|eos|>)
@@ -372,7 +372,7 @@ def _pct(x: float | None) -> str:
 
 
 def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
-    """The router section (``router.report`` fills ``rep["router"]``): routing accuracy per domain."""
+    """The router section (``training.router_report`` fills ``rep["router"]``): routing accuracy per domain."""
     if not r:
         return []
     lines = ["## Router", "", "| routing accuracy | " + " | ".join(doms) + " | all |", "|---" * (len(doms) + 2) + "|"]

@@ -113,7 +113,7 @@ class ReportSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    """The router is trained by ``router.train.train_router`` (if that module exists)."""
+    """The router is trained by ``training.router_train.train_router``."""
 
     enabled: bool = True
     steps: int | None = Field(None, ge=1)  # None: the router package's default

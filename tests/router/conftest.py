@@ -24,7 +24,7 @@ def tokenizer(router_data):
 
 @pytest.fixture(scope="session")
 def trained_router_dir(tmp_path_factory, router_data, tokenizer):
-    from router.train import RouterTrainConfig, train_router
+    from training.router_train import RouterTrainConfig, train_router
 
     run_dir = tmp_path_factory.mktemp("router-run")
     cfg = RouterConfig.preset("tiny")

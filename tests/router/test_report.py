@@ -1,4 +1,4 @@
-"""router.report: the routed rows of the report matrix, on the report's own test documents."""
+"""training.router_report: the routed rows of the report matrix, on the report's own test documents."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_doc_logprobs_batched_chunks_match_one_by_one(tokenizer):
 
 
 def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_router_dir, tokenizer, tmp_path):
-    from router.report import report_rows
+    from training.router_report import report_rows
 
     model, cfg = _tiny(tokenizer, 0)
     run_dir = _run_with_router(trained_router_dir, tmp_path, {d: (model, cfg) for d in DOMAINS})
@@ -81,7 +81,7 @@ def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_ro
 
 
 def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_path):
-    from router.report import report_rows, route_all
+    from training.router_report import report_rows, route_all
 
     models = {d: _tiny(tokenizer, i) for i, d in enumerate(DOMAINS)}
     run_dir = _run_with_router(trained_router_dir, tmp_path, models)
@@ -104,7 +104,7 @@ def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_p
 
 
 def test_no_router_checkpoint_means_no_rows(tmp_path, tokenizer):
-    from router.report import report_rows
+    from training.router_report import report_rows
 
     ctx = SimpleNamespace(run_dir=tmp_path, corpus=None, tokenizer=tokenizer, domains=DOMAINS, docs={},
                           device=torch.device("cpu"))
@@ -112,7 +112,7 @@ def test_no_router_checkpoint_means_no_rows(tmp_path, tokenizer):
 
 
 def test_document_openings_are_router_examples():
-    from router.train import RouterTrainConfig, document_openings
+    from training.router_train import RouterTrainConfig, document_openings
 
     docs = {"code": [{"text": "# license header\nimport os\n" + "x = 1\n" * 100}, {"text": "  "}],
             "math": [{"text": "What is 2 + 2?\n4"}]}

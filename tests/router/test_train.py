@@ -11,7 +11,7 @@ import torch
 
 from experts.checkpoint import CheckpointError, read_meta
 from router import DEFAULT_EXPERT, load_router
-from router.train import ShuffledBatches
+from training.router_train import ShuffledBatches
 from tests.router.fixtures import HELD_OUT
 
 
@@ -72,7 +72,7 @@ def test_batches_resume_exactly():
 
 
 def test_router_package_does_not_import_training_serving_or_ray():
-    code = ("import sys, router, router.train, router.likelihood, router.evaluate, router.calibration, router.report; "
+    code = ("import sys, router, router.likelihood, router.evaluate, router.calibration, router.model, router.policy; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'serving', 'ray')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -80,7 +80,7 @@ def test_router_package_does_not_import_training_serving_or_ray():
 
 
 def test_balance_repeats_rare_domains():
-    from router.train import balance
+    from training.router_train import balance
 
     examples = [([1], 0)] * 100 + [([2], 4)] * 7
     out = balance(examples, 0.5)

@@ -1,8 +1,7 @@
 """Training the router with the shared loop (``training.loop``), then temperature calibration.
 
-``RouterTask`` satisfies ``training.loop.Task`` structurally, so this module does not import
-``training`` at import time (``router/`` must stay importable without it); ``train_router``
-imports the loop lazily.
+It lives in ``training/`` (not ``router/``): the router package holds the model and the policy
+and never imports ``training``; this module plugs the router into the one training loop.
 
 Loss: the NLL of the hierarchical expert probability, -log P(g(y)) - log P(y | g(y)), which is
 exactly CE(group) + CE(expert within the true group). Single-expert groups (``code``) contribute
@@ -26,6 +25,8 @@ from experts.checkpoint import save_checkpoint
 from router.calibration import expert_nll, fit_temperature
 from router.domains import DOMAINS, check_domain
 from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, hierarchical_log_probs
+from training.data import load_corpora, router_examples
+from training.loop import LoopConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,6 @@ def document_openings(corpus: Any, split: str, per_domain: int | None, *, chars:
 def _examples(corpus: Any, split: str, per_domain: int | None, seed: int,
               tc: RouterTrainConfig | None = None) -> list[tuple[str, str]]:
     """Prompts (``training.data.router_examples``) plus document openings (``tc.opening_share``)."""
-    from training.data import router_examples  # lazy: router/ must not import training at module level
 
     out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed))
     if tc is not None and tc.opening_share > 0:
@@ -261,7 +261,6 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     ``training.loop.LoopConfig`` (e.g. ``num_threads``, ``device``, ``progress``).
     ``result.extra["temperature"]`` holds the fitted temperature.
     """
-    from training.loop import LoopConfig, train
 
     tc = train_cfg or RouterTrainConfig()
     cfg = (cfg or RouterConfig()).replace(vocab_size=tokenizer.vocab_size)
@@ -287,16 +286,15 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m router.train --size quick --run-dir DIR``: train on built corpora, evaluate on test."""
+    """``python -m training.router_train --size quick --run-dir DIR``: train on built corpora, evaluate on test."""
     import argparse
     import json
 
     from experts.device import set_threads
     from router.evaluate import evaluate_router, plot_confusion
     from router.router import load_router
-    from training.data import load_corpora, router_examples
 
-    ap = argparse.ArgumentParser(prog="python -m router.train", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m training.router_train", description=main.__doc__)
     ap.add_argument("--size", default="quick")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--run-dir", required=True)

@@ -13,7 +13,7 @@ so the routed rows cost no extra forward pass. The routing accuracy on test-docu
 (learned router, and the likelihood/BTM router from the same log-probs) and on test prompts goes
 to ``ctx.sections["router"]`` (the report's "Router" section); the full evaluation (accuracy,
 confusion, ECE, learned vs likelihood router on prompts) to ``<run_dir>/metrics/router_eval.json``
-with the confusion plot next to it. ``training`` is imported lazily: ``router/`` never imports it
+with the confusion plot next to it.
 at module level.
 """
 
@@ -31,6 +31,7 @@ from router.domains import DOMAINS
 from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
 from router.policy import Decision, decide
 from router.router import Router, load_router
+from training.data import router_examples
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,6 @@ def router_summary(ctx: Any, router: Router | None = None, experts: dict | None 
     out = Path(out_dir or Path(ctx.run_dir) / "metrics")
     summary: dict[str, Any] = {}
     if getattr(ctx, "corpus", None) is not None:
-        from training.data import router_examples  # lazy
 
         examples = router_examples(ctx.corpus, "test", per_domain=100_000, seed=0)
         summary["test"] = evaluate_router(router, examples)
