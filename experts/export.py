@@ -82,16 +82,18 @@ def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None
     }
 
 
-def _tokenizer_files(ckpt: Path) -> tuple[dict, dict[str, int | None]]:
-    """tokenizer_config.json for ``PreTrainedTokenizerFast`` and the special ids."""
-    from experts.tokenizer import Tokenizer
+def write_hf_tokenizer(tokenizer_file: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Write the files ``AutoTokenizer.from_pretrained(out_dir)`` reads; return the special ids."""
+    from experts.tokenizer import BOS, EOS, PAD, Tokenizer
 
-    tok = Tokenizer.load(ckpt / TOKENIZER)
-    names = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    tok, out = Tokenizer.load(tokenizer_file), Path(out_dir)
+    names = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, **names}
-    return config, ids
+    (out / TOKENIZER).write_bytes(Path(tokenizer_file).read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
@@ -104,17 +106,13 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             "MoE (shared expert + renormalised top-k gating) matches no transformers architecture exactly")
     if not (ckpt / TOKENIZER).is_file():
         raise ExportError(f"{ckpt / TOKENIZER}: missing; the export needs the checkpoint's tokenizer")
-    tok_config, ids = _tokenizer_files(ckpt)
     tensors = hf_state_dict(model)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
+        ids = write_hf_tokenizer(ckpt / TOKENIZER, tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(
             hf_config(cfg, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"]), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}, indent=2))
-        (tmp / TOKENIZER).write_bytes((ckpt / TOKENIZER).read_bytes())
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-        (tmp / "special_tokens_map.json").write_text(json.dumps(
-            {k: tok_config[k] for k in ("bos_token", "eos_token", "pad_token")}, indent=2))
     return out
