@@ -13,6 +13,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 GROUP_OF: dict[str, str] = {d: g for g, ds in GROUPS.items() for d in ds}
 GROUP_NAMES: tuple[str, ...] = tuple(GROUPS)
 
+# Experts trained on dialogues in the tokenizer's chat format: a plain prompt for them is sent
+# as a user turn (``<|user|>prompt<|end|><|assistant|>``), or they would just close the turn.
+CHAT_EXPERTS: tuple[str, ...] = ("conversation",)
+
 # Where an empty or whitespace-only prompt goes (documented in the README).
 DEFAULT_EXPERT = "conversation"
 

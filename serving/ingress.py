@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from experts.sampling import SamplingParams, make_generator, sample
 from experts.tokenizer import Tokenizer
-from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF
+from router.domains import CHAT_EXPERTS, DOMAINS, GROUP_NAMES, GROUP_OF
 from router.policy import decide
 from serving import guard
 from serving import schemas as S
@@ -95,6 +95,7 @@ class Job:
     params: dict[str, Any]  # SamplingParams fields
     stops: list[str]
     stream: bool = False
+    chat: bool | None = False  # native prompts: as a chat user turn (None: if the expert is a chat expert)
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -285,6 +286,7 @@ class Ingress:
         # the schema's default (64) must not fail on a server whose cap is lower: only an explicit value can
         budget = req.max_tokens if "max_tokens" in req.model_fields_set else min(64, self.settings.max_tokens_cap)
         job = self._job(ids, 1, req.prompt, req, model, budget)
+        job.chat = req.chat
         if req.stream:
             return await self._sse(self._native_stream(job))
         g = await self._collect(job)
@@ -368,6 +370,14 @@ class Ingress:
         t = time.perf_counter()
         g.decision = await self._route(job)
         g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
+        if job.chat or (job.chat is None and all(e in CHAT_EXPERTS for e in g.decision["experts"])):
+            job.ids = self.tok.chat([{"role": "user", "content": job.route_text}])
+            room = min(self.settings.contexts[e] for e in g.decision["experts"]) - len(job.ids)
+            if room < 1:
+                raise InvalidRequest(f"prompt has {len(job.ids)} tokens as a chat turn, over the context; "
+                                     "shorten it", param="prompt")
+            job.max_tokens = min(job.max_tokens, room)
+            job.params["max_new_tokens"] = min(job.params["max_new_tokens"], room)
         if job.max_tokens == 0:
             g.finish_reason = "length"
             yield g, ""

@@ -179,6 +179,8 @@ class GenerateRequest(SamplingFields):
     max_tokens: int | None = Field(64, ge=0)
     expert: str | None = Field(None, min_length=1, max_length=64,
                                description="an expert's name; None lets the router choose")
+    chat: bool | None = Field(None, description="send the prompt as a chat user turn; None: when the "
+                                                "answering expert was trained on dialogues (conversation)")
     stop: list[StopText] | None = None
 
 

@@ -145,3 +145,15 @@ def test_concurrent_requests_share_decode_batches(client):
     assert max(int(r.headers["x-hmoe-batch"]) for r in responses) > 1
     stats = client.get("/v1/stats").json()
     assert stats["experts"]["knowledge"]["max_batch"] > 1
+
+
+def test_generate_sends_a_chat_expert_the_prompt_as_a_user_turn(client):
+    """`chat` auto: the conversation expert gets <|user|>prompt<|end|><|assistant|>, others the raw prompt."""
+    base = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
+    conv = client.post("/generate", json={**base, "expert": "conversation"}).json()
+    code = client.post("/generate", json={**base, "expert": "code"}).json()
+    raw = client.post("/generate", json={**base, "expert": "conversation", "chat": False}).json()
+    forced = client.post("/generate", json={**base, "expert": "code", "chat": True}).json()
+    assert conv["prompt_tokens"] == raw["prompt_tokens"] + 3  # <|user|>, <|end|>, <|assistant|>
+    assert code["prompt_tokens"] == raw["prompt_tokens"]
+    assert forced["prompt_tokens"] == conv["prompt_tokens"]
