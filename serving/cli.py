@@ -55,7 +55,7 @@ def _wait_ready(url: str, api_key: str | None, timeout_s: float) -> None:
 def curl_example(url: str, api_key: str | None = None) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     return (f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
-            f"  -d '{{\"model\": \"auto\", \"prompt\": \"What is 12 + 30?\", \"max_tokens\": 32}}'\n"
+            f"  -d '{{\"model\": \"auto\", \"prompt\": \"Calculate 12 + 30.\", \"max_tokens\": 32}}'\n"
             f"curl -sN {url}/generate -H 'Content-Type: application/json'{auth} \\\n"
             f"  -d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 48, \"stream\": true}}'")
 
