@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -270,19 +270,27 @@ def _is_tied_alias(module: torch.nn.Module, key: str, tensors: Mapping[str, torc
     return any(k in tensors for k, v in params.items() if k != key and v.data_ptr() == ptr)
 
 
+def load_model(path: str | Path, *, kind: str, config_from_dict: Callable[[dict], Any],
+               build: Callable[[Any], torch.nn.Module], device: str | torch.device = "cpu",
+               verify: bool = True) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Load a checkpoint of ``kind``: config from ``meta.json``, weights strictly; eval mode."""
+    meta = read_meta(path, kind=kind, verify=verify)
+    try:
+        config = config_from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / META}: invalid {kind} config ({e})") from e
+    model = build(config)
+    load_state_into(model, load_tensors(path, device="cpu"), source=Path(path) / WEIGHTS)
+    return model.to(device).eval(), config, meta
+
+
 def load_lm(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True):
     """Load an LM checkpoint: returns ``(model, config, meta)``; the model is in eval mode."""
     from experts.config import ModelConfig
     from experts.model import Transformer
 
-    meta = read_meta(path, kind="lm", verify=verify)
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(path) / META}: invalid model config ({e})") from e
-    model = Transformer(config)
-    load_state_into(model, load_tensors(path, device="cpu"), source=Path(path) / WEIGHTS)
-    return model.to(device).eval(), config, meta
+    return load_model(path, kind="lm", config_from_dict=ModelConfig.from_dict, build=Transformer,
+                      device=device, verify=verify)
 
 
 def save_lm(path: str | Path, model: torch.nn.Module, config: Any, *,

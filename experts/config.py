@@ -16,9 +16,14 @@ from typing import Any, Literal
 FFNKind = Literal["dense", "moe"]
 
 
-def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+def check_field(ok: bool, owner: str, name: str, value: Any, rule: str) -> None:
+    """Raise ``ValueError("Owner.name=value is invalid: rule")`` unless ``ok``."""
     if not ok:
-        raise ValueError(f"ModelConfig.{name}={value!r} is invalid: {rule}")
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: {rule}")
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    check_field(ok, "ModelConfig", name, value, rule)
 
 
 @dataclass(frozen=True, kw_only=True)

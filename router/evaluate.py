@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from router.calibration import expected_calibration_error
-from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF
+from router.domains import DOMAINS, GROUP_NAMES
 from router.likelihood import LikelihoodRouter, token_logprobs
 from router.model import EXPERT_GROUP
 from router.policy import decide

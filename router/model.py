@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from experts.config import check_field
 from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF
 
 # Index of each expert's group, in DOMAINS order: (E,)
@@ -29,8 +30,7 @@ _BIGRAM_MULT = 1_000_003  # odd multiplier for the bigram hash; any large prime 
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"RouterConfig.{name}={value!r} is invalid: {rule}")
+    check_field(ok, "RouterConfig", name, value, rule)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from experts.checkpoint import TOKENIZER, CheckpointError, load_state_into, load_tensors, read_meta
+from experts.checkpoint import TOKENIZER, CheckpointError, load_model
 from router.domains import DOMAINS, GROUP_NAMES
 from router.model import RouterConfig, RouterModel, collate
 from router.policy import Decision, check_policy_args, decide, default_decision
@@ -80,13 +80,8 @@ def load_router(path: str | Path, *, device: str | torch.device = "cpu", thresho
                 top_k: int = 2, tokenizer: Any = None, verify: bool = True) -> Router:
     """Load a router checkpoint (kind "router"): model, tokenizer.json and calibrated temperature."""
     path = Path(path)
-    meta = read_meta(path, kind="router", verify=verify)
-    try:
-        cfg = RouterConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / 'meta.json'}: invalid router config ({e})") from e
-    model = RouterModel(cfg)
-    load_state_into(model, load_tensors(path), source=path)
+    model, cfg, _ = load_model(path, kind="router", config_from_dict=RouterConfig.from_dict,
+                               build=RouterModel, verify=verify)
     temperature = 1.0
     if (path / CALIBRATION).is_file():
         temperature = float(json.loads((path / CALIBRATION).read_text()).get("temperature", 1.0))

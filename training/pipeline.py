@@ -200,15 +200,10 @@ def _submit_router(cfg: RunConfig, corpus: Any, run_dir: Path) -> Any:
 def train_router_task(corpus_root: str, corpus_name: str, run_dir: str, steps: int | None,
                       per_domain: int | None, seed: int, device: str) -> Any:
     """Inside a Ray task: load the corpus and call ``training.router_train.train_router``."""
-    from experts.device import available_cpus  # noqa: F401  (threads already set by the wrapper)
-    from training.data import load_corpora
-
-    try:
-        from training.router_train import RouterTrainConfig, train_router
-    except ImportError as e:
-        log.warning("router training unavailable (%s); skipping", e)
-        return None
     import torch
+
+    from training.data import load_corpora
+    from training.router_train import RouterTrainConfig, train_router
 
     corpus = load_corpora(Path(corpus_root).parent, corpus_name)
     tc = {"seed": seed}

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import API_KEY, EXPERTS, SUMMARY, count_errors, record
+from .conftest import API_KEY, EXPERTS, SUMMARY, count_errors
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 

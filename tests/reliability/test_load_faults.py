@@ -10,7 +10,6 @@ import asyncio
 import os
 import random
 import signal
-import statistics
 import time
 import uuid
 from dataclasses import dataclass, field

@@ -10,7 +10,6 @@ Each source stops once it has yielded ``budget`` bytes of text.
 from __future__ import annotations
 
 import ast
-import base64
 import gzip
 import hashlib
 import html
