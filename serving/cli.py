@@ -81,6 +81,13 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
     except CheckpointError as e:  # refuse to serve a corrupt or incomplete run
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, TimeoutError, RuntimeError) as e:  # RayTaskError is a RuntimeError: port in use, ...
+        import ray
+
+        ray.shutdown()
+        print(f"error: could not start serving on {ns.host}:{ns.port}: {str(e).splitlines()[-1]}; "
+              "is the port free? (--port to choose another)", file=sys.stderr)
+        return 1
     print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}", flush=True)
     print("try:\n" + curl_example(url, app_args.api_key), flush=True)
     print("Ctrl-C stops it.", flush=True)
@@ -102,9 +109,19 @@ def serve_main(ns: argparse.Namespace) -> int:
     try:
         app_args = _app_args(ns, ns.run_dir)
     except ValueError as e:  # pydantic's ValidationError: a missing run dir, a bad flag value
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_plain(e)}", file=sys.stderr)
         return 2
     return _serve_forever(app_args, ns)
+
+
+def _plain(e: ValueError) -> str:
+    """A pydantic ValidationError as 'field: message' lines (other errors unchanged)."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: "
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
 
 
 def up_main(ns: argparse.Namespace) -> int:
@@ -132,9 +149,16 @@ def _chat_main(ns: argparse.Namespace) -> int:
     return chat_main(ns)
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 1..65535")
+    return port
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--experts", default=None, help="comma-separated subset of the experts to serve")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $HMOE_API_KEY)")
     p.add_argument("--max-tokens-cap", type=int, default=None)

@@ -144,7 +144,9 @@ def _unavailable(name: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hmoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hmoe", description="hmoe: data, training, reports, serving and export for a hierarchical "
+                                 "mixture of small domain experts")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     try:
