@@ -1,6 +1,6 @@
 """Five tiny-preset experts trained as Ray tasks (1 CPU each) vs one after another in one process.
 
-Writes ``bench/results/parallel.json``. The sequential arm is one Ray task holding every core
+``bench.run_all`` writes ``bench/results/bench_parallel.json``. The sequential arm is one Ray task holding every core
 that trains the five in turn, once with one thread and once with all threads (``ratio`` uses the
 faster), so both arms run at the same (Ray worker) niceness on a shared machine; corpora are built before timing starts.
 Run: ``.venv/bin/python -m bench.bench_parallel [--steps N]``.
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from experts.device import available_cpus
 
-OUT = Path(__file__).parent / "results" / "parallel.json"
 
 
 def _train_all(jobs: list, run_dir: str, threads: int) -> None:
@@ -82,11 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
            "all_at_once_num_cpus_per_task": t["all_at_once_num_cpus"],
            "ratio_all_at_once": round(t["ray_all_at_once_s"] / seq, 3),
            "load_avg_1m": round(__import__("os").getloadavg()[0], 2)}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
     return res
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from bench.run_all import main as run_all
+
+    raise SystemExit(run_all(["bench_parallel"]))

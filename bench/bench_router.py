@@ -2,12 +2,11 @@
 
 Uses a trained router if one is given (``HMOE_ROUTER_DIR`` or ``runs/*/router``), else the default
 ``RouterConfig`` with random weights (latency does not depend on the weights).
-Writes ``bench/results/router.json``.
+Returns its figures; ``bench.run_all`` writes ``bench/results/bench_router.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -22,7 +21,6 @@ from router.router import Router, load_router
 
 log = logging.getLogger(__name__)
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT_TOKENS, CALLS, WARMUP, BATCH = 256, 300, 30, 64
 TEXT = ("def parse(items):\n    return [x.strip() for x in items if x]\n"
         "What is 17 times 23? The capital of Norway is Oslo. hey, how are you doing today? ") * 20
@@ -90,11 +88,10 @@ def main() -> dict:
         "target_ms": 5.0,
         "meets_target": route["median_ms"] < 5.0,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "router.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    print(json.dumps(main(), indent=2))
+    from bench.run_all import main as run_all
+
+    raise SystemExit(run_all(["bench_router"]))

@@ -8,13 +8,12 @@ Measures, in one Ray/Serve instance on loopback:
   any two-hop Serve request pays.
 
 Uses ``runs/quick`` when it holds a trained run (``HMOE_BENCH_RUN`` overrides), else tiny
-random-weight checkpoints. Writes ``bench/results/serving.json``.
+random-weight checkpoints. ``bench.run_all`` writes ``bench/results/bench_serving.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import tempfile
@@ -24,7 +23,6 @@ from typing import Any
 
 import httpx
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Question: what is 17 + 25? Answer:"
 TOKENS = 32
 
@@ -158,7 +156,7 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
 
 
 def main() -> dict[str, Any]:
-    """Run the benchmark and write ``bench/results/serving.json``."""
+    """Run the benchmark and return its figures."""
     import ray
     from ray import serve
 
@@ -182,10 +180,10 @@ def main() -> dict[str, Any]:
               "overhead": overhead,
               "note": "2-core shared machine; the tiny-random models make decode cheap, so these figures "
                       "mostly measure Serve's per-request and per-chunk costs"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2, sort_keys=True))
+    from bench.run_all import main as run_all
+
+    raise SystemExit(run_all(["bench_serving"]))

@@ -9,6 +9,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from experts.checkpoint import atomic_write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         result = importlib.import_module(f"bench.{name}").main()
         path = RESULTS / f"{name}.json"
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, result)
         print(f"{name}: wrote {path}")
         print(json.dumps(result, indent=2, sort_keys=True))
     return 0
