@@ -6,11 +6,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import matmul_gflops, median_time, setup
 from experts.config import ModelConfig
 from experts.model import Transformer
+from training.tasks import lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def train_step_seconds(cfg: ModelConfig, *, batch: int = BATCH, seq: int = SEQ, 
 
     def step() -> None:
         out = model(x[:, :-1])
-        loss = F.cross_entropy(out.logits.view(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        loss = lm_loss(out.logits, x[:, 1:])  # the training loop's loss
         loss = loss + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

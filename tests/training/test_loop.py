@@ -66,3 +66,19 @@ def test_loop_config_rejects_bad_values():
         LoopConfig(max_steps=0)
     with pytest.raises(ValueError, match="min_lr"):
         LoopConfig(max_steps=1, lr=1e-3, min_lr=1e-2)
+
+
+def test_fused_cross_entropy_matches_torch_in_value_and_gradient():
+    import torch.nn.functional as F
+
+    from training.tasks import lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 50, generator=g)).requires_grad_()
+    y = torch.randint(0, 50, (4, 7), generator=g)
+    ref = logits.detach().clone().requires_grad_()
+    loss, expected = lm_loss(logits, y), F.cross_entropy(ref.view(-1, 50), y.view(-1))
+    (2.5 * loss).backward()
+    (2.5 * expected).backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-7)
