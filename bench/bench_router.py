@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import setup
+from bench.common import run_times, setup
 from router.model import RouterConfig, RouterModel
 from router.router import Router, load_router
 
@@ -51,14 +50,7 @@ def _router() -> tuple[Router, str]:
 
 
 def _median_ms(fn, calls: int = CALLS, warmup: int = WARMUP) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    times = sorted(1e3 * t for t in run_times(fn, repeats=calls, warmup=warmup))
     return {"median_ms": round(statistics.median(times), 4), "p90_ms": round(times[int(0.9 * len(times))], 4),
             "calls": calls}
 

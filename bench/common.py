@@ -24,8 +24,8 @@ def setup(threads: int = THREADS, seed: int = 0) -> dict[str, Any]:
             "caveat": "shared, noisy machine unless re-run on a quiet one"}
 
 
-def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def run_times(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` runs of ``fn()``, after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -33,7 +33,12 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    return statistics.median(run_times(fn, repeats=repeats, warmup=warmup))
 
 
 def matmul_gflops(m: int = 1024, k: int = 1024, n: int = 1024, *, repeats: int = 15) -> float:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -42,3 +43,27 @@ def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset:
     save_checkpoint(path / "router", router.state_dict(), config=rcfg.to_dict(), kind="router",
                     tokenizer_file=tok_file)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(args, *, num_cpus: float, wait_ready_s: float) -> Iterator[str]:
+    """Start Ray + Serve with ``args`` on a free loopback port; yield its URL; shut both down."""
+    import ray
+    from ray import serve
+
+    from serving.cli import start
+
+    try:
+        yield start(args, port=free_port(), num_cpus=num_cpus, wait_ready_s=wait_ready_s)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -73,10 +72,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="package")
@@ -90,20 +85,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tiny_run: Path):
     """Base URL of a running app (three tiny experts, an API key); torn down with the package."""
     ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serving.cli import start
     from serving.config import AppArgs
+    from serving.testing import running_app
 
     if ray.is_initialized():
         pytest.skip("Ray is already running in this process")
     args = AppArgs(run_dir=str(tiny_run), experts=list(EXPERTS), api_key=API_KEY,
                    max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, max_queued_requests=64)
     # 3 logical CPUs on a 2-core machine: the replicas take 1.1 and a training task 0.5
-    url = start(args, port=_free_port(), num_cpus=3, wait_ready_s=240)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    with running_app(args, num_cpus=3, wait_ready_s=240) as url:
+        yield url
 
 
 @pytest.fixture()

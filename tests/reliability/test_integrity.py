@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from experts.checkpoint import CheckpointError, load_lm, read_meta
-from serving.testing import make_tiny_run
+from serving.testing import free_port, make_tiny_run
 
 from .conftest import ROOT, SUMMARY
 
@@ -75,10 +74,6 @@ def test_corrupt_checkpoint_refused_at_load(clean_run, tmp_path, how):
     SUMMARY["checks"].setdefault("integrity_refused", []).append(how)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("how", ["weights-flip", "config-invalid"])
@@ -87,7 +82,7 @@ def test_hmoe_serve_refuses_corrupt_run(clean_run, tmp_path, how):
     run = Path(shutil.copytree(clean_run, tmp_path / "run"))
     bad = _corrupt(run, how)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    p = subprocess.run([sys.executable, "-m", "training.cli", "serve", str(run), "--port", str(_free_port()),
+    p = subprocess.run([sys.executable, "-m", "training.cli", "serve", str(run), "--port", str(free_port()),
                         "--experts", "math,code"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert p.returncode != 0, p.stdout + p.stderr
     assert "error:" in p.stderr and str(bad.parent) in p.stderr, p.stderr[-2000:]

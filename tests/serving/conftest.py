@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 
 import httpx
 import pytest
 
 from serving.config import AppArgs
-from serving.testing import make_tiny_run
+from serving.testing import make_tiny_run, running_app
 
 API_KEY = "test-key-0123456789"
 MAX_BODY = 8_192
 MAX_TOKENS_CAP = 64
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="package")
@@ -33,17 +27,11 @@ def server(tiny_run):
     Package-scoped: Serve and Ray are shut down after tests/serving, so the replicas' CPUs are
     free again for the Ray training tasks of other packages.
     """
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serving.cli import start
-
+    pytest.importorskip("ray")
     args = AppArgs(run_dir=str(tiny_run), api_key=API_KEY, max_body_bytes=MAX_BODY,
                    max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, ensemble_top_k=2)
-    url = start(args, port=_free_port(), num_cpus=2, wait_ready_s=180)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    with running_app(args, num_cpus=2, wait_ready_s=180) as url:
+        yield url
 
 
 @pytest.fixture()
