@@ -1,9 +1,14 @@
-"""Decode throughput: KV cache vs full re-forward, batch 1 and 8, and HF ``LlamaForCausalLM.generate``."""
+"""Decode throughput: KV cache vs full re-forward, batch 1 and 8, HF ``LlamaForCausalLM.generate``,
+and int8 decode weights (``experts.quant``) with their cost in perplexity on a trained run."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +17,7 @@ from bench.common import setup
 from experts.config import ModelConfig
 from experts.generate import generate
 from experts.model import Transformer
+from experts.quant import quantize_int8
 from experts.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,17 +74,65 @@ def hf_tokens_per_s(cfg: ModelConfig) -> float | None:
 
 
 def measure(model: Transformer, cfg: ModelConfig, *, batches: tuple[int, ...], no_cache: bool) -> dict[str, Any]:
-    """Tokens/s of our engine (cache, and optionally no-cache) at each batch size, and HF at batch 1."""
+    """Tokens/s of our engine (cache, and optionally no-cache; fp32 and int8 decode weights) at
+    each batch size, and HF at batch 1."""
     tps: dict[str, Any] = {}
+    q = quantize_int8(copy.deepcopy(model))
     for batch in batches:
         for use_cache in (True, False) if no_cache else (True,):
             key = f"batch{batch}_{'cache' if use_cache else 'no_cache'}"
             tps[key] = round(ours_tokens_per_s(model, batch, use_cache), 1)
             log.info("threads=%d %s: %.1f tok/s", torch.get_num_threads(), key, tps[key])
+        tps[f"batch{batch}_cache_int8"] = round(ours_tokens_per_s(q, batch, True), 1)
+        log.info("threads=%d batch%d_cache_int8: %.1f tok/s", torch.get_num_threads(), batch,
+                 tps[f"batch{batch}_cache_int8"])
     hf = hf_tokens_per_s(cfg)
     tps["hf_llama_batch1_cache"] = None if hf is None else round(hf, 1)
     log.info("threads=%d HF batch 1: %s tok/s", torch.get_num_threads(), tps["hf_llama_batch1_cache"])
     return tps
+
+
+def int8_quality(run: Path, experts: tuple[str, ...] = ("math", "code"), docs: int = 40,
+                 gen_prompts: int = 16, gen_tokens: int = 32) -> dict[str, Any] | None:
+    """What int8 decode weights cost on trained experts: test perplexity and greedy agreement."""
+    from experts.checkpoint import load_lm
+    from experts.tokenizer import Tokenizer
+    from training.data.build import CorpusSet, cache_root
+
+    meta = run / "run.yaml"
+    if not meta.is_file():
+        log.warning("no trained run at %s: skipping the int8 quality figures", run)
+        return None
+    import yaml
+
+    size = yaml.safe_load(meta.read_text())["data"]["size"]
+    corpus = CorpusSet(cache_root() / size, size, tuple(experts))
+    out: dict[str, Any] = {"run": str(run)}
+    for name in experts:
+        model, cfg, _ = load_lm(run / "experts" / name)
+        q = quantize_int8(copy.deepcopy(model))
+        tok = Tokenizer.load(run / "experts" / name / "tokenizer.json")
+        texts = [r["text"] for r in corpus.docs(name, "test")[:docs]]
+        seqs = [[tok.bos_id, *tok.encode(t)][:cfg.max_seq_len] for t in texts]
+        nll = {"fp32": 0.0, "int8": 0.0}
+        n = 0
+        with torch.inference_mode():
+            for ids in seqs:
+                x = torch.tensor([ids])
+                for key, m in (("fp32", model), ("int8", q)):
+                    lp = torch.log_softmax(m(x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])
+                    nll[key] -= float(lp.sum())
+                n += len(ids) - 1
+        prompts = [ids[:16] for ids in seqs[:gen_prompts]]
+        params = SamplingParams(temperature=0, max_new_tokens=gen_tokens)
+        a = [t for step in generate(model, prompts, params) for t in step]
+        b = [t for step in generate(q, prompts, params) for t in step]
+        same = sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
+        ppl = {k: math.exp(v / n) for k, v in nll.items()}
+        out[name] = {"tokens": n, "ppl_fp32": round(ppl["fp32"], 4), "ppl_int8": round(ppl["int8"], 4),
+                     "ppl_ratio": round(ppl["int8"] / ppl["fp32"], 4), "greedy_same_token_share": round(same, 3)}
+        log.info("int8 quality %s: %s", name, out[name])
+    return out
 
 
 def main() -> dict[str, Any]:
@@ -93,10 +147,14 @@ def main() -> dict[str, Any]:
         "tokens_per_s": tps,
         "ratios": {
             "cache_vs_hf_batch1": None if hf is None else round(tps["batch1_cache"] / hf, 2),
+            "int8_cache_vs_hf_batch1": None if hf is None else round(tps["batch1_cache_int8"] / hf, 2),
+            "int8_vs_fp32_batch1": round(tps["batch1_cache_int8"] / tps["batch1_cache"], 2),
+            "int8_vs_fp32_batch8": round(tps["batch8_cache_int8"] / tps["batch8_cache"], 2),
             "cache_vs_no_cache_batch1": round(tps["batch1_cache"] / tps["batch1_no_cache"], 2),
             "cache_vs_no_cache_batch8": round(tps["batch8_cache"] / tps["batch8_no_cache"], 2),
         },
         "goals": "cache >= 2x HF at batch 1; cache >= 5x no-cache at 128 new tokens",
+        "int8_quality": int8_quality(Path(os.environ.get("HMOE_BENCH_RUN", "runs/quick"))),
     }
     # batch-1 decoding is latency-bound: also record it on one thread (on a busy machine the
     # second thread's synchronisation can cost more than it gains)

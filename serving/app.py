@@ -60,7 +60,8 @@ def _expert_app(args: AppArgs, name: str) -> Application:
     if args.expert.replicas > 1:  # ensemble sessions must come back to the replica that holds them
         options["request_router_config"] = {"request_router_class": STICKY_ROUTER}
     return Expert.options(**options).bind(name, str(args.expert_dir(name)), max_batch=args.max_batch,
-                                          torch_threads=args.torch_threads, device=args.device)
+                                          torch_threads=args.torch_threads, device=args.device,
+                                          decode_weights=args.decode_weights)
 
 
 def _router_app(args: AppArgs) -> Application:

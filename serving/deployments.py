@@ -16,6 +16,7 @@ from ray import serve
 from experts.checkpoint import load_lm
 from experts.device import resolve_device, set_threads
 from experts.generate import Engine
+from experts.quant import quantize_int8
 from experts.sampling import SamplingParams
 from router.domains import DOMAINS
 from router.policy import decide
@@ -29,13 +30,15 @@ class Expert:
     """One domain expert: an Engine stepped by an asyncio loop, streaming tokens per request."""
 
     def __init__(self, name: str, ckpt_dir: str, *, max_batch: int, torch_threads: int,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", decode_weights: str = "fp32") -> None:
         threads = set_threads(torch_threads)
         model, cfg, _ = load_lm(ckpt_dir, device=resolve_device(device))
+        if decode_weights == "int8":
+            quantize_int8(model)
         self.name, self.cfg = name, cfg
         self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len))
-        log.info("expert %s loaded from %s (%d params, %d threads, %d slots)", name, ckpt_dir,
-                 cfg.num_params(), threads, max_batch)
+        log.info("expert %s loaded from %s (%d params, %s weights, %d threads, %d slots)", name, ckpt_dir,
+                 cfg.num_params(), decode_weights, threads, max_batch)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "context_length": self.cfg.max_seq_len,

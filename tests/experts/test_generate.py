@@ -126,3 +126,24 @@ def test_zero_new_tokens_yields_nothing():
     model = _model()
     p = SamplingParams(max_new_tokens=0)
     assert list(generate(model, PROMPTS, p)) == [] == list(generate(model, PROMPTS, p, use_cache=False))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_new_tokens=6),
+    SamplingParams(temperature=0, repetition_penalty=1.5, max_new_tokens=6),
+    SamplingParams(temperature=0.8, top_k=20, max_new_tokens=6, seed=3),
+])
+def test_step_tokens_and_logprobs_agree_with_a_full_forward(params):
+    """The batched argmax / logsumexp of a decode step give the same ids and log-probs as per-row maths."""
+    model = _model()
+    engine = Engine(model, max_batch=3)
+    slots = [engine.add(p, params) for p in PROMPTS]
+    seqs = {s: list(p) for s, p in zip(slots, PROMPTS)}
+    while engine.has_work:
+        for slot, out in engine.step().items():
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(torch.tensor([seqs[slot]])).logits[0, -1], dim=-1)
+            if params.greedy and params.repetition_penalty == 1.0:
+                assert out.token == int(logp.argmax())
+            assert out.logprob == pytest.approx(logp[out.token].item(), abs=1e-5)
+            seqs[slot].append(out.token)
