@@ -379,7 +379,9 @@ def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
     for key, label in (("opening_accuracy", "learned, openings of all test documents"),
                        ("routed_accuracy", "learned, openings of the scored documents"),
                        ("opening_likelihood_accuracy", "likelihood (BTM), openings of the scored documents"),
-                       ("prompt_accuracy", "learned, test prompts")):
+                       ("prompt_accuracy", "learned, test prompts"),
+                       ("probe_accuracy", "learned, hand-written probes (`router.probes.PROBES`)"),
+                       ("heldout_probe_accuracy", "learned, independent hand-written probes (`HELDOUT`)")):
         acc = r.get(key)
         if acc:
             lines.append(f"| {label} (n={acc.get('n')}) | " + " | ".join(_pct(acc["by_domain"].get(d)) for d in doms)

@@ -30,6 +30,7 @@ from experts.checkpoint import atomic_write_json, load_lm
 from router.domains import DOMAINS
 from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
 from router.policy import Decision, decide
+from router.probes import probe_examples
 from router.router import Router, load_router
 from training.data import router_examples
 
@@ -108,6 +109,8 @@ def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
         summary = router_summary(ctx, router, experts)
         section["opening_accuracy"] = summary.get("test_openings", {}).get("accuracy")
         section["prompt_accuracy"] = summary.get("test", {}).get("accuracy")
+        section["probe_accuracy"] = summary.get("probes", {}).get("accuracy")
+        section["heldout_probe_accuracy"] = summary.get("probes_heldout", {}).get("accuracy")
         section["learned_vs_likelihood_prompts"] = summary.get("learned_vs_likelihood")
     except Exception as e:  # noqa: BLE001 - the rows above must not be lost to a summary failure
         log.warning("router summary failed: %s", e)
@@ -143,12 +146,14 @@ def router_summary(ctx: Any, router: Router | None = None, experts: dict | None 
             summary["learned_vs_likelihood"] = compare_with_likelihood(router, experts, ctx.tokenizer, small,
                                                                       max_tokens=LIKELIHOOD_TOKENS)
         plot_confusion(summary["test"]["confusion"], out / CONFUSION_FILE)
+    for key, heldout in (("probes", False), ("probes_heldout", True)):
+        summary[key] = evaluate_router(router, probe_examples(heldout=heldout))
     openings = opening_examples(ctx)
     if openings:
         summary["test_openings"] = evaluate_router(router, openings)
         plot_confusion(summary["test_openings"]["confusion"], out / OPENINGS_CONFUSION_FILE,
                        title="router on test-document openings (rows: true, columns: predicted)")
-    for key in ("test", "test_openings"):
+    for key in ("test", "test_openings", "probes", "probes_heldout"):
         if key in summary:
             s = summary[key]
             s["accuracy"] = {"n": s["n"], "all": s["expert_accuracy"], "by_domain": s["expert_accuracy_by_domain"]}

@@ -49,6 +49,7 @@ class RouterTrainConfig:
     min_crop: int = 4
     opening_share: float = 0.5  # document openings per domain, as a share of per_domain (0: prompts only)
     opening_chars: int = 256  # an opening is the first opening_chars characters of a document
+    view_share: float = 0.5  # user-style rephrasings per domain (training.data.prompt_views), share of per_domain
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -242,7 +243,8 @@ def _examples(corpus: Any, split: str, per_domain: int | None, seed: int,
               tc: RouterTrainConfig | None = None) -> list[tuple[str, str]]:
     """Prompts (``training.data.router_examples``) plus document openings (``tc.opening_share``)."""
 
-    out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed))
+    views = tc.view_share if tc is not None else 0.0
+    out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed, view_share=views))
     if tc is not None and tc.opening_share > 0:
         n = None if per_domain is None else max(1, math.ceil(tc.opening_share * per_domain))
         out += document_openings(corpus, split, n, chars=tc.opening_chars, seed=seed)
@@ -300,12 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--steps", type=int, default=RouterTrainConfig.max_steps)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--view-share", type=float, default=RouterTrainConfig.view_share,
+                    help="user-style rephrasings per domain, as a share of the prompts (0: none)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_threads(args.threads)
     corpus = load_corpora(args.cache_dir, args.size)
     result = train_router(corpus, corpus.tokenizer(), args.run_dir,
-                          train_cfg=RouterTrainConfig(max_steps=args.steps), tokenizer_file=corpus.tokenizer_path,
+                          train_cfg=RouterTrainConfig(max_steps=args.steps, view_share=args.view_share), tokenizer_file=corpus.tokenizer_path,
                           num_threads=args.threads, device="cpu", progress=False)
     metrics = evaluate_router(load_router(Path(args.run_dir) / "router"),
                               router_examples(corpus, "test", per_domain=100_000, seed=0))

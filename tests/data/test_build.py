@@ -183,3 +183,26 @@ def test_cli_show(tiny_corpus, capsys) -> None:
     out = capsys.readouterr().out
     assert "verified" in out and all(d in out for d in DOMAINS)
     assert main(["data", "show", "--size", "quick", "--cache-dir", str(tiny_corpus.root.parent)]) == 2
+
+
+def test_router_examples_views_are_user_style_rephrasings(tiny_corpus) -> None:
+    import random
+
+    from training.data.prompt_views import prompt_views
+
+    base = router_examples(tiny_corpus, "train", per_domain=20, seed=1)
+    ex = router_examples(tiny_corpus, "train", per_domain=20, seed=1, view_share=0.5)
+    assert ex == router_examples(tiny_corpus, "train", per_domain=20, seed=1, view_share=0.5)  # seeded
+    extra = [e for e in ex if e not in set(base)]
+    counts = {d: sum(1 for _, dd in extra if dd == d) for d in DOMAINS}
+    assert all(1 <= counts[d] <= 10 for d in DOMAINS), counts  # up to view_share * per_domain each
+    assert all(p.strip() and "<|" not in p for p, _ in extra)
+    # every domain's records yield views, and they are not the record's own prompt
+    for d in DOMAINS:
+        rng = random.Random(0)
+        views = [v for r in tiny_corpus.docs(d, "train")[:30] for v in prompt_views(r, d, rng)]
+        assert views, d
+        prompts = {r["prompt"].strip() for r in tiny_corpus.docs(d, "train")}
+        assert sum(v.strip() in prompts for v in views) < len(views), d
+    math_views = [v for r in tiny_corpus.docs("math", "train") for v in prompt_views(r, "math", random.Random(1))]
+    assert any(any(op in v for op in "+-*/") and len(v) < 60 for v in math_views)  # "What is 3 + 4?"-style

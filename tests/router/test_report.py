@@ -78,6 +78,9 @@ def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_ro
     assert section["opening_accuracy"]["n"] == section["scored_documents"]
     saved = json.loads((run_dir / "metrics" / "router_eval.json").read_text())
     assert saved["test_openings"]["n"] == section["scored_documents"]
+    # the out-of-distribution probes are always evaluated (12 and 15 per domain)
+    assert saved["probes"]["n"] == 60 and saved["probes_heldout"]["n"] == 75
+    assert section["heldout_probe_accuracy"]["all"] == saved["probes_heldout"]["expert_accuracy"]
 
 
 def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_path):

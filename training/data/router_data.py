@@ -5,20 +5,41 @@ from __future__ import annotations
 import random
 
 from training.data.build import CorpusSet
+from training.data.prompt_views import prompt_views
 
 QA_DOMAINS = ("math", "reasoning")
 
 
-def router_examples(corpus: CorpusSet, split: str, per_domain: int = 500, seed: int = 0) -> list[tuple[str, str]]:
-    """A balanced, shuffled list of ``(prompt, domain)``; prompts look like what users type."""
+def router_examples(corpus: CorpusSet, split: str, per_domain: int | None = 500, seed: int = 0,
+                    view_share: float = 0.0) -> list[tuple[str, str]]:
+    """A balanced, shuffled list of ``(prompt, domain)``: each record's own prompt, plus (with
+    ``view_share`` > 0) up to ``view_share * per_domain`` user-style rephrasings per domain
+    (``training.data.prompt_views``) drawn from the same split's records."""
     out = []
     for domain in corpus.domains:
-        prompts = sorted({r["prompt"].strip() for r in corpus.docs(domain, split) if r["prompt"].strip()})
+        docs = corpus.docs(domain, split)
+        prompts = sorted({r["prompt"].strip() for r in docs if r["prompt"].strip()})
         rng = random.Random(f"{seed}:{domain}")
         rng.shuffle(prompts)
         out.extend((p, domain) for p in prompts[:per_domain])
+        if view_share > 0:
+            n = int(view_share * (len(prompts) if per_domain is None else min(per_domain, len(prompts))))
+            out.extend((v, domain) for v in _views(docs, domain, n, seed))
     random.Random(seed).shuffle(out)
     return out
+
+
+def _views(docs: list[dict], domain: str, n: int, seed: int) -> list[str]:
+    """Up to ``n`` distinct rephrasings, from records visited in a seeded order."""
+    rng = random.Random(f"views:{seed}:{domain}")
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    seen: set[str] = set()
+    for i in order:
+        if len(seen) >= n:
+            break
+        seen.update(v.strip() for v in prompt_views(docs[i], domain, rng)[:2])
+    return sorted(seen)[:n] if len(seen) > n else sorted(seen)
 
 
 def qa_items(corpus: CorpusSet, domain: str, split: str = "test") -> list[tuple[str, str]]:
