@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @serve.deployment(name="Expert", graceful_shutdown_timeout_s=5, health_check_period_s=10)
 class Expert:
-    """One domain expert: an Engine stepped by an asyncio loop, streaming tokens per request."""
+    """One domain expert: an Engine stepped by its own thread, streaming tokens per request."""
 
     def __init__(self, name: str, ckpt_dir: str, *, max_batch: int, torch_threads: int,
                  device: str = "cpu", decode_weights: str = "fp32") -> None:
@@ -36,7 +36,8 @@ class Expert:
         if decode_weights == "int8":
             quantize_int8(model)
         self.name, self.cfg = name, cfg
-        self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len))
+        # no decode log-probs: the API reports log-probs by scoring the sequence (``score``)
+        self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False))
         log.info("expert %s loaded from %s (%d params, %s weights, %d threads, %d slots)", name, ckpt_dir,
                  cfg.num_params(), decode_weights, threads, max_batch)
 
@@ -51,12 +52,11 @@ class Expert:
 
     async def generate_all(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
         """The whole generation as one chunk: one message instead of one per token (non-streaming)."""
-        tokens, logprobs, batch, last = [], [], 0, {}
+        tokens, batch, last = [], 0, {}
         async for last in self.worker.generate(prompt_ids, SamplingParams(**params)):
             tokens += last["tokens"]
-            logprobs += last["logprobs"]
             batch = max(batch, last["batch"])
-        return {**last, "tokens": tokens, "logprobs": logprobs, "batch": batch}
+        return {**last, "tokens": tokens, "batch": batch}
 
     async def score(self, ids: list[int], top: int = 0) -> dict[str, list]:
         """Prompt log-probs for ``echo`` (the first token has none)."""

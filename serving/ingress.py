@@ -107,7 +107,6 @@ class Generation:
     decision: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -387,7 +386,6 @@ class Ingress:
         try:
             async for chunk in source:
                 g.tokens += chunk["tokens"]
-                g.logprobs += chunk["logprobs"]
                 g.timings["max_batch"] = max(g.timings.get("max_batch", 0), chunk.get("batch", 0))
                 delta = asm.push(chunk["tokens"])
                 if asm.stopped:
@@ -462,8 +460,7 @@ class Ingress:
                 seen.append(token)
                 outs = await asyncio.gather(*(h.feed.remote(s, token) for h, s in sessions))
                 reason = next((o["finish_reason"] for o in outs if o["finished"]), None)
-                chunk = {"tokens": [token], "logprobs": [_finite(float(mixed[token]))], "finish_reason": reason,
-                         "batch": 1}
+                chunk = {"tokens": [token], "finish_reason": reason, "batch": 1}
                 if reason:
                     chunk["timings"] = {"decode_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
                 yield chunk

@@ -147,3 +147,20 @@ def test_step_tokens_and_logprobs_agree_with_a_full_forward(params):
                 assert out.token == int(logp.argmax())
             assert out.logprob == pytest.approx(logp[out.token].item(), abs=1e-5)
             seqs[slot].append(out.token)
+
+
+def test_engine_without_logprobs_gives_the_same_tokens():
+    model = _model()
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=5)
+    runs = []
+    for logprobs in (True, False):
+        engine = Engine(model, max_batch=3, logprobs=logprobs)
+        for p in PROMPTS:
+            engine.add(p, params)
+        outs = []
+        while engine.has_work:
+            outs += [out for _, out in sorted(engine.step().items())]
+        runs.append(outs)
+    with_lp, without = runs
+    assert [o.token for o in with_lp] == [o.token for o in without] and len(with_lp) == 24
+    assert all(o.logprob is not None for o in with_lp) and all(o.logprob is None for o in without)
