@@ -35,11 +35,11 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
-    _wait_ready(url, args.api_key, wait_ready_s)
+    wait_ready(url, args.api_key, wait_ready_s)
     return url
 
 
-def _wait_ready(url: str, api_key: str | None, timeout_s: float) -> None:
+def wait_ready(url: str, api_key: str | None, timeout_s: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
