@@ -100,9 +100,17 @@ class Router:
 
             self.router = load_router(Path(router_dir or ""), threshold=threshold, top_k=top_k)
 
-    def route(self, prompt: str) -> dict[str, Any]:
-        """The routing decision as a plain dict (``router.policy.Decision`` fields)."""
+    async def route(self, prompt: str) -> dict[str, Any]:
+        """The routing decision as a plain dict (``router.policy.Decision`` fields).
+
+        Concurrent calls are routed together: one forward pass for every prompt queued while the
+        previous batch ran (``serve.batch``), instead of one pass and one thread hop per prompt.
+        """
+        return await self._route_batch(prompt)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _route_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
         if self.router is not None:
-            return self.router.route(prompt).to_dict()
+            return [d.to_dict() for d in self.router.route_batch(prompts)]
         probs = {d: self.fixed.get(d, 0.0) for d in DOMAINS}
-        return decide(probs, threshold=self.threshold, top_k=self.top_k).to_dict()
+        return [decide(probs, threshold=self.threshold, top_k=self.top_k).to_dict()] * len(prompts)
