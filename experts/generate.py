@@ -202,7 +202,7 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, slots: list[int], tokens: torch.Tensor) -> None:
         self.cache.bind(slots)
-        logits = self.model(tokens, cache=self.cache).logits[:, -1]  # (B, V)
+        logits = self.model(tokens, cache=self.cache, last_only=True).logits[:, -1]  # (B, V)
         _set_next([self._requests[s] for s in slots], logits, logprobs=self.logprobs)
 
 

@@ -249,8 +249,12 @@ class Transformer(nn.Module):
         return self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> ModelOutput:
-        """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots."""
+                positions: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
+        """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots.
+
+        ``last_only=True`` returns logits ``(B, 1, V)`` for the last position only: a prefill that
+        only needs the next token skips T-1 rows of the LM head (its largest matmul).
+        """
         B, T = tokens.shape
         step = cache.begin(B, T) if cache is not None else None
         if step is None and T > self.cfg.max_seq_len:
@@ -264,7 +268,9 @@ class Transformer(nn.Module):
             h, aux = layer(h, cos, sin, cache, step)
             if aux is not None:
                 auxes.append(aux)
-        logits = self.output(self.norm(h)).float()  # (B, T, V)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()  # (B, T or 1, V)
         if cache is not None:
             cache.commit(step)
         if not auxes:

@@ -110,6 +110,10 @@ class Router:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _route_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
+        return self.route_many(prompts)
+
+    def route_many(self, prompts: list[str]) -> list[dict[str, Any]]:
+        """Decisions for several prompts in one call and one forward pass (the ingress batches)."""
         if self.router is not None:
             return [d.to_dict() for d in self.router.route_batch(prompts)]
         probs = {d: self.fixed.get(d, 0.0) for d in DOMAINS}

@@ -346,7 +346,7 @@ class Ingress:
             groups = {g: float(g == GROUP_OF[job.model]) for g in GROUP_NAMES}
             return {"group": GROUP_OF[job.model], "group_probs": groups, "expert_probs": probs,
                     "experts": [job.model], "weights": [1.0], "mode": "explicit"}
-        full = await self.router.route.remote(job.route_text)
+        full = await self._route_text(job.route_text)
         served = {d: p for d, p in full["expert_probs"].items() if d in self.experts}
         if sum(served.values()) <= 0.0:
             served = dict.fromkeys(self.experts, 1.0)
@@ -355,6 +355,15 @@ class Ingress:
         d = decide(served, threshold=threshold, top_k=top_k)
         return {"group": full["group"], "group_probs": full["group_probs"], "expert_probs": full["expert_probs"],
                 "experts": list(d.experts), "weights": list(d.weights), "mode": d.mode}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _route_text(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Route the prompts of concurrent requests with ONE call to the Router deployment.
+
+        A handle call costs the ingress ~1 ms of CPU (Serve's request routing and Ray's actor
+        call); at 8 concurrent clients this halves the router calls per request.
+        """
+        return await self.router.route_many.remote(list(texts))
 
     # ---- generation ---------------------------------------------------------------------------
     async def _collect(self, job: Job) -> Generation:

@@ -211,3 +211,14 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         torch.testing.assert_close(model(x, positions=shifted).logits, model(x).logits, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="positions"):
         model(x, positions=torch.arange(5)[None])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset)).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (3, 9))
+    with torch.inference_mode():
+        full, last = model(x).logits, model(x, last_only=True).logits
+    assert last.shape == (3, 1, model.cfg.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
