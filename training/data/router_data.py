@@ -39,7 +39,7 @@ def _views(docs: list[dict], domain: str, n: int, seed: int) -> list[str]:
         if len(seen) >= n:
             break
         seen.update(v.strip() for v in prompt_views(docs[i], domain, rng)[:2])
-    return sorted(seen)[:n] if len(seen) > n else sorted(seen)
+    return sorted(seen)[:n]
 
 
 def qa_items(corpus: CorpusSet, domain: str, split: str = "test") -> list[tuple[str, str]]:
