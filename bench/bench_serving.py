@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,6 @@ import httpx
 
 PROMPT = "Question: what is 17 + 25? Answer:"
 TOKENS = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -182,10 +175,11 @@ def main() -> dict[str, Any]:
     from serving.app import build_app
     from serving.cli import APP_NAME, start, wait_ready
     from serving.config import AppArgs
+    from serving.testing import free_port
 
     run, kind = _run_dir()
     args = AppArgs(run_dir=str(run), max_tokens_cap=256)
-    url = start(args, port=_free_port(), num_cpus=2)
+    url = start(args, port=free_port(), num_cpus=2)
     serve.run(_echo_app(), name="echo", route_prefix="/echo")
     try:
         load = _load_levels(url)

@@ -100,20 +100,12 @@ class Router:
 
             self.router = load_router(Path(router_dir or ""), threshold=threshold, top_k=top_k)
 
-    async def route(self, prompt: str) -> dict[str, Any]:
-        """The routing decision as a plain dict (``router.policy.Decision`` fields).
-
-        Concurrent calls are routed together: one forward pass for every prompt queued while the
-        previous batch ran (``serve.batch``), instead of one pass and one thread hop per prompt.
-        """
-        return await self._route_batch(prompt)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _route_batch(self, prompts: list[str]) -> list[dict[str, Any]]:
-        return self.route_many(prompts)
+    def route(self, prompt: str) -> dict[str, Any]:
+        """The routing decision as a plain dict (``router.policy.Decision`` fields)."""
+        return self.route_many([prompt])[0]
 
     def route_many(self, prompts: list[str]) -> list[dict[str, Any]]:
-        """Decisions for several prompts in one call and one forward pass (the ingress batches)."""
+        """Decisions for several prompts in one forward pass (the ingress batches concurrent requests)."""
         if self.router is not None:
             return [d.to_dict() for d in self.router.route_batch(prompts)]
         probs = {d: self.fixed.get(d, 0.0) for d in DOMAINS}
