@@ -122,19 +122,39 @@ class Engine:
         ``external=True`` puts the slot in external-choice mode: ``step()`` skips it and the
         caller drives it with ``logprobs_next(slot)`` and ``feed(slot, token)`` (ensembles).
         """
-        ids = check_prompt(prompt_ids, self.cfg.vocab_size, self.cache.max_len)
+        return self.add_many([prompt_ids], [params], external=external)[0]
+
+    def add_many(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], *,
+                 external: bool = False) -> list[int]:
+        """Prefill several prompts with ONE forward (right-padded to the longest); return their slots.
+
+        A batch of newcomers costs about one prefill instead of one each: on a CPU the small
+        forwards of a decode-sized model are mostly fixed per-call overhead.
+        """
+        ids = [check_prompt(p, self.cfg.vocab_size, self.cache.max_len) for p in prompts]
+        if len(params) != len(ids):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
         free = [s for s in range(self.cache.max_batch) if s not in self._requests]
-        if not free:
-            raise RuntimeError(f"all {self.cache.max_batch} slots are busy; release a finished slot first")
-        slot = free[0]
-        req = _Request(params, make_generator(params.seed, self.device), list(ids), external)
-        self._requests[slot] = req
-        self.cache.reset(slot)
-        if params.max_new_tokens == 0:
-            req.finish_reason = "length"
-        else:
-            self._forward([slot], torch.tensor([ids], device=self.device))
-        return slot
+        if len(free) < len(ids):
+            raise RuntimeError(f"{len(ids)} prompts but {self.cache.max_batch - len(free)} of the "
+                               f"{self.cache.max_batch} slots are busy; release a finished slot first")
+        slots, run = free[:len(ids)], []
+        for slot, row, p in zip(slots, ids, params):
+            req = _Request(p, make_generator(p.seed, self.device), list(row), external)
+            self._requests[slot] = req
+            self.cache.reset(slot)
+            if p.max_new_tokens == 0:
+                req.finish_reason = "length"
+            else:
+                run.append((slot, row))
+        if run:
+            T = max(len(row) for _, row in run)
+            tokens = torch.zeros(len(run), T, dtype=torch.long)  # (B, T) right-padded
+            for b, (_, row) in enumerate(run):
+                tokens[b, :len(row)] = torch.tensor(row)
+            valid = [len(row) for _, row in run] if any(len(row) != T for _, row in run) else None
+            self._forward([s for s, _ in run], tokens.to(self.device), valid)
+        return slots
 
     def release(self, slot: int) -> None:
         """Free a slot (finished or not)."""
@@ -200,8 +220,8 @@ class Engine:
         return self._requests[slot]
 
     @torch.inference_mode()
-    def _forward(self, slots: list[int], tokens: torch.Tensor) -> None:
-        self.cache.bind(slots)
+    def _forward(self, slots: list[int], tokens: torch.Tensor, valid: list[int] | None = None) -> None:
+        self.cache.bind(slots, valid)
         logits = self.model(tokens, cache=self.cache, last_only=True).logits[:, -1]  # (B, V)
         _set_next([self._requests[s] for s in slots], logits, logprobs=self.logprobs)
 
@@ -247,7 +267,7 @@ def generate(model: Transformer, prompts: list[list[int]],
         return
     max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max(r.max_new_tokens for r in rows))
     engine = Engine(model, max_batch=len(prompts), max_len=max_len)
-    slots = [engine.add(p, r) for p, r in zip(prompts, rows)]
+    slots = engine.add_many(prompts, rows)
     while engine.has_work:
         outs = engine.step()
         tokens = [outs[s].token if s in outs else None for s in slots]

@@ -44,6 +44,7 @@ class _CacheStep:
     slots: list[int]
     starts: list[int]  # cache length of each row before this forward
     n_new: int
+    n_valid: list[int] | None  # real tokens per row of a right-padded prefill (None: all n_new)
     end: int  # keys attended: [0, end)
     rows: slice | None  # the slots as a slice when they are contiguous (views, no gathers)
     slot_idx: torch.Tensor
@@ -74,14 +75,25 @@ class KVCache:
         self.max_batch, self.max_len = max_batch, max_len
         self.lengths = [0] * max_batch  # Python ints: reading them never syncs a device
         self._slots: list[int] = [0]
+        self._valid: list[int] | None = None
 
     def reset(self, slot: int) -> None:
         """Empty one slot (its old keys are simply overwritten later)."""
         self.lengths[slot] = 0
 
-    def bind(self, slots: Sequence[int]) -> None:
-        """Choose the slots (one per batch row) that the next forward reads and writes."""
+    def bind(self, slots: Sequence[int], valid: Sequence[int] | None = None) -> None:
+        """Choose the slots (one per batch row) that the next forward reads and writes.
+
+        ``valid`` (per row) marks a right-padded prefill of empty slots: row ``i`` keeps only its
+        first ``valid[i]`` positions. The padding's keys land past the row's length, where no
+        query ever attends (causal within the chunk; later masks stop at each row's length) and
+        the next tokens overwrite them.
+        """
         self._slots = list(slots)
+        self._valid = None if valid is None else [int(n) for n in valid]
+        if self._valid is not None and (len(self._valid) != len(self._slots)
+                                        or any(self.lengths[s] for s in self._slots)):
+            raise ValueError("a padded prefill needs one valid length per slot, and empty slots")
 
     def begin(self, batch: int, n_new: int) -> _CacheStep:
         """Plan one forward of ``n_new`` tokens for the bound slots (called by the model)."""
@@ -104,7 +116,10 @@ class KVCache:
             k_pos_S = torch.arange(end, device=device)
             mask = (k_pos_S[None, None, :] <= q_pos_BT[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         slot_idx = torch.tensor(slots, device=device)
-        return _CacheStep(slots, starts, n_new, end, rows, slot_idx, mask, is_causal)
+        valid, self._valid = self._valid, None  # one forward only
+        if valid is not None and any(not 1 <= n <= n_new for n in valid):
+            raise ValueError(f"valid lengths {valid} must be in [1, {n_new}]")
+        return _CacheStep(slots, starts, n_new, valid, end, rows, slot_idx, mask, is_causal)
 
     def update(self, layer: int, step: _CacheStep, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +144,8 @@ class KVCache:
 
     def commit(self, step: _CacheStep) -> None:
         """Advance the lengths of the rows written by ``step``."""
-        for s in step.slots:
-            self.lengths[s] += step.n_new
+        for i, s in enumerate(step.slots):
+            self.lengths[s] += step.n_new if step.n_valid is None else step.n_valid[i]
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -252,8 +267,9 @@ class Transformer(nn.Module):
                 positions: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
         """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots.
 
-        ``last_only=True`` returns logits ``(B, 1, V)`` for the last position only: a prefill that
-        only needs the next token skips T-1 rows of the LM head (its largest matmul).
+        ``last_only=True`` returns logits ``(B, 1, V)`` for the last position only (each row's last
+        valid one in a padded prefill): a prefill that only needs the next token skips T-1 rows of
+        the LM head (its largest matmul).
         """
         B, T = tokens.shape
         step = cache.begin(B, T) if cache is not None else None
@@ -269,7 +285,11 @@ class Transformer(nn.Module):
             if aux is not None:
                 auxes.append(aux)
         if last_only:
-            h = h[:, -1:]
+            if step is not None and step.n_valid is not None:  # right-padded rows end at different places
+                last_B = torch.tensor(step.n_valid, device=h.device) - 1
+                h = h[torch.arange(B, device=h.device), last_B][:, None]  # (B, 1, D)
+            else:
+                h = h[:, -1:]
         logits = self.output(self.norm(h)).float()  # (B, T or 1, V)
         if cache is not None:
             cache.commit(step)

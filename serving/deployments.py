@@ -52,11 +52,10 @@ class Expert:
 
     async def generate_all(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
         """The whole generation as one chunk: one message instead of one per token (non-streaming)."""
-        tokens, batch, last = [], 0, {}
-        async for last in self.worker.generate(prompt_ids, SamplingParams(**params)):
-            tokens += last["tokens"]
-            batch = max(batch, last["batch"])
-        return {**last, "tokens": tokens, "batch": batch}
+        chunk: dict[str, Any] = {}
+        async for chunk in self.worker.generate(prompt_ids, SamplingParams(**params), collect=True):
+            pass  # collect=True: exactly one chunk, at the end
+        return chunk
 
     async def score(self, ids: list[int], top: int = 0) -> dict[str, list]:
         """Prompt log-probs for ``echo`` (the first token has none)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from experts.generate import Engine
+from experts.generate import Engine, check_prompt
 from experts.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,19 @@ def _ms(t0: float, t1: float) -> float:
 
 @dataclass
 class _Stream:
-    """One generation request inside the worker."""
+    """One generation request inside the worker.
+
+    The engine thread appends ``(StepOut, batch)`` items to ``pending`` and hands them over in
+    lists (``_deliver``): after every step, or only once at the end when ``collect`` is set (a
+    non-streaming caller reads nothing before then, so its tokens cost no wake-ups).
+    """
 
     prompt: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    collect: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pending: list[Any] = field(default_factory=list)  # engine thread only
     t_arrival: float = field(default_factory=time.perf_counter)
     t_admit: float = 0.0
     prefill_ms: float = 0.0
@@ -54,11 +61,29 @@ class _Stream:
     max_batch: int = 0
 
     def put(self, item: Any) -> None:
-        """(engine thread) hand a StepOut or an exception to the consumer's event loop."""
+        """(engine thread) hand an exception (or a last item) to the consumer now."""
+        self.pending.append(item)
+        _deliver([self])
+
+
+def _deliver(streams: list[_Stream]) -> None:
+    """(engine thread) hand each stream's pending items to its event loop: one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, list[Any]]]] = {}
+    for st in streams:
+        if st.pending:
+            by_loop.setdefault(st.loop, []).append((st, st.pending))
+            st.pending = []
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            loop.call_soon_threadsafe(_fill, batch)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            self.cancelled = True
+            for st, _ in batch:
+                st.cancelled = True
+
+
+def _fill(batch: list[tuple[_Stream, list[Any]]]) -> None:
+    for st, items in batch:
+        st.queue.put_nowait(items)
 
 
 @dataclass
@@ -86,6 +111,8 @@ class BatchStats:
     tokens: int = 0
     max_batch: int = 0
     sizes: Counter = field(default_factory=Counter)
+    prefills: int = 0  # prefill forwards
+    prefilled: int = 0  # requests they admitted
 
     def record(self, batch: int) -> None:
         self.steps += 1
@@ -96,6 +123,7 @@ class BatchStats:
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "max_batch": self.max_batch,
                 "mean_batch": round(self.tokens / self.steps, 3) if self.steps else 0.0,
+                "prefills": self.prefills, "prefilled": self.prefilled,
                 "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
 
 
@@ -173,33 +201,49 @@ class EngineWorker:
                         self._cv.wait(timeout=0.05)
 
     def _admit(self, waiting: deque[_Stream]) -> list[_Stream]:
-        """Prefill waiting requests into free slots (in arrival order)."""
-        admitted = []
-        while waiting and self.engine.free_slots:
+        """Prefill waiting requests into free slots (in arrival order), several per forward."""
+        batch = []
+        while waiting and len(batch) < self.engine.free_slots:
             st = waiting.popleft()
             if st.cancelled:
                 continue
-            st.t_admit = time.perf_counter()
             try:
-                st.slot = self.engine.add(st.prompt, st.params)
+                check_prompt(st.prompt, self.engine.cfg.vocab_size, self.max_len)
             except ValueError as e:
                 st.put(e)
                 continue
-            st.prefill_ms = _ms(st.t_admit, time.perf_counter())
-            self._running[st.slot] = st
-            admitted.append(st)
-        return admitted
+            batch.append(st)
+        for group in prefill_groups([len(st.prompt) for st in batch]):
+            sts = [batch[i] for i in group]
+            t0 = time.perf_counter()
+            try:
+                slots = self.engine.add_many([st.prompt for st in sts], [st.params for st in sts])
+            except Exception as e:  # these requests are in neither queue: fail them here, then the rest
+                for st in sts:
+                    st.put(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                raise
+            prefill_ms = _ms(t0, time.perf_counter())
+            self.stats.prefills += 1
+            self.stats.prefilled += len(sts)
+            for st, slot in zip(sts, slots):
+                st.t_admit, st.prefill_ms, st.slot = t0, prefill_ms, slot
+                self._running[slot] = st
+        return batch
 
     def _dispatch(self, outs: dict) -> None:
+        ready = []
         for slot, out in outs.items():
             st = self._running.get(slot)
             if st is None:
                 continue
             st.max_batch = max(st.max_batch, len(outs))
-            st.put((out, len(outs)))
+            st.pending.append((out, len(outs)))
             if out.finished:
                 self.engine.release(slot)
                 del self._running[slot]
+            if out.finished or not st.collect:
+                ready.append(st)
+        _deliver(ready)
 
     def _fail_all(self, e: Exception, waiting: deque[_Stream]) -> None:
         err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
@@ -211,19 +255,21 @@ class EngineWorker:
         waiting.clear()
 
     # ---- streaming generation -----------------------------------------------------------------
-    async def generate(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, prompt: Sequence[int], params: SamplingParams, *,
+                       collect: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Yield chunks ``{"tokens", "finish_reason", "batch"[, "timings"]}`` as decoded.
 
         Chunks coalesce the tokens that arrived since the consumer last read, so a slow reader
-        costs fewer messages, not extra latency.
+        costs fewer messages, not extra latency. ``collect=True`` yields the whole generation
+        as one chunk at the end.
         """
-        s = _Stream(list(prompt), params, asyncio.get_running_loop())
+        s = _Stream(list(prompt), params, asyncio.get_running_loop(), collect)
         self._post(s)
         try:
             while True:
-                items = [await s.queue.get()]
+                items = list(await s.queue.get())
                 while not s.queue.empty():
-                    items.append(s.queue.get_nowait())
+                    items += s.queue.get_nowait()
                 if isinstance(items[-1], BaseException):
                     raise items[-1]
                 chunk = _merge(items)
@@ -309,6 +355,21 @@ class EngineWorker:
         with self._cv:
             self._closed = True
             self._cv.notify()
+
+
+def prefill_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]]:
+    """Indices grouped for padded prefills, shortest first: a group's padded tokens (count x its
+    longest) stay within ``max_waste`` x its real tokens, so one long prompt is not padded 8-fold."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_waste * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
 
 
 def _merge(items: list[tuple[Any, int]]) -> dict[str, Any]:

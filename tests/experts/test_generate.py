@@ -164,3 +164,31 @@ def test_engine_without_logprobs_gives_the_same_tokens():
     with_lp, without = runs
     assert [o.token for o in with_lp] == [o.token for o in without] and len(with_lp) == 24
     assert all(o.logprob is not None for o in with_lp) and all(o.logprob is None for o in without)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_one_padded_prefill_equals_separate_prefills(preset):
+    """add_many (ragged prompts, one right-padded forward) gives each row the logits of a solo prefill."""
+    model = _model(preset)
+    params = [SamplingParams(temperature=0, max_new_tokens=6)] * len(PROMPTS)
+    solo = Engine(model, max_batch=len(PROMPTS))
+    solo_slots = [solo.add(p, params[0]) for p in PROMPTS]
+    many = Engine(model, max_batch=len(PROMPTS) + 1)
+    many.add([42, 43], params[0])  # a running slot first: the newcomers land after it
+    slots = many.add_many(PROMPTS, params)
+    for a, b, prompt in zip(solo_slots, slots, PROMPTS):
+        assert many.cache.lengths[b] == len(prompt)
+        torch.testing.assert_close(many._requests[b].next_logits, solo._requests[a].next_logits,
+                                   rtol=1e-4, atol=1e-4)
+    steps_solo = [solo.step() for _ in range(6)]
+    steps_many = [many.step() for _ in range(6)]
+    assert [[o[s].token for s in solo_slots] for o in steps_solo] == \
+        [[o[s].token for s in slots] for o in steps_many]
+
+
+def test_add_many_refuses_more_prompts_than_free_slots():
+    engine = Engine(_model(), max_batch=2)
+    with pytest.raises(RuntimeError, match="3 prompts but 0 of the 2 slots are busy"):
+        engine.add_many(PROMPTS, [SamplingParams(max_new_tokens=2)] * 3)
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        engine.add_many(PROMPTS[:2], [SamplingParams(max_new_tokens=2)])

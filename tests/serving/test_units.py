@@ -83,6 +83,64 @@ def test_worker_greedy_matches_engine_alone():
     assert got == want
 
 
+def test_worker_collect_gives_one_chunk_with_the_streamed_tokens():
+    w = _worker(2)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+
+    async def run():
+        streamed = [t async for c in w.generate([1, 5, 9], params) for t in c["tokens"]]
+        chunks = [c async for c in w.generate([1, 5, 9], params, collect=True)]
+        return streamed, chunks
+
+    streamed, chunks = asyncio.run(run())
+    assert len(chunks) == 1 and chunks[0]["tokens"] == streamed and len(streamed) == 8
+    assert chunks[0]["finish_reason"] == "length" and chunks[0]["timings"]["max_batch"] == 1
+
+
+def test_worker_prefills_waiting_requests_together():
+    """Requests that wait while the engine is busy join in ONE padded prefill, and decode as solo."""
+    import threading
+
+    w = _worker(4)
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [10], [11, 12]]
+
+    async def run():
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(w._call(gate.wait))  # the engine thread waits inside a command
+
+        async def one(p):
+            return [t async for c in w.generate(p, params) for t in c["tokens"]]
+
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        await asyncio.sleep(0.05)  # all four are posted behind the blocked command
+        gate.set()
+        await blocked
+        return await asyncio.gather(*tasks)
+
+    got = asyncio.run(run())
+    assert (w.stats.prefills, w.stats.prefilled) == (2, 4)  # lengths 1, 2, 3 together; 9 alone (padding)
+    solo = _worker(1)
+    want = [[t for c in [asyncio.run(_collect(solo, p, params))] for t in c] for p in prompts]
+    assert got == want
+
+
+async def _collect(w: EngineWorker, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [t async for c in w.generate(prompt, params) for t in c["tokens"]]
+
+
+def test_prefill_groups_bound_the_padding():
+    from serving.engine_worker import prefill_groups
+
+    assert prefill_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]
+    assert prefill_groups([100, 3, 4, 5]) == [[1, 2, 3], [0]]  # the long prompt is not padded to
+    groups = prefill_groups([7, 1, 30, 2, 9, 64, 8, 3])
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    lengths = [7, 1, 30, 2, 9, 64, 8, 3]
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 2.0 * sum(lengths[i] for i in g)
+
+
 def test_worker_cancel_frees_slot():
     async def run():
         w = _worker(2)
