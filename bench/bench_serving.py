@@ -2,10 +2,15 @@
 
 Measures, in one Ray/Serve instance on loopback:
 - p50/p99 latency of a 32-token completion at 1, 8 and 32 concurrent clients, and aggregate tokens/s;
+  with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
+  router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
+  experts' mean decode batch and requests per prefill (from ``/v1/stats``);
 - the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against streaming the
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
-  any two-hop Serve request pays.
+  any two-hop Serve request pays;
+- how much a busy second core slows a batch-8 decode step on this machine (``contention``): two
+  vCPUs that share a physical core add far less than a second core's worth of throughput.
 
 Uses ``runs/quick`` when it holds a trained run (``HMOE_BENCH_RUN`` overrides), else tiny
 random-weight checkpoints. ``bench.run_all`` writes ``bench/results/bench_serving.json``.
@@ -33,6 +38,50 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _summary(lat_ms: list[float]) -> dict[str, float]:
     return {"p50_ms": _pct(lat_ms, 0.5), "p99_ms": _pct(lat_ms, 0.99), "n": len(lat_ms)}
+
+
+def _role(cmdline: str) -> str | None:
+    """The benchmark's name for a process: expert:<name>, ingress, router, proxy, ray, or None."""
+    if cmdline.startswith("ray::ServeReplica:hmoe:"):
+        name = cmdline.split()[0].rsplit(":", 1)[1]
+        return f"expert:{name[len('Expert-'):]}" if name.startswith("Expert-") else name.lower()
+    if cmdline.startswith("ray::ProxyActor"):
+        return "proxy"
+    if cmdline.startswith("ray::") or "/ray/" in cmdline or "raylet" in cmdline or "gcs_server" in cmdline:
+        return "ray (controller, GCS, raylet, agents)"
+    return None
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's processes, and by this one."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        role = "load generator" if int(pid) == os.getpid() else _role(cmd)
+        if role:
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _batch_stats(url: str) -> dict[str, dict[str, int]]:
+    return httpx.get(f"{url}/v1/stats", timeout=30).json()["experts"]
+
+
+def _batch_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Mean decode batch and requests per prefill of each expert that worked between two snapshots."""
+    out = {}
+    for name, a in after.items():
+        b = before[name]
+        steps, prefills = a["steps"] - b["steps"], a["prefills"] - b["prefills"]
+        if steps:
+            out[name] = {"mean_decode_batch": round((a["tokens"] - b["tokens"]) / steps, 2),
+                         "requests_per_prefill": round((a["prefilled"] - b["prefilled"]) / max(prefills, 1), 2)}
+    return out
 
 
 def _run_dir() -> tuple[Path, str]:
@@ -69,7 +118,7 @@ def _echo_app():
     return EchoIngress.bind(Echo.bind())
 
 
-async def _load(url: str, body: dict, clients: int, per_client: int, repeats: int = 3) -> dict[str, Any]:
+async def _load(base: str, body: dict, clients: int, per_client: int, repeats: int = 3) -> dict[str, Any]:
     """``clients`` concurrent clients, each sending ``per_client`` requests back to back.
 
     One untimed round at the same concurrency warms every process up (the first rounds after a
@@ -83,7 +132,7 @@ async def _load(url: str, body: dict, clients: int, per_client: int, repeats: in
         nonlocal tokens
         for _ in range(per_client):
             t0 = time.perf_counter()
-            r = await c.post(url, json=body)
+            r = await c.post(f"{base}/v1/completions", json=body)
             lat.append((time.perf_counter() - t0) * 1000.0)
             r.raise_for_status()
             tokens += r.json().get("usage", {}).get("completion_tokens", 0)
@@ -93,14 +142,23 @@ async def _load(url: str, body: dict, clients: int, per_client: int, repeats: in
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
         await asyncio.gather(*(client(c) for _ in range(clients)))  # warm-up round
         lat.clear()
+        stats0, cpu0, t_all = _batch_stats(base), _cpu_by_role(), time.perf_counter()
         for _ in range(repeats):
             tokens = 0
             t0 = time.perf_counter()
             await asyncio.gather(*(client(c) for _ in range(clients)))
             wall = time.perf_counter() - t0
             rounds.append({"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)})
+        wall_all, cpu1 = time.perf_counter() - t_all, _cpu_by_role()
+        batches = _batch_delta(stats0, _batch_stats(base))
     mid = sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2]
-    return {**_summary(lat), "clients": clients, **mid, "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]}
+    n = len(lat)
+    cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000.0 / n, 2) for k in cpu1}
+    cpu = {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    total = sum(cpu.values())
+    return {**_summary(lat), "clients": clients, **mid, "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds],
+            "cpu_ms_per_request": {"total": round(total, 2), **cpu},
+            "cpu_utilisation_of_2_cores": round(total * n / 1000.0 / wall_all / 2, 3), "experts": batches}
 
 
 async def _direct(handle: Any, ids: list[int], params: dict, n: int) -> tuple[list[float], int]:
@@ -158,9 +216,48 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
     return out
 
 
+def _contention(run: Path) -> dict[str, Any]:
+    """A batch-8 decode step of the served expert, alone and while another process spins on the
+    other core: the second vCPU's real worth on this machine."""
+    import statistics
+    import subprocess
+    import sys
+
+    import torch
+
+    from bench.common import run_times
+    from experts.checkpoint import load_lm
+    from experts.device import set_threads
+    from experts.generate import Engine
+    from experts.sampling import SamplingParams
+
+    set_threads(1)
+    expert = next(p for p in sorted((run / "experts").iterdir()) if (p / "meta.json").is_file())
+    model, cfg, _ = load_lm(expert, device=torch.device("cpu"))
+
+    def steps() -> None:
+        engine = Engine(model, max_batch=8, max_len=min(cfg.max_seq_len, 64), logprobs=False)
+        engine.add_many([[1, 2, 3, 4]] * 8, [SamplingParams(temperature=0, max_new_tokens=32, stop_ids=())] * 8)
+        while engine.has_work:
+            engine.step()
+
+    alone = statistics.median(run_times(steps, repeats=7, warmup=2)) / 32
+    spin = f"import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-S", "-c", spin])
+    try:
+        time.sleep(0.3)
+        busy = statistics.median(run_times(steps, repeats=7, warmup=2)) / 32
+    finally:
+        spinner.kill()
+        spinner.wait()
+    return {"expert": expert.name, "decode_step_ms_batch8_alone": round(alone * 1000, 3),
+            "decode_step_ms_batch8_other_core_busy": round(busy * 1000, 3),
+            "slowdown": round(busy / alone, 2)}
+
+
 def _load_levels(url: str) -> dict[str, Any]:
     body = {"model": "auto", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
-    return {str(c): asyncio.run(_load(f"{url}/v1/completions", body, c, per)) for c, per in ((1, 16), (8, 6), (32, 3))}
+    return {str(c): asyncio.run(_load(url, body, c, per)) for c, per in ((1, 16), (8, 6), (32, 3))}
 
 
 def _ratio(load: dict[str, Any]) -> float:
@@ -178,6 +275,7 @@ def main() -> dict[str, Any]:
     from serving.testing import free_port
 
     run, kind = _run_dir()
+    contention = _contention(run)  # before Ray starts: a quiet machine
     args = AppArgs(run_dir=str(run), max_tokens_cap=256)
     url = start(args, port=free_port(), num_cpus=2)
     serve.run(_echo_app(), name="echo", route_prefix="/echo")
@@ -195,7 +293,7 @@ def main() -> dict[str, Any]:
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
-              "overhead": overhead,
+              "overhead": overhead, "contention": contention,
               "note": "2-core shared machine: every process (proxy, ingress, router, 5 experts, and the "
                       "load generator) shares the two cores"}
     return result
