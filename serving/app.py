@@ -1,7 +1,8 @@
 """The typed app builder: ``build_app(AppArgs) -> Application`` (``serve run serving.app:build_app``).
 
 The graph: one ``Expert`` deployment per served domain (the same class bound with different
-arguments), one ``Router``, and the FastAPI ``Ingress`` that holds their handles.
+arguments), the FastAPI ``Ingress`` that holds their handles, and, with
+``router_placement: deployment``, a ``Router`` deployment (by default the ingress routes itself).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def ingress_settings(args: AppArgs, configs: dict[str, ModelConfig]) -> IngressS
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,
         ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k,
-        first_token_timeout_s=args.first_token_timeout_s)
+        first_token_timeout_s=args.first_token_timeout_s, torch_threads=args.torch_threads,
+        router_dir=None if args.router_probs is not None else str(args.router_dir),
+        router_probs=args.router_probs)
 
 
 def _expert_app(args: AppArgs, name: str) -> Application:
@@ -64,9 +67,12 @@ def _expert_app(args: AppArgs, name: str) -> Application:
                                           decode_weights=args.decode_weights)
 
 
-def _router_app(args: AppArgs) -> Application:
+def _router_app(args: AppArgs) -> Application | None:
+    """The Router deployment, or None when the ingress routes (it then loads the same checkpoint)."""
     if args.router_probs is None:
         read_meta(args.router_dir, kind="router", verify=True)
+    if args.router_placement == "ingress":
+        return None
     return Router.options(num_replicas=args.router.replicas, ray_actor_options=args.router.actor_options(),
                           max_ongoing_requests=args.max_ongoing_requests,
                           max_queued_requests=args.max_queued_requests).bind(

@@ -65,7 +65,7 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
     fields: dict[str, Any] = {"run_dir": run_dir, "api_key": ns.api_key or os.environ.get("HMOE_API_KEY")}
     if ns.experts:
         fields["experts"] = ns.experts.split(",")
-    for name in ("max_tokens_cap", "max_batch", "torch_threads", "device", "decode_weights"):
+    for name in ("max_tokens_cap", "max_batch", "torch_threads", "device", "decode_weights", "router_placement"):
         if getattr(ns, name) is not None:
             fields[name] = getattr(ns, name)
     if ns.expert_cpus is not None:
@@ -172,6 +172,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-weights", choices=["fp32", "int8"], default=None,
                    help="int8: weight-only int8 projections, about 2x faster decoding on a CPU "
                         "(logits within ~1-2%%); default fp32")
+    p.add_argument("--router-placement", choices=["ingress", "deployment"], default=None,
+                   help="ingress (default): the ingress runs the router itself; deployment: a Router "
+                        "deployment of its own")
 
 
 def add_serve_subparser(sub: argparse._SubParsersAction) -> None:

@@ -36,7 +36,13 @@ class AppArgs(BaseModel):
     experts: list[str] = Field(default_factory=lambda: list(DOMAINS), min_length=1,
                                description="experts to serve (a subset of the five domains)")
     expert: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.3))
-    router: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1))
+    router: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1),
+                                        description="the Router deployment (router_placement: deployment)")
+    router_placement: Literal["ingress", "deployment"] = Field(
+        "ingress", description="ingress: each ingress replica runs the router itself (a ~0.5 ms forward; "
+                               "a hop to a deployment of its own costs ~10 ms at one client on a 2-core "
+                               "machine); deployment: a Router deployment, scaled on its own (a heavier "
+                               "router, or one on a GPU)")
     ingress: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1))
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
     device: str = Field("cpu", description="torch device of the experts: auto, cpu or an accelerator")

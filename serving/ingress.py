@@ -27,12 +27,14 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from experts.device import set_threads
 from experts.sampling import SamplingParams, make_generator, sample
 from experts.tokenizer import Tokenizer
 from router.domains import CHAT_EXPERTS, DOMAINS, GROUP_NAMES, GROUP_OF
 from router.policy import decide
 from serving import guard
 from serving import schemas as S
+from serving.deployments import RouteTable
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
 from serving.health import ExpertHealth, is_replica_death
 from serving.textstream import TextAssembler
@@ -55,6 +57,9 @@ class IngressSettings(BaseModel):
     ensemble_threshold: float = 0.5
     ensemble_top_k: int = 2
     first_token_timeout_s: float = 5.0
+    torch_threads: int = 1
+    router_dir: str | None = None  # the router checkpoint, loaded here when there is no Router deployment
+    router_probs: dict[str, float] | None = None  # tests: fixed probabilities instead
 
 
 app = FastAPI(title="hmoe", description="hierarchical mixture of small domain experts",
@@ -122,14 +127,20 @@ class Generation:
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Ingress:
-    """Routes requests to experts; holds a DeploymentHandle per expert and one for the router."""
+    """Routes requests to experts; holds a DeploymentHandle per expert, and the router: its own
+    ``RouteTable``, or the handle of a Router deployment."""
 
-    def __init__(self, experts: dict[str, DeploymentHandle], router: DeploymentHandle,
+    def __init__(self, experts: dict[str, DeploymentHandle], router: DeploymentHandle | None,
                  settings: IngressSettings | dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(settings)
         self.experts = dict(experts)
         self.health = ExpertHealth(self.experts)
         self.router = router
+        self.table = None
+        if router is None:
+            set_threads(self.settings.torch_threads)
+            self.table = RouteTable(self.settings.router_dir, threshold=self.settings.ensemble_threshold,
+                                    top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
         self.ready = False
@@ -149,7 +160,8 @@ class Ingress:
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         if not self.ready:
-            calls = [h.info.remote() for h in self.experts.values()] + [self.router.route.remote("")]
+            calls = [h.info.remote() for h in self.experts.values()]
+            calls += [self.router.route.remote("")] if self.router is not None else []
             try:
                 await asyncio.wait_for(asyncio.gather(*calls), timeout=2.0)
                 self.ready = True
@@ -358,11 +370,11 @@ class Ingress:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _route_text(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Route the prompts of concurrent requests with ONE call to the Router deployment.
-
-        A handle call costs the ingress ~1 ms of CPU (Serve's request routing and Ray's actor
-        call); at 8 concurrent clients this halves the router calls per request.
-        """
+        """Route the prompts of concurrent requests with ONE forward (here, or in one call to the
+        Router deployment: a handle call costs the ingress ~1 ms of CPU, so batching halves the
+        router calls per request at 8 concurrent clients)."""
+        if self.table is not None:
+            return self.table.route_many(list(texts))
         return await self.router.route_many.remote(list(texts))
 
     # ---- generation ---------------------------------------------------------------------------

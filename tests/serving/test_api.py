@@ -157,3 +157,31 @@ def test_generate_sends_a_chat_expert_the_prompt_as_a_user_turn(client):
     assert conv["prompt_tokens"] == raw["prompt_tokens"] + 3  # <|user|>, <|end|>, <|assistant|>
     assert code["prompt_tokens"] == raw["prompt_tokens"]
     assert forced["prompt_tokens"] == conv["prompt_tokens"]
+
+
+def test_router_deployment_placement_routes_like_the_ingress(client, tiny_run):
+    """router_placement=deployment: a Router deployment of its own gives the ingress's decisions."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import AppArgs
+
+    small = {"num_cpus": 0.05}
+    args = AppArgs(run_dir=str(tiny_run), experts=["math"], router_placement="deployment", api_key=API_KEY,
+                   expert=small, router=small, ingress=small, max_batch=2)
+    name = "hmoe-router-deployment"
+    serve.run(build_app(args), name=name, route_prefix="/dep")
+    try:
+        assert "Router" in serve.status().applications[name].deployments
+        deadline = time.monotonic() + 60
+        while client.get("/dep/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the second app never became ready"
+            time.sleep(0.5)
+        for prompt in ["What is 12 + 30?", "def add(a, b):", "Hello there!", "Paris is the capital of"]:
+            body = {"prompt": prompt, "max_tokens": 1}
+            here = client.post("/generate", json=body).json()["routing"]
+            there = client.post("/dep/generate", json=body).json()["routing"]
+            assert there["expert_probs"] == pytest.approx(here["expert_probs"], abs=1e-6)
+            assert there["group"] == here["group"] and there["expert"] == "math"  # the only expert served
+    finally:
+        serve.delete(name)
