@@ -5,7 +5,7 @@ Measures, in one Ray/Serve instance on loopback:
   with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
   router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
   experts' mean decode batch and requests per prefill (from ``/v1/stats``);
-- the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against streaming the
+- the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against calling the
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
   any two-hop Serve request pays;
@@ -162,13 +162,12 @@ async def _load(base: str, body: dict, clients: int, per_client: int, repeats: i
 
 
 async def _direct(handle: Any, ids: list[int], params: dict, n: int) -> tuple[list[float], int]:
-    """Stream the expert deployment directly (no HTTP, no ingress, no router)."""
+    """Call the expert deployment directly (no HTTP, no ingress, no router) the way the ingress
+    does for a non-streaming request: ``generate_all``, one message back."""
     lat, count = [], 0
     for i in range(n + 1):
         t0 = time.perf_counter()
-        count = 0
-        async for chunk in handle.options(stream=True).generate.remote(ids, params):
-            count += len(chunk["tokens"])
+        count = len((await handle.generate_all.remote(ids, params))["tokens"])
         if i:  # the first is a warm-up
             lat.append((time.perf_counter() - t0) * 1000.0)
     return lat, count
@@ -216,9 +215,11 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
     return out
 
 
-def _contention(run: Path) -> dict[str, Any]:
-    """A batch-8 decode step of the served expert, alone and while another process spins on the
-    other core: the second vCPU's real worth on this machine."""
+def _contention(run: Path, rounds: int = 5) -> dict[str, Any]:
+    """A batch-8 decode step of a served expert, alone and while another process spins on the
+    other vCPU (stopped and continued in turns, medians of ``rounds`` each): what the second vCPU
+    is worth on this machine."""
+    import signal
     import statistics
     import subprocess
     import sys
@@ -241,18 +242,20 @@ def _contention(run: Path) -> dict[str, Any]:
         while engine.has_work:
             engine.step()
 
-    alone = statistics.median(run_times(steps, repeats=7, warmup=2)) / 32
-    spin = f"import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
-    spinner = subprocess.Popen([sys.executable, "-S", "-c", spin])
+    times: dict[str, list[float]] = {"alone": [], "busy": []}
+    spinner = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
     try:
-        time.sleep(0.3)
-        busy = statistics.median(run_times(steps, repeats=7, warmup=2)) / 32
+        for _ in range(rounds):
+            for state, sig in (("alone", signal.SIGSTOP), ("busy", signal.SIGCONT)):
+                spinner.send_signal(sig)
+                time.sleep(0.1)
+                times[state].append(statistics.median(run_times(steps, repeats=5, warmup=1)) / 32)
     finally:
         spinner.kill()
         spinner.wait()
+    alone, busy = statistics.median(times["alone"]), statistics.median(times["busy"])
     return {"expert": expert.name, "decode_step_ms_batch8_alone": round(alone * 1000, 3),
-            "decode_step_ms_batch8_other_core_busy": round(busy * 1000, 3),
-            "slowdown": round(busy / alone, 2)}
+            "decode_step_ms_batch8_other_vcpu_busy": round(busy * 1000, 3), "slowdown": round(busy / alone, 2)}
 
 
 def _load_levels(url: str) -> dict[str, Any]:
