@@ -1,7 +1,9 @@
 """Serving benchmark: latency and throughput of the Ray Serve app, and the ingress overhead.
 
 Measures, in one Ray/Serve instance on loopback:
-- p50/p99 latency of a 32-token completion at 1, 8 and 32 concurrent clients, and aggregate tokens/s;
+- p50/p99 latency of a 32-token completion at 1, 8 and 32 concurrent clients, and aggregate tokens/s
+  (one prompt, so one expert batches everything; and a mixed load, one prompt per expert, at 1
+  and 8 clients);
   with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
   router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
   experts' mean decode batch and requests per prefill (from ``/v1/stats``);
@@ -29,6 +31,12 @@ import httpx
 
 PROMPT = "Question: what is 17 + 25? Answer:"
 TOKENS = 32
+# the mixed load: one prompt per expert, named (the quick router sends most reasoning prompts to
+# conversation), each client cycling through them from its own offset
+MIXED = {"math": "Question: what is 17 + 25? Answer:",
+         "reasoning": "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies?",
+         "conversation": "Hi! How was your weekend?", "knowledge": "What is the population of Chile?",
+         "code": "def fibonacci(n):"}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -118,8 +126,9 @@ def _echo_app():
     return EchoIngress.bind(Echo.bind())
 
 
-async def _load(base: str, body: dict, clients: int, per_client: int, repeats: int = 3) -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending ``per_client`` requests back to back.
+async def _load(base: str, bodies: list[dict], clients: int, per_client: int, repeats: int = 3) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending ``per_client`` requests back to back (client
+    ``i``'s ``j``-th request is ``bodies[(i + j) % len(bodies)]``).
 
     One untimed round at the same concurrency warms every process up (the first rounds after a
     start run up to 20% slower); then ``repeats`` timed rounds: the median round's tokens/s, and
@@ -128,11 +137,11 @@ async def _load(base: str, body: dict, clients: int, per_client: int, repeats: i
     lat: list[float] = []
     tokens = 0
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client(c: httpx.AsyncClient, i: int) -> None:
         nonlocal tokens
-        for _ in range(per_client):
+        for j in range(per_client):
             t0 = time.perf_counter()
-            r = await c.post(f"{base}/v1/completions", json=body)
+            r = await c.post(f"{base}/v1/completions", json=bodies[(i + j) % len(bodies)])
             lat.append((time.perf_counter() - t0) * 1000.0)
             r.raise_for_status()
             tokens += r.json().get("usage", {}).get("completion_tokens", 0)
@@ -140,13 +149,13 @@ async def _load(base: str, body: dict, clients: int, per_client: int, repeats: i
     limits = httpx.Limits(max_connections=clients + 4)
     rounds = []
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        await asyncio.gather(*(client(c) for _ in range(clients)))  # warm-up round
+        await asyncio.gather(*(client(c, i) for i in range(clients)))  # warm-up round
         lat.clear()
         stats0, cpu0, t_all = _batch_stats(base), _cpu_by_role(), time.perf_counter()
         for _ in range(repeats):
             tokens = 0
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(c) for _ in range(clients)))
+            await asyncio.gather(*(client(c, i) for i in range(clients)))
             wall = time.perf_counter() - t0
             rounds.append({"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)})
         wall_all, cpu1 = time.perf_counter() - t_all, _cpu_by_role()
@@ -260,7 +269,13 @@ def _contention(run: Path, rounds: int = 5) -> dict[str, Any]:
 
 def _load_levels(url: str) -> dict[str, Any]:
     body = {"model": "auto", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
-    return {str(c): asyncio.run(_load(url, body, c, per)) for c, per in ((1, 16), (8, 6), (32, 3))}
+    return {str(c): asyncio.run(_load(url, [body], c, per)) for c, per in ((1, 16), (8, 6), (32, 3))}
+
+
+def _mixed_levels(url: str) -> dict[str, Any]:
+    """1 and 8 clients over one prompt per expert: several experts decode at once."""
+    bodies = [{"model": e, "prompt": p, "max_tokens": TOKENS, "temperature": 0} for e, p in MIXED.items()]
+    return {str(c): asyncio.run(_load(url, bodies, c, per)) for c, per in ((1, 15), (8, 10))}
 
 
 def _ratio(load: dict[str, Any]) -> float:
@@ -284,6 +299,7 @@ def main() -> dict[str, Any]:
     serve.run(_echo_app(), name="echo", route_prefix="/echo")
     try:
         load = _load_levels(url)
+        mixed = _mixed_levels(url)
         overhead = _overhead(url, run, repeats=30)
         serve.delete(APP_NAME)
         serve.run(build_app(args.model_copy(update={"decode_weights": "int8"})), name=APP_NAME, route_prefix="/")
@@ -296,6 +312,7 @@ def main() -> dict[str, Any]:
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
+              "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
               "overhead": overhead, "contention": contention,
               "note": "2-core shared machine: every process (proxy, ingress, router, 5 experts, and the "
                       "load generator) shares the two cores"}
