@@ -153,7 +153,12 @@ class Engine:
             for b, (_, row) in enumerate(run):
                 tokens[b, :len(row)] = torch.tensor(row)
             valid = [len(row) for _, row in run] if any(len(row) != T for _, row in run) else None
-            self._forward([s for s, _ in run], tokens.to(self.device), valid)
+            try:
+                self._forward([s for s, _ in run], tokens.to(self.device), valid)
+            except BaseException:  # all or nothing: a failed prefill holds no slots
+                for slot in slots:
+                    self.release(slot)
+                raise
         return slots
 
     def release(self, slot: int) -> None:

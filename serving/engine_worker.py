@@ -213,13 +213,14 @@ class EngineWorker:
                 st.put(e)
                 continue
             batch.append(st)
-        for group in prefill_groups([len(st.prompt) for st in batch]):
+        groups = prefill_groups([len(st.prompt) for st in batch])
+        for n, group in enumerate(groups):
             sts = [batch[i] for i in group]
             t0 = time.perf_counter()
             try:
                 slots = self.engine.add_many([st.prompt for st in sts], [st.params for st in sts])
-            except Exception as e:  # these requests are in neither queue: fail them here, then the rest
-                for st in sts:
+            except Exception as e:  # these and the later groups are in neither queue: fail them here
+                for st in [batch[i] for g in groups[n:] for i in g]:
                     st.put(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
                 raise
             prefill_ms = _ms(t0, time.perf_counter())

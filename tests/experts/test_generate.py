@@ -192,3 +192,16 @@ def test_add_many_refuses_more_prompts_than_free_slots():
         engine.add_many(PROMPTS, [SamplingParams(max_new_tokens=2)] * 3)
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         engine.add_many(PROMPTS[:2], [SamplingParams(max_new_tokens=2)])
+
+
+def test_a_failed_prefill_holds_no_slots(monkeypatch):
+    engine = Engine(_model(), max_batch=3)
+    engine.add([7, 8], SamplingParams(max_new_tokens=2))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.model, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.add_many(PROMPTS[:2], [SamplingParams(max_new_tokens=2)] * 2)
+    assert engine.free_slots == 2

@@ -125,6 +125,37 @@ def test_worker_prefills_waiting_requests_together():
     assert got == want
 
 
+def test_worker_fails_every_waiting_request_when_a_prefill_fails_and_recovers():
+    import threading
+
+    w = _worker(4)
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    real, calls = w.engine.add_many, []
+
+    def fail_once(prompts, ps, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(prompts, ps, **kw)
+
+    w.engine.add_many = fail_once
+
+    async def run():
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(w._call(gate.wait))
+        tasks = [asyncio.ensure_future(_collect(w, p, params))
+                 for p in ([1, 2], [3, 4], list(range(1, 12)), [5, 6, 7])]  # two prefill groups
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocked
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        return results, await _collect(w, [9, 9], params)
+
+    results, after = asyncio.run(run())
+    assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results)
+    assert len(after) == 3 and w.engine.free_slots == 4  # the worker goes on serving, no slot leaked
+
+
 async def _collect(w: EngineWorker, prompt: list[int], params: SamplingParams) -> list[int]:
     return [t async for c in w.generate(prompt, params) for t in c["tokens"]]
 
