@@ -138,7 +138,18 @@ class Engine:
         if len(free) < len(ids):
             raise RuntimeError(f"{len(ids)} prompts but {self.cache.max_batch - len(free)} of the "
                                f"{self.cache.max_batch} slots are busy; release a finished slot first")
-        slots, run = free[:len(ids)], []
+        slots = free[:len(ids)]
+        try:  # all or nothing: a failure (a bad seed, a failed forward) leaves no slot taken
+            self._prefill(slots, ids, params, external)
+        except BaseException:
+            for slot in slots:
+                self.release(slot)
+            raise
+        return slots
+
+    def _prefill(self, slots: list[int], ids: list[list[int]], params: Sequence[SamplingParams],
+                 external: bool) -> None:
+        run = []
         for slot, row, p in zip(slots, ids, params):
             req = _Request(p, make_generator(p.seed, self.device), list(row), external)
             self._requests[slot] = req
@@ -153,13 +164,7 @@ class Engine:
             for b, (_, row) in enumerate(run):
                 tokens[b, :len(row)] = torch.tensor(row)
             valid = [len(row) for _, row in run] if any(len(row) != T for _, row in run) else None
-            try:
-                self._forward([s for s, _ in run], tokens.to(self.device), valid)
-            except BaseException:  # all or nothing: a failed prefill holds no slots
-                for slot in slots:
-                    self.release(slot)
-                raise
-        return slots
+            self._forward([s for s, _ in run], tokens.to(self.device), valid)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished or not)."""

@@ -89,15 +89,16 @@ class KVCache:
         query ever attends (causal within the chunk; later masks stop at each row's length) and
         the next tokens overwrite them.
         """
-        self._slots = list(slots)
-        self._valid = None if valid is None else [int(n) for n in valid]
-        if self._valid is not None and (len(self._valid) != len(self._slots)
-                                        or any(self.lengths[s] for s in self._slots)):
-            raise ValueError("a padded prefill needs one valid length per slot, and empty slots")
+        self._slots, self._valid = list(slots), None
+        if valid is not None:
+            if len(valid) != len(self._slots) or any(self.lengths[s] for s in self._slots):
+                raise ValueError("a padded prefill needs one valid length per slot, and empty slots")
+            self._valid = [int(n) for n in valid]
 
     def begin(self, batch: int, n_new: int) -> _CacheStep:
         """Plan one forward of ``n_new`` tokens for the bound slots (called by the model)."""
         slots = self._slots
+        valid, self._valid = self._valid, None  # for this forward only, even if it fails
         if len(slots) != batch:
             raise ValueError(f"batch has {batch} rows but {len(slots)} cache slots are bound")
         starts = [self.lengths[s] for s in slots]
@@ -116,7 +117,6 @@ class KVCache:
             k_pos_S = torch.arange(end, device=device)
             mask = (k_pos_S[None, None, :] <= q_pos_BT[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         slot_idx = torch.tensor(slots, device=device)
-        valid, self._valid = self._valid, None  # one forward only
         if valid is not None and any(not 1 <= n <= n_new for n in valid):
             raise ValueError(f"valid lengths {valid} must be in [1, {n_new}]")
         return _CacheStep(slots, starts, n_new, valid, end, rows, slot_idx, mask, is_causal)

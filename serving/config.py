@@ -60,7 +60,8 @@ class AppArgs(BaseModel):
     ensemble_top_k: int = Field(2, ge=1, le=len(DOMAINS))
     first_token_timeout_s: float = Field(
         5.0, gt=0, description="an expert that has not started answering by then is treated as down: "
-                               "503 + Retry-After, and its requests fail fast until it answers a probe")
+                               "503 + Retry-After, and its requests fail fast until it answers a probe "
+                               "(a non-streaming answer, sent whole at the end, gets 0.1 s per max_tokens more)")
     router_probs: dict[str, float] | None = Field(
         None, description="debug/tests only: fixed expert probabilities instead of the learned router")
 

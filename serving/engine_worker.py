@@ -209,8 +209,8 @@ class EngineWorker:
                 continue
             try:
                 check_prompt(st.prompt, self.engine.cfg.vocab_size, self.max_len)
-            except ValueError as e:
-                st.put(e)
+            except Exception as e:  # ValueError, or TypeError for ids that are not ints
+                st.put(e if isinstance(e, ValueError) else ValueError(f"invalid prompt ids: {e}"))
                 continue
             batch.append(st)
         groups = prefill_groups([len(st.prompt) for st in batch])
@@ -219,10 +219,11 @@ class EngineWorker:
             t0 = time.perf_counter()
             try:
                 slots = self.engine.add_many([st.prompt for st in sts], [st.params for st in sts])
-            except Exception as e:  # these and the later groups are in neither queue: fail them here
+            except Exception as e:  # add_many holds no slots after a failure: only the newcomers fail
+                log.exception("prefill failed")
                 for st in [batch[i] for g in groups[n:] for i in g]:
                     st.put(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
-                raise
+                return batch
             prefill_ms = _ms(t0, time.perf_counter())
             self.stats.prefills += 1
             self.stats.prefilled += len(sts)

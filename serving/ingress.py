@@ -103,6 +103,24 @@ class Job:
     chat: bool | None = False  # native prompts: as a chat user turn (None: if the expert is a chat expert)
     t0: float = field(default_factory=time.perf_counter)
 
+    @property
+    def one_message(self) -> bool:
+        """Nothing to watch token by token (no stream, no stop strings): one expert answers it in
+        one message, at the end."""
+        return not self.stream and not self.stops
+
+
+# a one-message answer arrives after the whole generation: allow this much per token on top of
+# the first-token deadline (10 tokens/s, far below any expert's speed even when it is loaded)
+ANSWER_S_PER_TOKEN = 0.1
+
+
+def first_answer_deadline_s(first_token_timeout_s: float, job: Job, n_experts: int) -> float:
+    """How long an expert may take before its first message, after which it is treated as down."""
+    if n_experts == 1 and job.one_message:
+        return first_token_timeout_s + ANSWER_S_PER_TOKEN * job.max_tokens
+    return first_token_timeout_s
+
 
 @dataclass
 class Generation:
@@ -430,12 +448,13 @@ class Ingress:
         self.health.check(names)
         source = (self._single(names[0], job) if len(names) == 1
                   else self._ensemble(names, decision["weights"], job))
+        deadline = first_answer_deadline_s(self.settings.first_token_timeout_s, job, len(names))
         try:
             try:  # Serve holds requests for a dead replica until its replacement is up: bound that
-                first = await asyncio.wait_for(source.__anext__(), self.settings.first_token_timeout_s)
+                first = await asyncio.wait_for(source.__anext__(), deadline)
             except asyncio.TimeoutError:
                 e = NotReady(f"expert {', '.join(names)} did not start answering within "
-                             f"{self.settings.first_token_timeout_s:g} s; retry shortly", retry_after_s=1)
+                             f"{deadline:g} s; retry shortly", retry_after_s=1)
                 for name in names:
                     self.health.mark_down(name, e)
                 raise e from None
@@ -453,7 +472,7 @@ class Ingress:
             await source.aclose()
 
     async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
-        if not job.stream and not job.stops:  # nothing to watch token by token: one message
+        if job.one_message:  # nothing to watch token by token: one message
             yield await self.experts[name].generate_all.remote(job.ids, job.params)
             return
         stream = self.experts[name].options(stream=True).generate.remote(job.ids, job.params)

@@ -205,3 +205,11 @@ def test_a_failed_prefill_holds_no_slots(monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         engine.add_many(PROMPTS[:2], [SamplingParams(max_new_tokens=2)] * 2)
     assert engine.free_slots == 2
+
+
+def test_a_bad_seed_in_add_many_holds_no_slots():
+    engine = Engine(_model(), max_batch=3)
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
+        engine.add_many(PROMPTS[:2], [SamplingParams(max_new_tokens=2, seed=1),
+                                      SamplingParams(max_new_tokens=2, seed=2**64)])
+    assert engine.free_slots == 3

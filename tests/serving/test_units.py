@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 import pytest
 import torch
@@ -99,21 +101,14 @@ def test_worker_collect_gives_one_chunk_with_the_streamed_tokens():
 
 def test_worker_prefills_waiting_requests_together():
     """Requests that wait while the engine is busy join in ONE padded prefill, and decode as solo."""
-    import threading
-
     w = _worker(4)
     params = SamplingParams(temperature=0, max_new_tokens=5)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [10], [11, 12]]
 
     async def run():
-        gate = threading.Event()
-        blocked = asyncio.ensure_future(w._call(gate.wait))  # the engine thread waits inside a command
-
-        async def one(p):
-            return [t async for c in w.generate(p, params) for t in c["tokens"]]
-
-        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
-        await asyncio.sleep(0.05)  # all four are posted behind the blocked command
+        gate, blocked = await _hold_engine(w)
+        tasks = [asyncio.ensure_future(_collect(w, p, params)) for p in prompts]
+        await asyncio.sleep(0.05)  # all four are posted while the engine thread is held
         gate.set()
         await blocked
         return await asyncio.gather(*tasks)
@@ -125,35 +120,61 @@ def test_worker_prefills_waiting_requests_together():
     assert got == want
 
 
-def test_worker_fails_every_waiting_request_when_a_prefill_fails_and_recovers():
-    import threading
-
-    w = _worker(4)
+def test_a_failed_prefill_fails_only_its_newcomers():
+    """A running stream survives a newcomer's failed prefill; every newcomer gets the error (none is
+    left waiting), no slot leaks, and the worker goes on serving."""
+    w = _worker(5)  # the running stream's slot + four newcomers
     params = SamplingParams(temperature=0, max_new_tokens=3)
     real, calls = w.engine.add_many, []
 
-    def fail_once(prompts, ps, **kw):
+    def fail_second(prompts, ps, **kw):
         calls.append(len(prompts))
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise RuntimeError("device lost")
         return real(prompts, ps, **kw)
 
-    w.engine.add_many = fail_once
+    w.engine.add_many = fail_second
 
     async def run():
-        gate = threading.Event()
-        blocked = asyncio.ensure_future(w._call(gate.wait))
-        tasks = [asyncio.ensure_future(_collect(w, p, params))
-                 for p in ([1, 2], [3, 4], list(range(1, 12)), [5, 6, 7])]  # two prefill groups
+        running = asyncio.ensure_future(_collect(w, [1, 2, 3], SamplingParams(temperature=0, max_new_tokens=40)))
+        while not w.stats.steps:  # it is admitted and decoding
+            await asyncio.sleep(0.001)
+        gate, blocked = await _hold_engine(w)
+        newcomers = [asyncio.ensure_future(_collect(w, p, params))
+                     for p in ([1, 2], [3, 4], list(range(1, 12)), [5, 6, 7])]  # two prefill groups
         await asyncio.sleep(0.05)
         gate.set()
         await blocked
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
-        return results, await _collect(w, [9, 9], params)
+        failed = await asyncio.wait_for(asyncio.gather(*newcomers, return_exceptions=True), 10)
+        return failed, await running, await _collect(w, [9, 9], params)
 
-    results, after = asyncio.run(run())
-    assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results)
-    assert len(after) == 3 and w.engine.free_slots == 4  # the worker goes on serving, no slot leaked
+    failed, running, after = asyncio.run(run())
+    assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in failed)
+    assert len(running) == 40 and len(after) == 3
+    assert w.engine.free_slots == 5
+
+
+def test_worker_answers_ids_that_are_not_ints_with_a_value_error():
+    w = _worker(2)
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+
+    async def run():
+        return await asyncio.wait_for(asyncio.gather(_collect(w, [None, 3], params), _collect(w, [1, 2], params),
+                                                     return_exceptions=True), 10)
+
+    bad, good = asyncio.run(run())
+    assert isinstance(bad, ValueError) and "invalid prompt ids" in str(bad)
+    assert len(good) == 3
+
+
+async def _hold_engine(w: EngineWorker) -> tuple[Any, asyncio.Future]:
+    """Hold the engine thread inside a command until ``gate.set()``: requests posted meanwhile
+    are all admitted in its next iteration."""
+    entered, gate = threading.Event(), threading.Event()
+    blocked = asyncio.ensure_future(w._call(lambda: entered.set() or gate.wait()))
+    while not entered.is_set():
+        await asyncio.sleep(0.001)
+    return gate, blocked
 
 
 async def _collect(w: EngineWorker, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -196,3 +217,15 @@ def test_worker_rejects_bad_prompt_without_dying():
         return [t async for c in w.generate([1, 2], SamplingParams(max_new_tokens=3)) for t in c["tokens"]]
 
     assert len(asyncio.run(run())) == 3
+
+
+def test_a_one_message_answer_may_take_its_whole_generation_before_the_expert_counts_as_down():
+    from serving.ingress import Job, first_answer_deadline_s
+
+    def job(stream: bool, stops: list[str]) -> Job:
+        return Job([1, 2], 1, "hi", "auto", "top1", 200, {}, stops, stream)
+
+    assert first_answer_deadline_s(5.0, job(False, []), 1) == pytest.approx(25.0)  # + 0.1 s x 200 tokens
+    assert first_answer_deadline_s(5.0, job(True, []), 1) == 5.0  # streamed: the first token is due soon
+    assert first_answer_deadline_s(5.0, job(False, ["\n"]), 1) == 5.0  # stop strings: streamed inside
+    assert first_answer_deadline_s(5.0, job(False, []), 2) == 5.0  # ensemble: token by token
