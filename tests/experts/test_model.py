@@ -69,6 +69,24 @@ def test_kv_cache_chunked_prefill_and_contiguous_batch():
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
 
 
+def test_padded_prefill_lengths_apply_to_one_forward_only_and_bad_ones_raise():
+    model = _model("tiny")
+    x = torch.randint(0, 512, (2, 6))
+    cache = KVCache(model.cfg, max_batch=2, max_len=8)
+    with torch.no_grad():
+        cache.bind([0, 1], valid=[3, 6])
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            model(torch.randint(0, 512, (2, 9)), cache=cache)  # fails before it uses the lengths
+        model(x, cache=cache)  # the same slots, no new bind: nothing padded is left over
+        assert cache.lengths[:2] == [6, 6]
+        with pytest.raises(ValueError, match="one valid length per slot, and empty slots"):
+            cache.bind([0, 1], valid=[1, 1])  # the slots are no longer empty
+        cache.reset(0), cache.reset(1)
+        cache.bind([0, 1], valid=[3, 7])
+        with pytest.raises(ValueError, match=r"valid lengths \[3, 7\] must be in \[1, 6\]"):
+            model(x, cache=cache)
+
+
 def test_kv_cache_overflow_and_bad_sizes_raise():
     cfg = ModelConfig.preset("tiny")
     model = _model("tiny")
