@@ -11,8 +11,8 @@ Measures, in one Ray/Serve instance on loopback:
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
   any two-hop Serve request pays;
-- how much a busy second core slows a batch-8 decode step on this machine (``contention``): two
-  vCPUs that share a physical core add far less than a second core's worth of throughput.
+- how much a process spinning on the other vCPU slows a batch-8 decode step (``contention``): the
+  host's state during the run (here it varied from no slowdown to 2.3x within an hour).
 
 Uses ``runs/quick`` when it holds a trained run (``HMOE_BENCH_RUN`` overrides), else tiny
 random-weight checkpoints. ``bench.run_all`` writes ``bench/results/bench_serving.json``.
@@ -227,7 +227,7 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
 def _contention(run: Path, rounds: int = 5) -> dict[str, Any]:
     """A batch-8 decode step of a served expert, alone and while another process spins on the
     other vCPU (stopped and continued in turns, medians of ``rounds`` each): what the second vCPU
-    is worth on this machine."""
+    is worth on this host right now."""
     import signal
     import statistics
     import subprocess
