@@ -113,17 +113,22 @@ class BatchStats:
     sizes: Counter = field(default_factory=Counter)
     prefills: int = 0  # prefill forwards
     prefilled: int = 0  # requests they admitted
+    step_s: float = 0.0  # wall time of the decode steps
+    step_cpu_s: float = 0.0  # CPU time of the engine thread in them (below step_s: it waited for a core)
 
-    def record(self, batch: int) -> None:
+    def record(self, batch: int, wall_s: float = 0.0, cpu_s: float = 0.0) -> None:
         self.steps += 1
         self.tokens += batch
         self.max_batch = max(self.max_batch, batch)
         self.sizes[batch] += 1
+        self.step_s += wall_s
+        self.step_cpu_s += cpu_s
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "tokens": self.tokens, "max_batch": self.max_batch,
                 "mean_batch": round(self.tokens / self.steps, 3) if self.steps else 0.0,
                 "prefills": self.prefills, "prefilled": self.prefilled,
+                "step_s": round(self.step_s, 6), "step_cpu_s": round(self.step_cpu_s, 6),
                 "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
 
 
@@ -187,13 +192,14 @@ class EngineWorker:
                     self.engine.release(self._running.pop(slot).slot)
             try:
                 admitted = self._admit(waiting)
+                t0, c0 = time.perf_counter(), time.thread_time()
                 outs = self.engine.step() if self.engine.has_work else {}
             except Exception as e:  # an engine bug must not kill the replica: fail the requests
                 log.exception("engine step failed")
                 self._fail_all(e, waiting)
                 continue
             if outs:
-                self.stats.record(len(outs))
+                self.stats.record(len(outs), time.perf_counter() - t0, time.thread_time() - c0)
                 self._dispatch(outs)
             if not outs and not admitted and waiting:  # every slot held by a session: wait for a change
                 with self._cv:

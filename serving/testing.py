@@ -14,6 +14,7 @@ from experts.model import Transformer
 from experts.tokenizer import Tokenizer
 from router.domains import DOMAINS
 from router.model import RouterConfig, RouterModel
+from serving.cli import free_port  # noqa: F401 - the tests' and benchmarks' import path
 
 TEXTS = (
     "What is 12 + 30? The answer is 42.",
@@ -45,17 +46,8 @@ def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset:
     return path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def running_app(args, *, num_cpus: float, wait_ready_s: float) -> Iterator[str]:
+def running_app(args, *, num_cpus: float, wait_ready_s: float, proxy: str | None = None) -> Iterator[str]:
     """Start Ray + Serve with ``args`` on a free loopback port; yield its URL; shut both down."""
     import ray
     from ray import serve
@@ -63,7 +55,7 @@ def running_app(args, *, num_cpus: float, wait_ready_s: float) -> Iterator[str]:
     from serving.cli import start
 
     try:
-        yield start(args, port=free_port(), num_cpus=num_cpus, wait_ready_s=wait_ready_s)
+        yield start(args, port=free_port(), num_cpus=num_cpus, wait_ready_s=wait_ready_s, proxy=proxy)
     finally:
         serve.shutdown()
         ray.shutdown()

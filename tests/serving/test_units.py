@@ -65,6 +65,9 @@ def test_worker_batches_concurrent_requests_and_queues_beyond_slots():
     assert all(len(o) == 10 for o in outs)
     assert w.stats.max_batch == 4  # batched, and never more than the slots
     assert w.engine.free_slots == 4
+    st = w.stats.to_dict()  # every step is timed: wall >= the engine thread's CPU > 0
+    assert st["tokens"] == 60 and st["steps"] >= 60 / 4
+    assert st["step_s"] > 0 and 0 < st["step_cpu_s"] <= st["step_s"] * 1.05 + 0.01
 
 
 def test_worker_greedy_matches_engine_alone():
