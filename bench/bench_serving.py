@@ -11,8 +11,10 @@ Measures, in one Ray/Serve instance on loopback:
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
   any two-hop Serve request pays;
+- the same load levels behind HAProxy (``hmoe serve --proxy haproxy``, a second Ray instance);
 - how much a process spinning on the other vCPU slows a batch-8 decode step (``contention``): the
-  host's state during the run (here it varied from no slowdown to 2.3x within an hour).
+  host's state during the run (here it varied from no slowdown to 2.3x within an hour); and what
+  two CPU-bound processes get done against one (``parallelism``: 2.0 for two real cores).
 
 Uses ``runs/quick`` when it holds a trained run (``HMOE_BENCH_RUN`` overrides), else tiny
 random-weight checkpoints. ``bench.run_all`` writes ``bench/results/bench_serving.json``.
@@ -53,8 +55,8 @@ def _role(cmdline: str) -> str | None:
     if cmdline.startswith("ray::ServeReplica:hmoe:"):
         name = cmdline.split()[0].rsplit(":", 1)[1]
         return f"expert:{name[len('Expert-'):]}" if name.startswith("Expert-") else name.lower()
-    if cmdline.startswith("ray::ProxyActor"):
-        return "proxy"
+    if cmdline.startswith(("ray::ProxyActor", "ray::HAProxyManager")) or "haproxy-serve" in cmdline:
+        return "proxy"  # Serve's proxy actor, or HAProxy and its manager actor (--proxy haproxy)
     if cmdline.startswith("ray::") or "/ray/" in cmdline or "raylet" in cmdline or "gcs_server" in cmdline:
         return "ray (controller, GCS, raylet, agents)"
     return None
@@ -88,7 +90,10 @@ def _batch_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
         steps, prefills = a["steps"] - b["steps"], a["prefills"] - b["prefills"]
         if steps:
             out[name] = {"mean_decode_batch": round((a["tokens"] - b["tokens"]) / steps, 2),
-                         "requests_per_prefill": round((a["prefilled"] - b["prefilled"]) / max(prefills, 1), 2)}
+                         "requests_per_prefill": round((a["prefilled"] - b["prefilled"]) / max(prefills, 1), 2),
+                         # wall time of a decode step, and the engine thread's CPU time in it
+                         "decode_step_ms": round((a["step_s"] - b["step_s"]) * 1000 / steps, 3),
+                         "decode_step_cpu_ms": round((a["step_cpu_s"] - b["step_cpu_s"]) * 1000 / steps, 3)}
     return out
 
 
@@ -267,6 +272,31 @@ def _contention(run: Path, rounds: int = 5) -> dict[str, Any]:
             "decode_step_ms_batch8_other_vcpu_busy": round(busy * 1000, 3), "slowdown": round(busy / alone, 2)}
 
 
+def _parallelism(n: int = 3) -> dict[str, Any]:
+    """What the two vCPUs are worth together: the same CPU-bound Python loop in one process, then
+    in two at once (alternately, ``n`` times each; medians). A speedup of 2.0 means two real cores;
+    a host that shares them (SMT siblings, an overcommitted hypervisor) gives less, and every
+    process of the server competes for that."""
+    import statistics
+    import subprocess
+    import sys
+
+    code = "import time\nt = time.perf_counter()\nx = 0\nfor i in range(6_000_000): x += i\nprint(time.perf_counter() - t)"
+
+    def run(k: int) -> float:  # the slowest process's time
+        procs = [subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(k)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    one, two = [], []
+    for _ in range(n):
+        one.append(run(1))
+        two.append(run(2))
+    t1, t2 = statistics.median(one), statistics.median(two)
+    return {"one_process_s": round(t1, 3), "two_processes_s": round(t2, 3),
+            "speedup_of_two_processes": round(2 * t1 / t2, 2)}
+
+
 def _load_levels(url: str) -> dict[str, Any]:
     body = {"model": "auto", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
     return {str(c): asyncio.run(_load(url, [body], c, per)) for c, per in ((1, 16), (8, 6), (32, 3))}
@@ -294,8 +324,9 @@ def main() -> dict[str, Any]:
 
     run, kind = _run_dir()
     contention = _contention(run)  # before Ray starts: a quiet machine
+    parallelism = _parallelism()
     args = AppArgs(run_dir=str(run), max_tokens_cap=256)
-    url = start(args, port=free_port(), num_cpus=2)
+    url = start(args, port=free_port(), num_cpus=2, proxy="python")
     serve.run(_echo_app(), name="echo", route_prefix="/echo")
     try:
         load = _load_levels(url)
@@ -308,12 +339,21 @@ def main() -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
+    # the same app behind HAProxy (``hmoe serve --proxy haproxy``): a new local Ray instance
+    url = start(args, port=free_port(), num_cpus=2, proxy="haproxy")
+    try:
+        load_haproxy = _load_levels(url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     speedup = _ratio(load)
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
               "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
-              "overhead": overhead, "contention": contention,
+              "load_haproxy": load_haproxy, "throughput_8_over_1_haproxy": _ratio(load_haproxy),
+              "overhead": overhead, "contention": contention, "parallelism": parallelism,
               "note": "2-core shared machine: every process (proxy, ingress, router, 5 experts, and the "
                       "load generator) shares the two cores"}
     return result
