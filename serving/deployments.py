@@ -16,7 +16,7 @@ from ray import serve
 from experts.checkpoint import load_lm
 from experts.device import resolve_device, set_threads
 from experts.generate import Engine
-from experts.quant import quantize_int8
+from experts.quant import prepare_decode
 from experts.sampling import SamplingParams
 from router.domains import DOMAINS
 from router.policy import decide
@@ -33,8 +33,7 @@ class Expert:
                  device: str = "cpu", decode_weights: str = "fp32") -> None:
         threads = set_threads(torch_threads)
         model, cfg, _ = load_lm(ckpt_dir, device=resolve_device(device))
-        if decode_weights == "int8":
-            quantize_int8(model)
+        prepare_decode(model, decode_weights)  # fp32: transposed projections (exact, faster GEMMs)
         self.name, self.cfg = name, cfg
         # no decode log-probs: the API reports log-probs by scoring the sequence (``score``)
         self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False))

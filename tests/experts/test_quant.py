@@ -1,4 +1,5 @@
-"""Weight-only int8 decode weights: close to fp32, the KV cache still exact, the router untouched."""
+"""Decode weights: fp32 transposed equals nn.Linear; int8 stays close to fp32, the KV cache still
+exact, the router untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from experts.config import ModelConfig
 from experts.generate import Engine, generate
 from experts.model import KVCache, Transformer
-from experts.quant import Int8Linear, is_quantized, quantize_int8
+from experts.quant import Int8Linear, TransposedLinear, is_quantized, prepare_decode, quantize_int8
 from experts.sampling import SamplingParams
 
 
@@ -67,3 +68,25 @@ def test_int8_engine_generates_deterministically_with_batching():
     while engine.has_work:
         solo.append(engine.step()[slot].token)
     assert solo == [row[1] for row in batched]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_transposed_fp32_weights_give_the_same_logits_and_tokens(preset):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset)).eval()
+    t = prepare_decode(copy.deepcopy(model), "fp32")
+    swapped = {n for n, m in t.named_modules() if isinstance(m, TransposedLinear)}
+    assert "output" in swapped and "layers.0.attention.wqkv" in swapped
+    assert all(n.endswith(".gate") for n, m in t.named_modules() if isinstance(m, nn.Linear))
+    x = torch.randint(0, model.cfg.vocab_size, (3, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(t(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    assert list(generate(t, prompts, params)) == list(generate(model, prompts, params))
+    assert not is_quantized(t)
+
+
+def test_prepare_decode_names_the_choices():
+    with pytest.raises(ValueError, match="use 'fp32' or 'int8'"):
+        prepare_decode(Transformer(ModelConfig.preset("tiny")), "fp16")
