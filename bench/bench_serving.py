@@ -176,26 +176,31 @@ async def _load(base: str, bodies: list[dict], clients: int, per_client: int, re
             "cpu_utilisation_of_2_cores": round(total * n / 1000.0 / wall_all / 2, 3), "experts": batches}
 
 
-async def _direct(handle: Any, ids: list[int], params: dict, n: int) -> tuple[list[float], int]:
-    """Call the expert deployment directly (no HTTP, no ingress, no router) the way the ingress
-    does for a non-streaming request: ``generate_all``, one message back."""
-    lat, count = [], 0
-    for i in range(n + 1):
-        t0 = time.perf_counter()
-        count = len((await handle.generate_all.remote(ids, params))["tokens"])
-        if i:  # the first is a warm-up
-            lat.append((time.perf_counter() - t0) * 1000.0)
-    return lat, count
-
-
-async def _sequential(url: str, body: dict, n: int) -> list[float]:
-    lat = []
+async def _overhead_rounds(url: str, handle: Any, body: dict, expert: str, ids: list[int], params: dict,
+                           n: int) -> dict[str, list[float]]:
+    """``n`` rounds of four sequential requests, one of each kind per round (so a drift in the
+    host's speed touches every kind alike): the expert deployment called directly the way the
+    ingress calls it for a non-streaming request (``generate_all``: no HTTP, no ingress, no router),
+    HTTP with ``model=auto`` and with the expert named, and the two-hop echo."""
+    lat: dict[str, list[float]] = {"direct_handle": [], "http_auto": [], "http_named_expert": [], "two_hop_echo": []}
+    named = {**body, "model": expert}
+    echo = {"prompt": PROMPT, "max_tokens": TOKENS}
     async with httpx.AsyncClient(timeout=120) as c:
-        await c.post(url, json=body)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            (await c.post(url, json=body)).raise_for_status()
-            lat.append((time.perf_counter() - t0) * 1000.0)
+        async def direct() -> None:
+            await handle.generate_all.remote(ids, params)
+
+        calls = {"direct_handle": direct,
+                 "http_auto": lambda: c.post(f"{url}/v1/completions", json=body),
+                 "http_named_expert": lambda: c.post(f"{url}/v1/completions", json=named),
+                 "two_hop_echo": lambda: c.post(f"{url}/echo/", json=echo)}
+        for i in range(n + 1):
+            for kind, call in calls.items():
+                t0 = time.perf_counter()
+                r = await call()
+                if r is not None:
+                    r.raise_for_status()
+                if i:  # the first round warms up
+                    lat[kind].append((time.perf_counter() - t0) * 1000.0)
     return lat
 
 
@@ -212,16 +217,8 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
     params = dict(temperature=0.0, max_new_tokens=TOKENS, stop_ids=(tok.eos_id, tok.end_id))
     handle = serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe")
 
-    async def measure() -> dict[str, Any]:
-        direct, n_tokens = await _direct(handle, ids, params, repeats)
-        auto = await _sequential(f"{url}/v1/completions", body, repeats)
-        named = await _sequential(f"{url}/v1/completions", {**body, "model": expert}, repeats)
-        echo = await _sequential(f"{url}/echo/", {"prompt": PROMPT, "max_tokens": TOKENS}, repeats)
-        return {"expert": expert, "tokens": n_tokens, "direct_handle": _summary(direct),
-                "http_auto": _summary(auto), "http_named_expert": _summary(named),
-                "two_hop_echo": _summary(echo)}
-
-    out = asyncio.run(measure())
+    lat = asyncio.run(_overhead_rounds(url, handle, body, expert, ids, params, repeats))
+    out: dict[str, Any] = {"expert": expert, **{k: _summary(v) for k, v in lat.items()}}
     p50 = {k: out[k]["p50_ms"] for k in ("direct_handle", "http_auto", "http_named_expert", "two_hop_echo")}
     out["router_ingress_overhead_p50_ms"] = round(p50["http_auto"] - p50["direct_handle"], 3)
     out["router_overhead_p50_ms"] = round(p50["http_auto"] - p50["http_named_expert"], 3)
