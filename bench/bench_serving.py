@@ -177,17 +177,19 @@ async def _load(base: str, bodies: list[dict], clients: int, per_client: int, re
 
 
 async def _overhead_rounds(url: str, handle: Any, body: dict, expert: str, ids: list[int], params: dict,
-                           n: int) -> dict[str, list[float]]:
+                           n: int) -> tuple[dict[str, list[float]], int]:
     """``n`` rounds of four sequential requests, one of each kind per round (so a drift in the
     host's speed touches every kind alike): the expert deployment called directly the way the
     ingress calls it for a non-streaming request (``generate_all``: no HTTP, no ingress, no router),
-    HTTP with ``model=auto`` and with the expert named, and the two-hop echo."""
+    HTTP with ``model=auto`` and with the expert named, and the two-hop echo. Returns the latencies
+    and the number of tokens generated (the same for the direct call and HTTP, or an error)."""
     lat: dict[str, list[float]] = {"direct_handle": [], "http_auto": [], "http_named_expert": [], "two_hop_echo": []}
     named = {**body, "model": expert}
     echo = {"prompt": PROMPT, "max_tokens": TOKENS}
+    tokens: dict[str, set[int]] = {"direct_handle": set(), "http_auto": set()}
     async with httpx.AsyncClient(timeout=120) as c:
         async def direct() -> None:
-            await handle.generate_all.remote(ids, params)
+            tokens["direct_handle"].add(len((await handle.generate_all.remote(ids, params))["tokens"]))
 
         calls = {"direct_handle": direct,
                  "http_auto": lambda: c.post(f"{url}/v1/completions", json=body),
@@ -197,11 +199,15 @@ async def _overhead_rounds(url: str, handle: Any, body: dict, expert: str, ids: 
             for kind, call in calls.items():
                 t0 = time.perf_counter()
                 r = await call()
-                if r is not None:
-                    r.raise_for_status()
                 if i:  # the first round warms up
                     lat[kind].append((time.perf_counter() - t0) * 1000.0)
-    return lat
+                if r is not None:
+                    r.raise_for_status()
+                    if kind == "http_auto":
+                        tokens[kind].add(r.json()["usage"]["completion_tokens"])
+    if len(tokens["http_auto"]) != 1 or tokens["direct_handle"] != tokens["http_auto"]:
+        raise RuntimeError(f"the direct call and HTTP must generate the same tokens: counts {tokens}")
+    return lat, next(iter(tokens["http_auto"]))
 
 
 def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
@@ -217,8 +223,8 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
     params = dict(temperature=0.0, max_new_tokens=TOKENS, stop_ids=(tok.eos_id, tok.end_id))
     handle = serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe")
 
-    lat = asyncio.run(_overhead_rounds(url, handle, body, expert, ids, params, repeats))
-    out: dict[str, Any] = {"expert": expert, **{k: _summary(v) for k, v in lat.items()}}
+    lat, n_tokens = asyncio.run(_overhead_rounds(url, handle, body, expert, ids, params, repeats))
+    out: dict[str, Any] = {"expert": expert, "tokens": n_tokens, **{k: _summary(v) for k, v in lat.items()}}
     p50 = {k: out[k]["p50_ms"] for k in ("direct_handle", "http_auto", "http_named_expert", "two_hop_echo")}
     out["router_ingress_overhead_p50_ms"] = round(p50["http_auto"] - p50["direct_handle"], 3)
     out["router_overhead_p50_ms"] = round(p50["http_auto"] - p50["http_named_expert"], 3)
@@ -242,11 +248,13 @@ def _contention(run: Path, rounds: int = 5) -> dict[str, Any]:
     from experts.checkpoint import load_lm
     from experts.device import set_threads
     from experts.generate import Engine
+    from experts.quant import prepare_decode
     from experts.sampling import SamplingParams
 
     set_threads(1)
     expert = next(p for p in sorted((run / "experts").iterdir()) if (p / "meta.json").is_file())
     model, cfg, _ = load_lm(expert, device=torch.device("cpu"))
+    prepare_decode(model)  # as the Expert deployment decodes
 
     def steps() -> None:
         engine = Engine(model, max_batch=8, max_len=min(cfg.max_seq_len, 64), logprobs=False)

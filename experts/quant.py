@@ -2,9 +2,11 @@
 
 ``transpose_linears(model)`` (the serving default, ``decode_weights: fp32``) replaces every
 projection ``nn.Linear`` by :class:`TransposedLinear`: the same fp32 weight stored as ``(in, out)``
-and multiplied as ``x @ weight_t``. The logits are bit-identical to ``nn.Linear``'s here, but
-torch's CPU GEMM is faster with that layout at decode shapes: a batch-8 decode step of the quick
-model 1.21x faster, of the ``small`` one 1.29x, and batch 1 1.03-1.04x (interleaved medians).
+and multiplied as ``x @ weight_t``. The logits equal ``nn.Linear``'s to within ~1e-6 (the same
+products, summed in another order at some shapes), and torch's CPU GEMM is faster with that
+layout at decode shapes: a batch-8 decode step of the quick model 1.21x faster, of the ``small``
+one 1.29x, and batch 1 1.03-1.04x (interleaved medians of single engine steps on this machine).
+The LM head gets its own transposed copy, so a tied embedding table is held twice.
 
 Batch-1 decoding on a CPU is bound by reading the weights (for the ``small`` preset, 21 MB of
 fp32 per token; one pass over them costs ~0.7 ms here). ``quantize_int8(model)`` replaces every

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,5 +157,8 @@ def run_chat(url: str, *, api_key: str | None = None, inp: TextIO = sys.stdin, o
 
 def chat_main(args: Any) -> int:
     """Entry point of ``hmoe chat``."""
+    # Ctrl-C quits even when the shell that started us ignored SIGINT (a background job of a
+    # script hands SIG_IGN down, and Python then never raises KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     api_key = getattr(args, "api_key", None) or os.environ.get("HMOE_API_KEY")
     return run_chat(args.url, api_key=api_key)

