@@ -240,6 +240,11 @@ def up_main(ns: argparse.Namespace) -> int:
               "(resumes where a previous attempt stopped) ...", flush=True)
         summary = run_pipeline(cfg)
         print(f"trained {len(summary['models'])} models -> {summary['run_dir']}", flush=True)
+        import ray
+
+        # serve from a Ray started for serving (its proxy and Serve's throughput profile are set
+        # when it starts), not from the one that ran the training tasks
+        ray.shutdown()
     return _serve_forever(_app_args(ns, str(run_dir)), ns)
 
 
