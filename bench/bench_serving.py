@@ -11,8 +11,8 @@ Measures, in one Ray/Serve instance on loopback:
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
   any two-hop Serve request pays;
-- all of it behind HAProxy (the default of ``hmoe serve``), then the load levels again behind
-  Serve's Python proxy (``--proxy python``, a second Ray instance);
+- all of it behind the proxy ``hmoe serve`` would use here (HAProxy when its binary is there), then,
+  if that was HAProxy, the load levels again behind Serve's Python proxy (a second Ray instance);
 - how much a process spinning on the other vCPU slows a batch-8 decode step (``contention``): the
   host's state during the run (here it varied from no slowdown to 2.3x within an hour); and what
   two CPU-bound processes get done against one (``parallelism``: 2.0 for two real cores).
@@ -324,7 +324,7 @@ def main() -> dict[str, Any]:
     from ray import serve
 
     from serving.app import build_app
-    from serving.cli import APP_NAME, start, wait_ready
+    from serving.cli import APP_NAME, default_proxy, start, wait_ready
     from serving.config import AppArgs
     from serving.testing import free_port
 
@@ -332,7 +332,8 @@ def main() -> dict[str, Any]:
     contention = _contention(run)  # before Ray starts: a quiet machine
     parallelism = _parallelism()
     args = AppArgs(run_dir=str(run), max_tokens_cap=256)
-    url = start(args, port=free_port(), num_cpus=2, proxy="haproxy")  # the default of hmoe serve
+    proxy = default_proxy()  # what hmoe serve would use here
+    url = start(args, port=free_port(), num_cpus=2, proxy=proxy)
     serve.run(_echo_app(), name="echo", route_prefix="/echo")
     try:
         load = _load_levels(url)
@@ -345,20 +346,21 @@ def main() -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    # the same app behind Serve's Python proxy (``hmoe serve --proxy python``): a new local Ray
-    url = start(args, port=free_port(), num_cpus=2, proxy="python")
-    try:
-        load_python_proxy = _load_levels(url)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    load_python_proxy = None
+    if proxy == "haproxy":  # the same app behind Serve's Python proxy (--proxy python): a new local Ray
+        url = start(args, port=free_port(), num_cpus=2, proxy="python")
+        try:
+            load_python_proxy = _load_levels(url)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     speedup = _ratio(load)
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
               "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
-              "proxy": "haproxy", "load_python_proxy": load_python_proxy,
-              "throughput_8_over_1_python_proxy": _ratio(load_python_proxy),
+              "proxy": proxy, "load_python_proxy": load_python_proxy,
+              "throughput_8_over_1_python_proxy": load_python_proxy and _ratio(load_python_proxy),
               "overhead": overhead, "contention": contention, "parallelism": parallelism,
               "note": "2-core shared machine: every process (proxy, ingress, router, 5 experts, and the "
                       "load generator) shares the two cores"}

@@ -131,7 +131,16 @@ class Engine:
         A batch of newcomers costs about one prefill instead of one each: on a CPU the small
         forwards of a decode-sized model are mostly fixed per-call overhead.
         """
-        ids = [check_prompt(p, self.cfg.vocab_size, self.cache.max_len) for p in prompts]
+        return self.add_checked([self.check(p) for p in prompts], params, external=external)
+
+    def check(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt as a list of ids, or ``ValueError`` saying what to change (``check_prompt``)."""
+        return check_prompt(prompt_ids, self.cfg.vocab_size, self.cache.max_len)
+
+    def add_checked(self, ids: list[list[int]], params: Sequence[SamplingParams], *,
+                    external: bool = False) -> list[int]:
+        """``add_many`` for prompts that already passed ``check`` (the serving worker checks each
+        request alone, so that one bad prompt fails by itself, then prefills the good ones together)."""
         if len(params) != len(ids):
             raise ValueError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
         free = [s for s in range(self.cache.max_batch) if s not in self._requests]
@@ -160,11 +169,9 @@ class Engine:
                 run.append((slot, row))
         if run:
             T = max(len(row) for _, row in run)
-            tokens = torch.zeros(len(run), T, dtype=torch.long)  # (B, T) right-padded
-            for b, (_, row) in enumerate(run):
-                tokens[b, :len(row)] = torch.tensor(row)
+            tokens = torch.tensor([row + [0] * (T - len(row)) for _, row in run], device=self.device)  # (B, T)
             valid = [len(row) for _, row in run] if any(len(row) != T for _, row in run) else None
-            self._forward([s for s, _ in run], tokens.to(self.device), valid)
+            self._forward([s for s, _ in run], tokens, valid)
 
     def release(self, slot: int) -> None:
         """Free a slot (finished or not)."""

