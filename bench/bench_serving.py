@@ -7,6 +7,8 @@ Measures, in one Ray/Serve instance on loopback:
   with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
   router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
   experts' mean decode batch and requests per prefill (from ``/v1/stats``);
+- the 1, 8 and 32 client levels again with int8 decode weights, and with two ingress replicas
+  (``--ingress-replicas 2``);
 - the same 1 and 8 client levels calling the expert deployment directly (a DeploymentHandle in
   this process: no HTTP, proxy or ingress), how far the deployment alone scales here;
 - the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against calling the
@@ -66,13 +68,20 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # exited meanwhile
+        return ""
+
+
 def _cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role's processes, and by this one."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        cmd = _cmdline(pid)
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
@@ -348,17 +357,37 @@ def _mixed_levels(url: str) -> dict[str, Any]:
     return {str(c): asyncio.run(_load(url, bodies, c, per)) for c, per in ((1, 15), (8, 10))}
 
 
+def _redeploy(args: Any, url: str) -> None:
+    """Replace the app by ``build_app(args)``; return once it is ready and the old replicas have
+    stopped (they drain for up to ``graceful_shutdown_timeout_s``, and their CPU would count)."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.cli import APP_NAME, wait_ready
+
+    serve.delete(APP_NAME)
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    wait_ready(url, None, 300)
+    want = len(args.experts) * args.expert.replicas + args.ingress.replicas
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        replicas = [c for c in map(_cmdline, filter(str.isdigit, os.listdir("/proc")))
+                    if c.startswith(f"ray::ServeReplica:{APP_NAME}:")]
+        if len(replicas) <= want:
+            return
+        time.sleep(0.5)
+
+
 def _ratio(load: dict[str, Any]) -> float:
     return round(load["8"]["tokens_per_s"] / max(load["1"]["tokens_per_s"], 1e-9), 2)
 
 
 def main() -> dict[str, Any]:
-    """Run the benchmark and return its figures (fp32 experts, then the same with int8 decode weights)."""
+    """Run the benchmark and return its figures (fp32 experts, then int8 decode weights, then two ingress replicas)."""
     import ray
     from ray import serve
 
-    from serving.app import build_app
-    from serving.cli import APP_NAME, default_proxy, start, wait_ready
+    from serving.cli import default_proxy, start
     from serving.config import AppArgs
     from serving.testing import free_port
 
@@ -374,10 +403,10 @@ def main() -> dict[str, Any]:
         mixed = _mixed_levels(url)
         direct = _direct_levels(url, run)
         overhead = _overhead(url, run, repeats=30)
-        serve.delete(APP_NAME)
-        serve.run(build_app(args.model_copy(update={"decode_weights": "int8"})), name=APP_NAME, route_prefix="/")
-        wait_ready(url, None, 300)
+        _redeploy(args.model_copy(update={"decode_weights": "int8"}), url)
         load_int8 = _load_levels(url)
+        _redeploy(args.model_copy(update={"ingress": args.ingress.model_copy(update={"replicas": 2})}), url)
+        load_two_ingress = _load_levels(url)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -393,6 +422,8 @@ def main() -> dict[str, Any]:
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
+              "load_two_ingress_replicas": load_two_ingress,
+              "throughput_8_over_1_two_ingress_replicas": _ratio(load_two_ingress),
               "load_direct_handle": direct, "throughput_8_over_1_direct_handle": _ratio(direct),
               "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
               "proxy": proxy, "load_python_proxy": load_python_proxy,
