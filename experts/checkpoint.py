@@ -51,12 +51,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only set it, and a
+    set-and-restore would briefly give other threads' new files a umask of 0)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (not Linux): set-and-restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one.
+
+    The file gets the permissions ``open()`` would give it (0666 minus the umask), not the
+    owner-only 0600 of a temporary file: a checkpoint or a report is read by other users and
+    services (a shared cluster volume, a web server)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -133,9 +150,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give it, not mkdtemp's 0700
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
+                f.chmod(0o666 & ~_umask())  # some writers (safetensors) create files owner-only
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

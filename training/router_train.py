@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experts.checkpoint import save_checkpoint
+from experts.checkpoint import atomic_write_json, save_checkpoint
 from router.calibration import expert_nll, fit_temperature
 from router.domains import DOMAINS, check_domain
 from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, hierarchical_log_probs
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_router(load_router(Path(args.run_dir) / "router"),
                               router_examples(corpus, "test", per_domain=100_000, seed=0))
     plot_confusion(metrics["confusion"], Path(args.run_dir) / "router_confusion.png")
-    (Path(args.run_dir) / "router_eval.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(Path(args.run_dir) / "router_eval.json", metrics)
     print(json.dumps({"train_s": result.elapsed_s, **metrics}, indent=2))
     return 0
 

@@ -35,3 +35,29 @@ def test_truncated_weights_raise_checkpoint_error_naming_the_file(tmp_path):
         load_lm(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_lm(tmp_path / "ckpt", verify=False)  # the safetensors reader names it too
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    """Not a temporary file's owner-only 0600/0700: other users and services read checkpoints."""
+    import os
+    import stat
+
+    from experts.checkpoint import atomic_dir, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        with atomic_dir(tmp_path / "ckpt") as d:
+            (d / "meta.json").write_text("{}")
+        cfg = ModelConfig.preset("tiny")
+        save_lm(tmp_path / "lm", Transformer(cfg), cfg)
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "report.md") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "ckpt") == mode(tmp_path / "plain") == 0o777 & ~umask
+    assert {mode(f) for f in (tmp_path / "lm").iterdir() if f.is_file()} == {0o666 & ~umask}
+    assert mode(tmp_path / "lm") == 0o777 & ~umask
