@@ -31,7 +31,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +68,20 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:  # exited meanwhile
-        return ""
+def _processes() -> Iterator[tuple[str, str]]:
+    """(pid, command line) of every process still running."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            yield pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
 
 
 def _cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role's processes, and by this one."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        cmd = _cmdline(pid)
+    for pid, cmd in _processes():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
@@ -248,12 +249,12 @@ def _expert_call(url: str, run: Path) -> tuple[dict, str, Any, list[int], dict]:
     return body, expert, serve.get_deployment_handle(f"Expert-{expert}", app_name="hmoe"), ids, params
 
 
-def _direct_levels(url: str, run: Path) -> dict[str, Any]:
+def _direct_levels(url: str, call: tuple) -> dict[str, Any]:
     """1 and 8 clients calling the expert deployment directly: ``generate_all`` through a
     DeploymentHandle from this process (no HTTP, proxy, ingress or router), for the same tokens as
     the HTTP levels. How far the expert deployment alone scales with concurrency on this machine,
     next to what the HTTP levels get with the proxy and the ingress on the same two cores."""
-    _, _, handle, ids, params = _expert_call(url, run)
+    _, _, handle, ids, params = call  # from ``_expert_call``
 
     async def send(i: int, j: int) -> int:
         return len((await handle.generate_all.remote(ids, params))["tokens"])
@@ -264,8 +265,8 @@ def _direct_levels(url: str, run: Path) -> dict[str, Any]:
     return asyncio.run(levels())
 
 
-def _overhead(url: str, run: Path, repeats: int) -> dict[str, Any]:
-    body, expert, handle, ids, params = _expert_call(url, run)
+def _overhead(url: str, call: tuple, repeats: int) -> dict[str, Any]:
+    body, expert, handle, ids, params = call  # from ``_expert_call``
     lat, n_tokens = asyncio.run(_overhead_rounds(url, handle, body, expert, ids, params, repeats))
     out: dict[str, Any] = {"expert": expert, "tokens": n_tokens, **{k: _summary(v) for k, v in lat.items()}}
     p50 = {k: out[k]["p50_ms"] for k in ("direct_handle", "http_auto", "http_named_expert", "two_hop_echo")}
@@ -371,9 +372,7 @@ def _redeploy(args: Any, url: str) -> None:
     want = len(args.experts) * args.expert.replicas + args.ingress.replicas
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        replicas = [c for c in map(_cmdline, filter(str.isdigit, os.listdir("/proc")))
-                    if c.startswith(f"ray::ServeReplica:{APP_NAME}:")]
-        if len(replicas) <= want:
+        if sum(cmd.startswith(f"ray::ServeReplica:{APP_NAME}:") for _, cmd in _processes()) <= want:
             return
         time.sleep(0.5)
 
@@ -401,8 +400,9 @@ def main() -> dict[str, Any]:
     try:
         load = _load_levels(url)
         mixed = _mixed_levels(url)
-        direct = _direct_levels(url, run)
-        overhead = _overhead(url, run, repeats=30)
+        call = _expert_call(url, run)
+        direct = _direct_levels(url, call)
+        overhead = _overhead(url, call, repeats=30)
         _redeploy(args.model_copy(update={"decode_weights": "int8"}), url)
         load_int8 = _load_levels(url)
         _redeploy(args.model_copy(update={"ingress": args.ingress.model_copy(update={"replicas": 2})}), url)

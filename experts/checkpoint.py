@@ -149,12 +149,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    umask = _umask()
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give it, not mkdtemp's 0700
+        os.chmod(tmp, 0o777 & ~umask)  # what mkdir would give it, not mkdtemp's 0700
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
-                f.chmod(0o666 & ~_umask())  # some writers (safetensors) create files owner-only
+                f.chmod(0o666 & ~umask)  # some writers (safetensors) create files owner-only
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

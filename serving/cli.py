@@ -175,10 +175,7 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
 
     try:
         url = start(app_args, host=ns.host, port=ns.port, proxy=ns.proxy)
-    except CheckpointError as e:  # refuse to serve a corrupt or incomplete run
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ProxyUnavailable as e:
+    except (CheckpointError, ProxyUnavailable) as e:  # a corrupt or incomplete run; no such proxy here
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, TimeoutError, RuntimeError) as e:  # RayTaskError is a RuntimeError: port in use, ...
@@ -272,7 +269,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray num_cpus per expert replica")
     p.add_argument("--expert-replicas", type=int, default=None)
     p.add_argument("--ingress-replicas", type=int, default=None,
-                   help="ingress replicas (each runs the router); HAProxy spreads requests over them")
+                   help="ingress replicas (each runs the router); the proxy spreads requests over them")
     p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
     p.add_argument("--decode-weights", choices=["fp32", "int8"], default=None,
                    help="int8: weight-only int8 projections (2x faster batch-8 decoding on an AMD EPYC, "
