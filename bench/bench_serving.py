@@ -78,17 +78,27 @@ def _processes() -> Iterator[tuple[str, str]]:
 
 
 def _cpu_by_role() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each role's processes, and by this one."""
+    """CPU seconds (user + system) used so far by each role's processes, and by this one.
+
+    An expert's engine process (``serving.engine_proc``) counts for the replica that started it."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    procs: dict[int, tuple[str, int, float]] = {}  # pid -> (command line, parent pid, CPU s)
     for pid, cmd in _processes():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
-        role = "load generator" if int(pid) == os.getpid() else _role(cmd)
+        procs[int(pid)] = (cmd, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    out: dict[str, float] = {}
+    for pid, (cmd, ppid, cpu) in procs.items():
+        if pid == os.getpid():
+            role = "load generator"
+        elif "serving.engine_proc" in cmd and ppid in procs:
+            role = _role(procs[ppid][0])
+        else:
+            role = _role(cmd)
         if role:
-            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[role] = out.get(role, 0.0) + cpu
     return out
 
 
@@ -382,7 +392,8 @@ def _ratio(load: dict[str, Any]) -> float:
 
 
 def main() -> dict[str, Any]:
-    """Run the benchmark and return its figures (fp32 experts, then int8 decode weights, then two ingress replicas)."""
+    """Run the benchmark and return its figures (fp32 experts, then int8 decode weights, two ingress
+    replicas, and the engine loop on a thread of the replica instead of a process of its own)."""
     import ray
     from ray import serve
 
@@ -407,6 +418,8 @@ def main() -> dict[str, Any]:
         load_int8 = _load_levels(url)
         _redeploy(args.model_copy(update={"ingress": args.ingress.model_copy(update={"replicas": 2})}), url)
         load_two_ingress = _load_levels(url)
+        _redeploy(args.model_copy(update={"engine": "thread"}), url)
+        load_thread_engine = _load_levels(url)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -424,6 +437,8 @@ def main() -> dict[str, Any]:
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
               "load_two_ingress_replicas": load_two_ingress,
               "throughput_8_over_1_two_ingress_replicas": _ratio(load_two_ingress),
+              "load_thread_engine": load_thread_engine,
+              "throughput_8_over_1_thread_engine": _ratio(load_thread_engine),
               "load_direct_handle": direct, "throughput_8_over_1_direct_handle": _ratio(direct),
               "load_mixed_domains": mixed, "throughput_8_over_1_mixed_domains": _ratio(mixed),
               "proxy": proxy, "load_python_proxy": load_python_proxy,

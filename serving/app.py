@@ -64,7 +64,7 @@ def _expert_app(args: AppArgs, name: str) -> Application:
         options["request_router_config"] = {"request_router_class": STICKY_ROUTER}
     return Expert.options(**options).bind(name, str(args.expert_dir(name)), max_batch=args.max_batch,
                                           torch_threads=args.torch_threads, device=args.device,
-                                          decode_weights=args.decode_weights)
+                                          decode_weights=args.decode_weights, engine=args.engine)
 
 
 def _router_app(args: AppArgs) -> Application | None:

@@ -156,7 +156,7 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
     fields: dict[str, Any] = {"run_dir": run_dir, "api_key": ns.api_key or os.environ.get("HMOE_API_KEY")}
     if ns.experts:
         fields["experts"] = ns.experts.split(",")
-    for name in ("max_tokens_cap", "max_batch", "torch_threads", "device", "decode_weights", "router_placement"):
+    for name in ("max_tokens_cap", "max_batch", "torch_threads", "device", "decode_weights", "router_placement", "engine"):
         if getattr(ns, name) is not None:
             fields[name] = getattr(ns, name)
     for deployment, changes in (("expert", {"num_cpus": ns.expert_cpus, "replicas": ns.expert_replicas}),
@@ -278,6 +278,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="HTTP proxy of the local Ray instance: haproxy (the default when ray[serve]'s "
                         "HAProxy binary is there; ~0.8 ms of proxy CPU per request instead of ~4.5) or python (Serve's proxy actor); "
                         "RAY_SERVE_ENABLE_HA_PROXY=0/1 sets the default")
+    p.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="where an expert replica runs its decode loop: process (default; a child process "
+                        "with a GIL of its own) or thread (inside the replica)")
     p.add_argument("--router-placement", choices=["ingress", "deployment"], default=None,
                    help="ingress (default): the ingress runs the router itself; deployment: a Router "
                         "deployment of its own")

@@ -13,32 +13,31 @@ from typing import Any
 
 from ray import serve
 
-from experts.checkpoint import load_lm
-from experts.device import resolve_device, set_threads
-from experts.generate import Engine
-from experts.quant import prepare_decode
+from experts.checkpoint import read_meta
+from experts.config import ModelConfig
+from experts.device import set_threads
 from experts.sampling import SamplingParams
 from router.domains import DOMAINS
 from router.policy import decide
-from serving.engine_worker import EngineWorker
+from serving.engine_worker import EngineWorker, ProcessEngineWorker, load_engine
 
 log = logging.getLogger(__name__)
 
 
 @serve.deployment(name="Expert", graceful_shutdown_timeout_s=5, health_check_period_s=10)
 class Expert:
-    """One domain expert: an Engine stepped by its own thread, streaming tokens per request."""
+    """One domain expert: an Engine stepped by its own loop (in a child process, or on a thread with
+    ``engine="thread"``), streaming tokens per request."""
 
     def __init__(self, name: str, ckpt_dir: str, *, max_batch: int, torch_threads: int,
-                 device: str = "cpu", decode_weights: str = "fp32") -> None:
-        threads = set_threads(torch_threads)
-        model, cfg, _ = load_lm(ckpt_dir, device=resolve_device(device))
-        prepare_decode(model, decode_weights)  # fp32: transposed projections (exact, faster GEMMs)
-        self.name, self.cfg = name, cfg
-        # no decode log-probs: the API reports log-probs by scoring the sequence (``score``)
-        self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False))
-        log.info("expert %s loaded from %s (%d params, %s weights, %d threads, %d slots)", name, ckpt_dir,
-                 cfg.num_params(), decode_weights, threads, max_batch)
+                 device: str = "cpu", decode_weights: str = "fp32", engine: str = "process") -> None:
+        set_threads(torch_threads)
+        self.name, self.cfg = name, ModelConfig.from_dict(read_meta(Path(ckpt_dir), kind="lm", verify=False)["config"])
+        spec = dict(ckpt_dir=ckpt_dir, max_batch=max_batch, torch_threads=torch_threads, device=device,
+                    decode_weights=decode_weights)
+        # process: the engine loop has a GIL of its own (the replica's event loop slows a thread's steps)
+        self.worker = ProcessEngineWorker(spec) if engine == "process" else EngineWorker(load_engine(**spec))
+        log.info("expert %s serving %s (%d slots, engine on a %s)", name, ckpt_dir, max_batch, engine)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "context_length": self.cfg.max_seq_len,
@@ -66,7 +65,7 @@ class Expert:
 
     async def step(self, session: str) -> Any:
         """Next-token log-probabilities ``(V,)`` as a float32 numpy array."""
-        return (await self.worker.session_logprobs(session)).float().numpy()
+        return await self.worker.session_logprobs(session)
 
     async def feed(self, session: str, token: int) -> dict[str, Any]:
         return await self.worker.session_feed(session, token)
@@ -74,8 +73,12 @@ class Expert:
     async def close(self, session: str) -> None:
         await self.worker.close_session(session)
 
-    def stats(self) -> dict[str, Any]:
-        return {"name": self.name, **self.worker.stats.to_dict()}
+    async def stats(self) -> dict[str, Any]:
+        return {"name": self.name, **(await self.worker.stats_dict())}
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine process died is replaced."""
+        self.worker.check()
 
     def __del__(self) -> None:
         worker = getattr(self, "worker", None)

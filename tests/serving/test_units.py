@@ -303,3 +303,18 @@ def test_serve_flags_set_replicas_and_cpus_over_each_deployments_defaults(tmp_pa
     assert (cpus.expert.num_cpus, cpus.expert.replicas) == (0.2, 1)
     with pytest.raises(ValueError, match="replicas"):  # pydantic's bound, naming the field
         args("--ingress-replicas", "0")
+
+
+def test_the_serve_config_yaml_is_valid_app_args(tmp_path):
+    """``serve run serving/serve_config.yaml`` hands ``args`` to AppArgs: every key there must exist."""
+    import yaml
+
+    from serving.config import AppArgs
+
+    conf = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "../../serving/serve_config.yaml")))
+    (app,) = conf["applications"]
+    assert app["import_path"] == "serving.app:build_app"
+    args = AppArgs.model_validate({**app["args"], "run_dir": str(tmp_path)})
+    assert args.engine == "process" and args.experts == ["math", "reasoning", "conversation", "knowledge", "code"]
+    with pytest.raises(ValueError, match="engine"):
+        AppArgs.model_validate({**app["args"], "run_dir": str(tmp_path), "engine": "fiber"})
