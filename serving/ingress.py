@@ -34,6 +34,7 @@ from router.domains import CHAT_EXPERTS, DOMAINS, GROUP_NAMES, GROUP_OF
 from router.policy import decide
 from serving import guard
 from serving import schemas as S
+from serving.batching import TickBatcher
 from serving.deployments import RouteTable
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
 from serving.health import ExpertHealth, is_replica_death
@@ -154,11 +155,12 @@ class Ingress:
         self.experts = dict(experts)
         self.health = ExpertHealth(self.experts)
         self.router = router
-        self.table = None
+        self.table = self._route_local = None
         if router is None:
             set_threads(self.settings.torch_threads)
             self.table = RouteTable(self.settings.router_dir, threshold=self.settings.ensemble_threshold,
                                     top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
+            self._route_local = TickBatcher(self.table.route_many)
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
         self.ready = False
@@ -200,8 +202,11 @@ class Ingress:
         """Decode batch statistics of each expert (one replica each)."""
         names = list(self.experts)
         got = await asyncio.gather(*(self.experts[n].stats.remote() for n in names))
-        return {"experts": dict(zip(names, got)), "max_batch": max(s["max_batch"] for s in got),
-                "health": self.health.status()}
+        out = {"experts": dict(zip(names, got)), "max_batch": max(s["max_batch"] for s in got),
+               "health": self.health.status()}
+        if self._route_local is not None:  # this ingress replica's router forwards
+            out["router"] = {"prompts": self._route_local.calls, "forwards": self._route_local.batches}
+        return out
 
     # ---- OpenAI: completions ------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -376,8 +381,8 @@ class Ingress:
             groups = {g: float(g == GROUP_OF[job.model]) for g in GROUP_NAMES}
             return {"group": GROUP_OF[job.model], "group_probs": groups, "expert_probs": probs,
                     "experts": [job.model], "weights": [1.0], "mode": "explicit"}
-        if self.table is not None:  # in-process: one ~0.5 ms forward, no batching hop to wait for
-            full = self.table.route_many([job.route_text])[0]
+        if self._route_local is not None:  # in-process: the requests of one loop tick share a forward
+            full = await self._route_local(job.route_text)
         else:
             full = await self._route_text(job.route_text)
         served = {d: p for d, p in full["expert_probs"].items() if d in self.experts}

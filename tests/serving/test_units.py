@@ -318,3 +318,30 @@ def test_the_serve_config_yaml_is_valid_app_args(tmp_path):
     assert args.engine == "process" and args.experts == ["math", "reasoning", "conversation", "knowledge", "code"]
     with pytest.raises(ValueError, match="engine"):
         AppArgs.model_validate({**app["args"], "run_dir": str(tmp_path), "engine": "fiber"})
+
+
+def test_tick_batcher_runs_the_calls_of_one_loop_tick_together():
+    from serving.batching import TickBatcher
+
+    seen: list[list[int]] = []
+
+    def double(xs: list[int]) -> list[int]:
+        seen.append(list(xs))
+        if 13 in xs:
+            raise ValueError("unlucky")
+        return [2 * x for x in xs] if 7 not in xs else []
+
+    b = TickBatcher(double)
+
+    async def run():
+        together = await asyncio.gather(*(b(i) for i in range(5)))  # made in one tick: one call
+        alone = await b(10)
+        failed = await asyncio.gather(b(1), b(13), return_exceptions=True)
+        short = await asyncio.gather(b(7), return_exceptions=True)
+        return together, alone, failed, short
+
+    together, alone, failed, short = asyncio.run(run())
+    assert together == [0, 2, 4, 6, 8] and alone == 20
+    assert seen[:2] == [[0, 1, 2, 3, 4], [10]] and (b.calls, b.batches) == (9, 4)
+    assert all(isinstance(e, ValueError) and "unlucky" in str(e) for e in failed)  # the whole batch fails
+    assert isinstance(short[0], RuntimeError) and "0 results for 1 inputs" in str(short[0])
