@@ -7,8 +7,9 @@ Measures, in one Ray/Serve instance on loopback:
   with each level, the CPU each process spent per request (read from /proc: proxy, ingress,
   router, experts, the rest of Ray, this load generator), the machine's utilisation, and the
   experts' mean decode batch and requests per prefill (from ``/v1/stats``);
-- the 1, 8 and 32 client levels again with int8 decode weights, and with two ingress replicas
-  (``--ingress-replicas 2``);
+- the 1, 8 and 32 client levels again with int8 decode weights, with one ingress replica instead
+  of the default two (``--ingress-replicas 1``), and with the experts' engine loops on a thread
+  of their replica instead of a child process (``--engine thread``);
 - the same 1 and 8 client levels calling the expert deployment directly (a DeploymentHandle in
   this process: no HTTP, proxy or ingress), how far the deployment alone scales here;
 - the router + ingress overhead: HTTP ``/v1/completions`` (``model="auto"``) against calling the
@@ -392,8 +393,8 @@ def _ratio(load: dict[str, Any]) -> float:
 
 
 def main() -> dict[str, Any]:
-    """Run the benchmark and return its figures (fp32 experts, then int8 decode weights, two ingress
-    replicas, and the engine loop on a thread of the replica instead of a process of its own)."""
+    """Run the benchmark and return its figures (the default app, then int8 decode weights, one
+    ingress replica, and the engine loop on a thread of the replica instead of a process of its own)."""
     import ray
     from ray import serve
 
@@ -416,8 +417,8 @@ def main() -> dict[str, Any]:
         overhead = _overhead(url, call, repeats=30)
         _redeploy(args.model_copy(update={"decode_weights": "int8"}), url)
         load_int8 = _load_levels(url)
-        _redeploy(args.model_copy(update={"ingress": args.ingress.model_copy(update={"replicas": 2})}), url)
-        load_two_ingress = _load_levels(url)
+        _redeploy(args.model_copy(update={"ingress": args.ingress.model_copy(update={"replicas": 1})}), url)
+        load_one_ingress = _load_levels(url)
         _redeploy(args.model_copy(update={"engine": "thread"}), url)
         load_thread_engine = _load_levels(url)
     finally:
@@ -435,8 +436,9 @@ def main() -> dict[str, Any]:
     result = {"run": str(run), "checkpoints": kind, "completion_tokens": TOKENS, "load": load,
               "throughput_8_over_1": speedup, "goal_throughput_8_ge_4x": speedup >= 4.0,
               "load_int8_decode_weights": load_int8, "throughput_8_over_1_int8": _ratio(load_int8),
-              "load_two_ingress_replicas": load_two_ingress,
-              "throughput_8_over_1_two_ingress_replicas": _ratio(load_two_ingress),
+              "ingress_replicas": args.ingress.replicas,
+              "load_one_ingress_replica": load_one_ingress,
+              "throughput_8_over_1_one_ingress_replica": _ratio(load_one_ingress),
               "load_thread_engine": load_thread_engine,
               "throughput_8_over_1_thread_engine": _ratio(load_thread_engine),
               "load_direct_handle": direct, "throughput_8_over_1_direct_handle": _ratio(direct),

@@ -269,7 +269,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray num_cpus per expert replica")
     p.add_argument("--expert-replicas", type=int, default=None)
     p.add_argument("--ingress-replicas", type=int, default=None,
-                   help="ingress replicas (each runs the router); the proxy spreads requests over them")
+                   help="ingress replicas (each runs the router; default 2); the proxy spreads requests over them")
     p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
     p.add_argument("--decode-weights", choices=["fp32", "int8"], default=None,
                    help="int8: weight-only int8 projections (2x faster batch-8 decoding on an AMD EPYC, "

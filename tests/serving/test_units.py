@@ -295,7 +295,7 @@ def test_serve_flags_set_replicas_and_cpus_over_each_deployments_defaults(tmp_pa
         return _app_args(parser.parse_args(["serve", str(tmp_path), *flags]), str(tmp_path))
 
     default = args()
-    assert (default.expert.replicas, default.ingress.replicas) == (1, 1)
+    assert (default.expert.replicas, default.ingress.replicas) == (1, 2)
     replicas = args("--expert-replicas", "2", "--ingress-replicas", "3")  # no --expert-cpus needed
     assert replicas.expert.replicas == 2 and replicas.expert.num_cpus == default.expert.num_cpus
     assert replicas.ingress.replicas == 3 and replicas.ingress.num_cpus == default.ingress.num_cpus
