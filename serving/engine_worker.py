@@ -93,7 +93,10 @@ class _Command:
             value, ok = self.fn(*self.args), True
         except BaseException as e:  # noqa: BLE001 - delivered to the awaiting caller
             value, ok = e, False
-        self.done(ok, value)
+        try:
+            self.done(ok, value)
+        except Exception:  # noqa: BLE001 - the caller is gone (its loop closed): the engine goes on
+            log.exception("could not deliver the result of %s", getattr(self.fn, "__name__", self.fn))
 
 
 @dataclass
@@ -349,10 +352,20 @@ class _Client:
     # ---- ensemble sessions: the caller chooses every token ------------------------------------
     async def open_session(self, prompt: Sequence[int], params: SamplingParams) -> str:
         self._expire_sessions()
-        slot = await self._ask("add_external", list(prompt), params)
+        opening = asyncio.ensure_future(self._ask("add_external", list(prompt), params))
+        try:
+            slot = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the caller left: the slot the engine takes is given back
+            opening.add_done_callback(self._release_opened)
+            raise
         sid = f"session-{uuid.uuid4().hex}"
         self._sessions[sid] = (slot, time.monotonic())
         return sid
+
+    def _release_opened(self, opening: asyncio.Future) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            with contextlib.suppress(RuntimeError):  # the worker is gone: so is the slot
+                self._tell("release", opening.result())
 
     async def session_logprobs(self, sid: str) -> np.ndarray:
         """The full next-token log-distribution ``(V,)`` of a session, as float32."""
@@ -544,7 +557,8 @@ class ProcessEngineWorker(_Client):
                 raise TimeoutError(f"the engine process did not load its model within {timeout_s:.0f} s")
             kind, value = _recv(self._conn)
         except EOFError:
-            raise RuntimeError(f"the engine process exited with code {self._proc.wait()} before it was "
+            self.close()
+            raise RuntimeError(f"the engine process exited with code {self._proc.returncode} before it was "
                                "ready (its error is in this replica's log)") from None
         except BaseException:
             self.close()
@@ -567,31 +581,41 @@ class ProcessEngineWorker(_Client):
 
     def _receive(self) -> None:
         """(reader thread) route each message to the event loop of its stream or call."""
-        while True:
-            try:
-                kind, *rest = _recv(self._conn)
-            except (EOFError, OSError):
-                break
-            if kind == "out":
-                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Any]]]] = {}
-                for sid, items in rest[0]:
-                    items = [_item(x) for x in items]
-                    target = self._streams.pop(sid, None) if _final(items) else self._streams.get(sid)
-                    if target is not None:
-                        by_loop.setdefault(target[0], []).append((target[1], items))
-                for loop, batch in by_loop.items():
-                    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
-                        loop.call_soon_threadsafe(_fill, batch)
-            elif kind == "ret":
-                cid, ok, value = rest
-                if isinstance(value, dict) and "__ndarray__" in value:
-                    dtype, shape = value["__ndarray__"]
-                    value = np.frombuffer(self._conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape).copy()
-                target = self._calls.pop(cid, None)
+        try:
+            while True:
+                try:
+                    kind, *rest = _recv(self._conn)
+                except (EOFError, OSError, TypeError):  # the child is gone, or close() closed the socket
+                    return
+                try:
+                    self._route(kind, rest)
+                except (EOFError, OSError):  # gone between the two frames of an array
+                    return
+                except Exception:  # noqa: BLE001 - a bad message must not stop the reader
+                    log.exception("bad message from the engine process")
+        finally:
+            self._gone()
+
+    def _route(self, kind: str, rest: list) -> None:
+        if kind == "out":
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Any]]]] = {}
+            for sid, items in rest[0]:
+                items = [_item(x) for x in items]
+                target = self._streams.pop(sid, None) if _final(items) else self._streams.get(sid)
                 if target is not None:
-                    with contextlib.suppress(RuntimeError):
-                        target[0].call_soon_threadsafe(_settle, target[1], ok, value)
-        self._gone()
+                    by_loop.setdefault(target[0], []).append((target[1], items))
+            for loop, batch in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+                    loop.call_soon_threadsafe(_fill, batch)
+        elif kind == "ret":
+            cid, ok, value = rest
+            if isinstance(value, dict) and "__ndarray__" in value:
+                dtype, shape = value["__ndarray__"]
+                value = np.frombuffer(self._conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape).copy()
+            target = self._calls.pop(cid, None)
+            if target is not None:
+                with contextlib.suppress(RuntimeError):
+                    target[0].call_soon_threadsafe(_settle, target[1], ok, value)
 
     def _gone(self) -> None:
         """(reader thread) the child exited: fail everything still waiting for it."""
@@ -650,10 +674,12 @@ class ProcessEngineWorker(_Client):
 
     def close(self) -> None:
         """Stop the child: it finishes its current step, then exits; killed after 5 s."""
-        if self._proc.poll() is None:
-            with contextlib.suppress(Exception):
-                with self._lock:
+        if self._proc.poll() is None and self._lock.acquire(timeout=1.0):  # else: killed below
+            try:
+                with contextlib.suppress(OSError):
                     self._conn.send_bytes(_encode(["close"]))
+            finally:
+                self._lock.release()
         with contextlib.suppress(OSError):
             self._conn.close()
         try:
@@ -688,8 +714,10 @@ def _to_wire(obj: Any) -> Any:
         return {"__params__": asdict(obj)}
     if isinstance(obj, StepOut):  # the triple (StepOut, batch, timings) becomes a flat list
         return [obj.token, obj.logprob, obj.finished, obj.finish_reason]
-    if isinstance(obj, BaseException):
-        return {"__error__": [type(obj).__name__, obj.args[0] if len(obj.args) == 1 else str(obj)]}
+    if isinstance(obj, BaseException):  # the nearest class the other side knows, and a JSON message
+        name = next((c.__name__ for c in type(obj).__mro__ if c.__name__ in WIRE_ERRORS), type(obj).__name__)
+        arg = obj.args[0] if len(obj.args) == 1 and isinstance(obj.args[0], str | int | float) else str(obj)
+        return {"__error__": [name, arg]}
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"{type(obj).__name__} cannot cross to the engine process")
@@ -752,7 +780,11 @@ class _ChildLoop(EngineLoop):
                 self.conn.send_bytes(_encode(["ret", cid, ok, {"__ndarray__": [value.dtype.str, list(value.shape)]}]))
                 self.conn.send_bytes(np.ascontiguousarray(value).tobytes())
                 return
-            self.conn.send_bytes(_encode(["ret", cid, ok, value]))
+            try:
+                data = _encode(["ret", cid, ok, value])
+            except (TypeError, ValueError) as e:  # the caller gets an error, never silence
+                data = _encode(["ret", cid, False, RuntimeError(f"the result of {name!r} cannot cross to the replica: {e}")])
+            self.conn.send_bytes(data)
 
         return _Command(self._command_fn(name), tuple(args), done)
 

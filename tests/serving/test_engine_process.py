@@ -93,15 +93,38 @@ def test_process_worker_frees_the_slot_of_a_consumer_that_leaves(workers):
     proc, _ = workers
 
     async def run():
-        stream = proc.generate([1, 2], SamplingParams(temperature=0, max_new_tokens=100))
+        before = (await proc.stats_dict())["tokens"]
+        stream = proc.generate([1, 2], SamplingParams(temperature=0, max_new_tokens=10**6))
         first = await stream.__anext__()
         await stream.aclose()  # the caller went away after one chunk
         await asyncio.wait_for(proc.idle(), 10)
-        return first, await asyncio.gather(*(_collect(proc, [7, i]) for i in range(4)))
+        decoded = (await proc.stats_dict())["tokens"] - before
+        return first, decoded, await asyncio.gather(*(_collect(proc, [7, i]) for i in range(4)))
 
-    first, outs = asyncio.run(run())
+    first, decoded, outs = asyncio.run(run())
     assert first["tokens"] and first["finish_reason"] is None
+    assert decoded < 100  # stopped early: left alone it decodes to the context's end (126 tokens)
     assert all(len(o) == 8 for o in outs)  # all four slots are free again
+
+
+@pytest.mark.parametrize("transport", ["process", "thread"])
+def test_a_session_whose_caller_left_while_it_opened_gives_its_slot_back(workers, transport):
+    w = workers[0] if transport == "process" else workers[1]
+
+    async def run():
+        for _ in range(2):  # twice the slots: a leak would leave none for the second round
+            opening = [asyncio.ensure_future(w.open_session([1, 2, 3], GREEDY)) for _ in range(4)]
+            await asyncio.sleep(0)
+            for o in opening:
+                o.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the engine side takes the slots, then they are given back
+        sids = [await w.open_session([1, 2, 3], GREEDY) for _ in range(4)]  # EngineFull if any leaked
+        for sid in sids:
+            await w.close_session(sid)
+        return sids
+
+    assert len(set(asyncio.run(run()))) == 4
 
 
 def test_a_bad_checkpoint_fails_the_constructor_with_the_childs_error(tmp_path):
