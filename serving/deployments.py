@@ -13,8 +13,6 @@ from typing import Any
 
 from ray import serve
 
-from experts.checkpoint import read_meta
-from experts.config import ModelConfig
 from experts.device import set_threads
 from experts.sampling import SamplingParams
 from router.domains import DOMAINS
@@ -31,12 +29,11 @@ class Expert:
 
     def __init__(self, name: str, ckpt_dir: str, *, max_batch: int, torch_threads: int,
                  device: str = "cpu", decode_weights: str = "fp32", engine: str = "process") -> None:
-        set_threads(torch_threads)
-        self.name, self.cfg = name, ModelConfig.from_dict(read_meta(Path(ckpt_dir), kind="lm", verify=False)["config"])
         spec = dict(ckpt_dir=ckpt_dir, max_batch=max_batch, torch_threads=torch_threads, device=device,
                     decode_weights=decode_weights)
         # process: the engine loop has a GIL of its own (the replica's event loop slows a thread's steps)
         self.worker = ProcessEngineWorker(spec) if engine == "process" else EngineWorker(load_engine(**spec))
+        self.name, self.cfg = name, self.worker.config
         log.info("expert %s serving %s (%d slots, engine on a %s)", name, ckpt_dir, max_batch, engine)
 
     def info(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from experts.checkpoint import CheckpointError
+from experts.config import ModelConfig
 from experts.generate import Engine, StepOut
 from experts.sampling import SamplingParams
 
@@ -411,7 +412,7 @@ class EngineWorker(EngineLoop, _Client):
     def __init__(self, engine: Engine) -> None:
         EngineLoop.__init__(self, engine)
         _Client.__init__(self)
-        self.max_len = engine.cache.max_len
+        self.config = engine.cfg  # the loaded model's config
         self._cv = threading.Condition()
         self._inbox: deque[_Stream | _Command] = deque()  # guarded by _cv
         self._closed = False
@@ -546,8 +547,7 @@ class ProcessEngineWorker(_Client):
         self._ids = itertools.count()
         self._dead: str | None = None
         self._send(["start", spec])
-        self.info = self._wait_ready(start_timeout_s)
-        self.max_len = self.info["max_len"]
+        self.config = ModelConfig.from_dict(self._wait_ready(start_timeout_s)["config"])  # the child's model
         self._reader = threading.Thread(target=self._receive, name="engine-reader", daemon=True)
         self._reader.start()
 
@@ -819,7 +819,7 @@ def child_main(fd: int) -> int:
         log.exception("the engine did not load")
         conn.send_bytes(_encode(["failed", e]))
         return 1
-    conn.send_bytes(_encode(["ready", {"max_len": engine.cache.max_len}]))
+    conn.send_bytes(_encode(["ready", {"config": engine.cfg.to_dict()}]))
     try:
         _ChildLoop(engine, conn).run()
     except (BrokenPipeError, ConnectionResetError):  # the replica went away while we answered

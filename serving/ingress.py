@@ -155,12 +155,12 @@ class Ingress:
         self.experts = dict(experts)
         self.health = ExpertHealth(self.experts)
         self.router = router
-        self.table = self._route_local = None
-        if router is None:
+        self._route_local = None
+        if router is None:  # the ingress routes itself; the requests of one loop tick share a forward
             set_threads(self.settings.torch_threads)
-            self.table = RouteTable(self.settings.router_dir, threshold=self.settings.ensemble_threshold,
-                                    top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
-            self._route_local = TickBatcher(self.table.route_many)
+            table = RouteTable(self.settings.router_dir, threshold=self.settings.ensemble_threshold,
+                               top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
+            self._route_local = TickBatcher(table.route_many)
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
         self.ready = False

@@ -51,6 +51,7 @@ def test_process_worker_matches_the_thread_worker_and_batches(workers):
         return outs, scored, await w.stats_dict(), before
 
     (p_outs, p_score, p_stats, p0), (t_outs, t_score, _, _) = asyncio.run(run(proc)), asyncio.run(run(thread))
+    assert proc.config == thread.config and proc.config.vocab_size > 0  # the model the child loaded
     assert p_outs == t_outs and all(len(o) == 8 for o in p_outs)
     assert p_score == t_score and p_score["token_logprobs"][0] is None and len(p_score["top"][1]) == 2
     assert p_stats["tokens"] - p0 == 48 and p_stats["max_batch"] == 4  # never more than the slots
