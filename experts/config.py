@@ -65,6 +65,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     ffn: FFNKind = "dense"
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3 / modded-nanogpt)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,7 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
         _check(self.ffn in ("dense", "moe"), "ffn", self.ffn, "must be 'dense' or 'moe'")
+        _check(isinstance(self.qk_norm, bool), "qk_norm", self.qk_norm, "must be true or false")
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -124,6 +126,8 @@ class ModelConfig:
     def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Total parameters, or with ``active=True`` the parameters used per token."""
         block = self._attn_params() + self._ffn_params(active) + 2 * self.d_model
+        if self.qk_norm:
+            block += 2 * self.head_dim
         n = self.n_layers * block + self.d_model  # + final norm
         if embeddings:
             n += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)

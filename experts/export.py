@@ -1,4 +1,7 @@
-"""Export a dense expert as a Hugging Face ``LlamaForCausalLM`` directory.
+"""Export a dense expert as a Hugging Face ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM``) directory.
+
+A model trained with ``qk_norm=True`` (RMSNorm over head_dim on q and k before RoPE) exports as
+``Qwen3ForCausalLM``, which is a Llama with exactly that per-head ``q_norm``/``k_norm``.
 
 The hmoe decoder is a Llama: same RMSNorm, SwiGLU, GQA and RoPE in the HF "rotate_half" layout,
 so export is a rename of the weights plus a ``config.json`` and the tokenizer files. Nothing
@@ -26,6 +29,8 @@ _LAYER_NAMES = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # qk_norm models (Qwen3)
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -66,16 +71,20 @@ def hf_state_dict(model) -> dict:
 
 
 def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
-    """The ``config.json`` of a ``LlamaForCausalLM`` with the same shape as ``cfg``."""
+    """The ``config.json`` of a ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with qk_norm) shaped as ``cfg``."""
+    qwen3 = getattr(cfg, "qk_norm", False)
+    arch = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": cfg.n_layers} if qwen3 else \
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "hidden_act": "silu", "attention_bias": False,
         "attention_dropout": 0.0, "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32",
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "use_cache": True,

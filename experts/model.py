@@ -181,13 +181,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        # QK-norm (``cfg.qk_norm``): RMSNorm over head_dim on q and k before RoPE, one weight of
+        # size Dh shared by the heads (as Qwen3's q_norm/k_norm; modded-nanogpt uses it too)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, step: _CacheStep | None) -> torch.Tensor:
         B, T, D = x.shape
         H, Hkv = self.n_heads, self.kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, Dh)
-        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # one rotation for q and k together
+        qk = qkv[:, :, :H + Hkv]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        qk = apply_rope(qk, cos, sin)  # one rotation for q and k together
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, Dh)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, Dh)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, Dh)

@@ -1,4 +1,4 @@
-"""Router evaluation for the report: accuracy, confusion, calibration, likelihood baseline, routed PPL.
+"""Router evaluation for the report: accuracy, confusion, calibration, the likelihood baseline.
 
 The report calls these through its extension point; nothing here imports ``training``.
 Confusion matrices have rows = true expert, columns = predicted expert, both in ``DOMAINS`` order.
@@ -7,7 +7,6 @@ Confusion matrices have rows = true expert, columns = predicted expert, both in 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 
 from router.calibration import expected_calibration_error
 from router.domains import DOMAINS, GROUP_NAMES
-from router.likelihood import LikelihoodRouter, token_logprobs
+from router.likelihood import LikelihoodRouter
 from router.model import EXPERT_GROUP
 from router.policy import decide
 from router.router import Router
@@ -116,23 +115,6 @@ def compare_with_likelihood(router: Router, experts: Mapping[str, nn.Module], to
     return out
 
 
-class _NLL:
-    """Accumulates summed NLL and token counts, overall and per domain."""
-
-    def __init__(self) -> None:
-        self.nll: dict[str, float] = {}
-        self.tokens: dict[str, int] = {}
-
-    def add(self, domain: str, nll: float, tokens: int) -> None:
-        self.nll[domain] = self.nll.get(domain, 0.0) + nll
-        self.tokens[domain] = self.tokens.get(domain, 0) + tokens
-
-    def summary(self) -> dict[str, Any]:
-        n, t = sum(self.nll.values()), sum(self.tokens.values())
-        return {"ppl": math.exp(n / t) if t else None, "nll_per_token": n / t if t else None, "tokens": t,
-                "ppl_by_domain": {d: math.exp(self.nll[d] / self.tokens[d]) for d in self.tokens if self.tokens[d]}}
-
-
 def doc_ids(tokenizer: Any, doc: str, max_tokens: int | None = None) -> list[int]:
     """The ids a document is scored on: ``<|bos|>`` + text (+ ``<|eos|>``), truncated to ``max_tokens``."""
     try:
@@ -140,48 +122,6 @@ def doc_ids(tokenizer: Any, doc: str, max_tokens: int | None = None) -> list[int
     except TypeError:  # a plain encoder without specials
         ids = tokenizer.encode(doc)
     return ids[:max_tokens] if max_tokens else ids
-
-
-def routed_perplexity(router: Router, experts: Mapping[str, nn.Module], tokenizer: Any,
-                      docs_by_domain: Mapping[str, Sequence[str]], *, prefix_chars: int = 256,
-                      max_tokens: int | None = 1024,
-                      baselines: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
-    """Test perplexity of the routed system, on identical tokens for every row.
-
-    Each document is routed once from its opening ``prefix_chars`` characters. Rows:
-    ``routed`` (the top-1 expert scores the whole document), ``mixture`` (log sum_k w_k p_k(token)
-    over the router's top-k experts, weights renormalised), ``policy`` (what serving does: top-1
-    when confident, else the mixture), ``oracle`` (each document's own domain expert) and every
-    model in ``baselines`` (e.g. ``{"dense": ..., "moe": ...}``), plus ``<row>/<baseline>`` ratios.
-    """
-    rows = {name: _NLL() for name in ("routed", "mixture", "policy", "oracle", *(baselines or {}))}
-    correct = total = 0
-    for domain, docs in docs_by_domain.items():
-        for doc in docs:
-            ids = doc_ids(tokenizer, doc, max_tokens)
-            if len(ids) < 2:
-                continue
-            decision = router.route(doc[:prefix_chars])
-            mix = decide(decision.expert_probs, threshold=1.0, top_k=router.top_k)
-            lp = {e: token_logprobs(experts[e], ids) for e in {*mix.experts, *decision.experts, domain}
-                  if e in experts}
-            n = len(ids) - 1
-            rows["routed"].add(domain, -float(lp[mix.experts[0]].sum()), n)
-            rows["mixture"].add(domain, _mixture_nll(lp, mix.experts, mix.weights), n)
-            rows["policy"].add(domain, _mixture_nll(lp, decision.experts, decision.weights), n)
-            if domain in lp:
-                rows["oracle"].add(domain, -float(lp[domain].sum()), n)
-            for name, model in (baselines or {}).items():
-                rows[name].add(domain, -float(token_logprobs(model, ids).sum()), n)
-            correct, total = correct + (mix.experts[0] == domain), total + 1
-    out: dict[str, Any] = {name: acc.summary() for name, acc in rows.items()}
-    out.update(documents=total, routing_accuracy=correct / total if total else None,
-               prefix_chars=prefix_chars, max_tokens=max_tokens)
-    for base in baselines or {}:
-        for name in ("routed", "mixture", "policy", "oracle"):
-            if out[name]["ppl"] and out[base]["ppl"]:
-                out[f"{name}/{base}"] = out[name]["ppl"] / out[base]["ppl"]
-    return out
 
 
 def _mixture_nll(lp: Mapping[str, torch.Tensor], experts: Sequence[str], weights: Sequence[float]) -> float:

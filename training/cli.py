@@ -55,7 +55,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the experts (and baselines, router) through Ray")
     p.add_argument("--preset", default="tiny", help=f"one of {preset_names()} or a YAML file")
     p.add_argument("--run-dir", help="where checkpoints, metrics and the report go (default runs/<name>)")
-    p.add_argument("--steps", type=int, help="optimizer steps per expert")
+    p.add_argument("--steps", type=int, help="optimizer steps per expert (the budget is experts x steps)")
+    p.add_argument("--seed-fraction", type=float,
+                   help="share of the budget that trains a seed LM on the mixed corpus before the experts "
+                        "branch from it (0: independent experts)")
     p.add_argument("--experts", help="comma-separated subset of the five domains, e.g. math,code")
     p.add_argument("--baselines", action="store_true", default=None,
                    help="also train dense and token-MoE generalists at equal compute")
@@ -72,7 +75,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    ov = {"run_dir": args.run_dir, "train.steps": args.steps, "experts": args.experts,
+    ov = {"run_dir": args.run_dir, "train.steps": args.steps, "train.seed_fraction": args.seed_fraction,
+          "experts": args.experts,
           "baselines.enabled": args.baselines, "seed": args.seed, "device": args.device,
           "resources.num_cpus": args.num_cpus, "resources.num_gpus": args.num_gpus,
           "data.cache_dir": args.cache_dir}

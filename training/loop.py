@@ -1,7 +1,8 @@
 """The one training loop: experts, dense and token-MoE generalists, and the router.
 
 A :class:`Task` supplies the model, its batches and its loss; :func:`train` supplies everything
-else: AdamW with warmup + cosine decay, gradient accumulation and clipping, periodic validation
+else: the optimizer (AdamW, or Muon + AdamW) with warmup + cosine or warmup-stable-decay
+schedules, gradient accumulation and clipping, periodic validation
 with early stopping, JSONL metrics, and resume checkpoints that restore the run *exactly*
 (model, optimizer, schedule step, data position, torch/numpy/python RNG states).
 
@@ -91,6 +92,12 @@ class LoopConfig:
     progress: bool = True  # tqdm bar when stderr is a terminal; log lines otherwise
     progress_position: int | None = None
     fail_at: str | None = None  # failure injection (tests); defaults to $HMOE_FAIL_AT_STEP
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on hidden 2-D matrices, AdamW on the rest)
+    muon_lr: float = 0.02  # peak lr of the Muon groups (the schedule scales it like ``lr``)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the final fraction of the steps that decays to min_lr
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum"):
@@ -104,6 +111,18 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.lr={self.lr!r} must be > 0")
         if self.min_lr > self.lr:
             raise ValueError(f"LoopConfig.min_lr={self.min_lr!r} must be <= lr={self.lr!r}")
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise ValueError(f"LoopConfig.optimizer={self.optimizer!r} must be one of {list(optim.OPTIMIZERS)}")
+        if self.schedule not in optim.SCHEDULES:
+            raise ValueError(f"LoopConfig.schedule={self.schedule!r} must be one of {list(optim.SCHEDULES)}")
+        if not self.muon_lr > 0:
+            raise ValueError(f"LoopConfig.muon_lr={self.muon_lr!r} must be > 0")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"LoopConfig.muon_momentum={self.muon_momentum!r} must be in [0, 1)")
+        if self.muon_weight_decay < 0:
+            raise ValueError(f"LoopConfig.muon_weight_decay={self.muon_weight_decay!r} must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"LoopConfig.decay_fraction={self.decay_fraction!r} must be in [0, 1]")
 
 
 @dataclass
@@ -341,8 +360,9 @@ def _seed_everything(seed: int) -> None:
 def _train_step(task: Task, model: nn.Module, opt: torch.optim.Optimizer, data: Iterator[Any],
                 cfg: LoopConfig, step: int) -> tuple[float, int, dict[str, float]]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens, metrics)."""
-    optim.set_lr(opt, optim.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
-                                  warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps))
+    optim.set_lr(opt, optim.lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                  total_steps=cfg.max_steps, schedule=cfg.schedule,
+                                  decay_fraction=cfg.decay_fraction))
     total, tokens, agg = 0.0, 0, {}
     for _ in range(cfg.grad_accum):
         batch = next(data)
@@ -387,7 +407,8 @@ def train(task: Task, cfg: LoopConfig, run_dir: str | Path) -> TrainResult:
     _seed_everything(cfg.seed)
     model = task.build_model().to(device).train()
     opt = optim.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                eps=cfg.eps, device=device)
+                                eps=cfg.eps, device=device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
+                                muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
     data = task.train_batches()
     metrics = MetricsLog(run_dir / "metrics" / f"{task.name}.jsonl")
     st = _try_resume(ckpt, model, opt, data, metrics)

@@ -3,6 +3,12 @@
 ``run_pipeline(cfg)`` is what ``hmoe train`` calls, locally or as a ``ray job submit`` entrypoint.
 Tasks already finished in the run directory are skipped, and unfinished ones resume from their
 latest checkpoint, so re-running the same command after a crash continues the run.
+
+Seed, then branch (Branch-Train-Merge, Li et al. 2022): with ``train.seed_fraction`` > 0, one seed LM
+first trains on the mixed corpus for that share of the experts' budget, then every expert starts
+from the seed's weights and trains on its own domain for the rest. The budget is
+``len(experts) x train.steps`` optimizer steps either way, and the generalists get the FLOPs of the
+whole system (seed plus branches).
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ class Job:
 
     task: LMTask
     loop: LoopConfig
-    kind: str  # "expert" | "baseline"
+    kind: str  # "seed" | "expert" | "baseline"
     active_params: int
     extra: dict[str, Any] = field(default_factory=dict)
+    after: str | None = None  # the name of a job that must finish first (a branch waits for the seed)
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -47,7 +54,9 @@ def loop_config(spec: TrainSpec, *, steps: int, seed: int, device: str) -> LoopC
                       weight_decay=spec.weight_decay, grad_accum=spec.grad_accum, grad_clip=spec.grad_clip,
                       eval_every=spec.eval_every, eval_batches=spec.eval_batches, patience=spec.patience,
                       ckpt_every=spec.ckpt_every, log_every=spec.log_every, seed=seed, device=device,
-                      fail_at=os.environ.get(FAIL_ENV))
+                      fail_at=os.environ.get(FAIL_ENV), optimizer=spec.optimizer, muon_lr=spec.muon_lr,
+                      muon_momentum=spec.muon_momentum, muon_weight_decay=spec.muon_weight_decay,
+                      schedule=spec.schedule, decay_fraction=spec.decay_fraction)
 
 
 def match_active_params(moe: ModelConfig, target: int) -> ModelConfig:
@@ -59,39 +68,63 @@ def match_active_params(moe: ModelConfig, target: int) -> ModelConfig:
 
 
 def _lm_task(cfg: RunConfig, corpus: Any, name: str, out_dir: str, model_cfg: ModelConfig,
-             domains: tuple[str, ...], seed: int) -> LMTask:
+             domains: tuple[str, ...], seed: int, init_from: str | None = None) -> LMTask:
     return LMTask(name=name, out_dir=out_dir, model_cfg=model_cfg,
                   train_paths=[str(corpus.tokens_path(d, "train")) for d in domains],
                   val_paths=[str(corpus.tokens_path(d, "val")) for d in domains],
                   batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, seed=seed,
                   eval_batches=cfg.train.eval_batches, tokenizer_file=str(corpus.tokenizer_path),
-                  meta={"domains": list(domains), "run": cfg.name})
+                  meta={"domains": list(domains), "run": cfg.name}, init_from=init_from)
 
 
-def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int) -> list[Job]:
-    """Experts, then (with baselines enabled) the dense and token-MoE generalists at equal compute."""
+def budget_steps(spec: TrainSpec, n_experts: int) -> tuple[int, int]:
+    """(seed steps, steps per expert) that split the experts' budget of ``n_experts x spec.steps``."""
+    if spec.seed_fraction == 0:
+        return 0, spec.steps
+    total = n_experts * spec.steps
+    seed = max(1, round(spec.seed_fraction * total))
+    return seed, max(1, round((total - seed) / n_experts))
+
+
+SEED_DIR = "seed"
+
+
+def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None = None) -> list[Job]:
+    """The seed (if any), the experts, then (with baselines enabled) the dense and token-MoE
+    generalists with the FLOPs of the whole expert system. Jobs come in submission order: the seed
+    first (five branches wait for it), then the generalists, then the branches."""
     expert_cfg = cfg.model.build(vocab_size=vocab_size)
     active = expert_cfg.num_params(active=True)
-    jobs = []
-    for i, d in enumerate(cfg.experts):
+    seed_steps, branch_steps = budget_steps(cfg.train, len(cfg.experts))
+    run_dir = run_dir or resolve_run_dir(cfg)
+    jobs, experts = [], []
+    if seed_steps:
+        task = _lm_task(cfg, corpus, "seed", SEED_DIR, expert_cfg, cfg.experts, cfg.seed + 200)
+        # under warmup-stable-decay the seed stops before its decay: each branch decays on its own domain
+        loop = loop_config(cfg.train, steps=seed_steps, seed=cfg.seed + 200, device=cfg.device)
+        if loop.schedule == "wsd":
+            loop = dataclasses.replace(loop, decay_fraction=0.0)
+        jobs.append(Job(task, loop, "seed", active))
+    init = str(run_dir / SEED_DIR) if seed_steps else None
+    for d in cfg.experts:
         seed = cfg.seed + DOMAINS.index(d)
-        task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed)
-        jobs.append(Job(task, loop_config(cfg.train, steps=cfg.train.steps, seed=seed, device=cfg.device),
-                        "expert", active))
-    if not cfg.baselines.enabled:
-        return jobs
-    budget = len(cfg.experts) * cfg.train.steps * active  # steps x active params (equal tokens/step)
-    dense_cfg = cfg.baselines.dense.build(vocab_size=vocab_size) if cfg.baselines.dense else expert_cfg
-    moe_cfg = cfg.baselines.moe.build(vocab_size=vocab_size)
-    if cfg.baselines.match_active_params:
-        moe_cfg = match_active_params(moe_cfg, active)
-    for kind, mcfg in (("dense", dense_cfg), ("moe", moe_cfg)):
-        a = mcfg.num_params(active=True)
-        steps = max(1, round(budget / a))
-        task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
-        jobs.append(Job(task, loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device),
-                        "baseline", a, {"compute_budget": budget}))
-    return jobs
+        task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed, init_from=init)
+        experts.append(Job(task, loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device),
+                           "expert", active, after="seed" if seed_steps else None))
+    if cfg.baselines.enabled:
+        per_step = cfg.train.tokens_per_step  # the same for every model of the run
+        budget = (seed_steps + len(cfg.experts) * branch_steps) * per_step * expert_cfg.flops_per_token(cfg.train.seq_len)
+        dense_cfg = cfg.baselines.dense.build(vocab_size=vocab_size) if cfg.baselines.dense else expert_cfg
+        moe_cfg = cfg.baselines.moe.build(vocab_size=vocab_size)
+        if cfg.baselines.match_active_params:
+            moe_cfg = match_active_params(moe_cfg, active)
+        for kind, mcfg in (("dense", dense_cfg), ("moe", moe_cfg)):
+            steps = max(1, round(budget / (per_step * mcfg.flops_per_token(cfg.train.seq_len))))
+            task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
+            jobs.append(Job(task, loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device),
+                            "baseline", mcfg.num_params(active=True),
+                            {"compute_budget_flops": budget}))
+    return jobs + experts
 
 
 def _finished(run_dir: Path, job: Job) -> TrainResult | None:
@@ -119,19 +152,21 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
     t0 = time.perf_counter()
     run_dir, corpus = prepare(cfg)
     vocab = corpus.tokenizer().vocab_size
-    jobs = plan_jobs(cfg, corpus, vocab)
+    jobs = plan_jobs(cfg, corpus, vocab, run_dir)
     ray_jobs.init_ray(ray_address)
     results, refs = {}, {}
-    # longest first: the generalists take 5x an expert, so starting them early balances the slots
-    for job in sorted(jobs, key=lambda j: -j.loop.max_steps * j.task.flops_per_token()):
+    # in plan order: the seed first, since the branches wait for it; then the generalists (5x an
+    # expert each), which fill the other slots while the seed trains; then the branches
+    for job in jobs:
         done = _finished(run_dir, job)
         if done is not None:
             log.info("%s already trained (%d steps); skipping", job.task.name, done.steps)
             results[job.task.name] = done
             continue
         r = cfg.resources
+        after = [refs[job.after]] if job.after in refs else []
         refs[job.task.name] = ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
-                                                    num_gpus=r.num_gpus, max_retries=r.max_retries)
+                                                    num_gpus=r.num_gpus, max_retries=r.max_retries, after=after)
     router_ref = _submit_router(cfg, corpus, run_dir) if cfg.router.enabled else None
     if router_ref is not None:
         refs["router"] = router_ref
@@ -174,7 +209,8 @@ def _summary(cfg: RunConfig, run_dir: Path, jobs: list[Job], results: dict[str, 
                                  "active_params": job.active_params,
                                  "total_params": job.task.model_cfg.num_params(),
                                  "tokens": getattr(res, "tokens", None), "flops": getattr(res, "flops", None),
-                                 "compute": (getattr(res, "tokens", 0) or 0) * job.active_params, **job.extra}
+                                 "compute": (getattr(res, "tokens", 0) or 0) * job.active_params,
+                                 "init_from": job.task.init_from and Path(job.task.init_from).name, **job.extra}
     if "router" in results:
         models["router"] = {"kind": "router", "out_dir": "router",
                             "steps": getattr(results["router"], "steps", None)}

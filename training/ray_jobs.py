@@ -43,7 +43,8 @@ def _thread_count(num_cpus: float) -> int:
 
 
 @ray.remote
-def _train_remote(task: Any, cfg: LoopConfig, run_dir: str) -> TrainResult:
+def _train_remote(task: Any, cfg: LoopConfig, run_dir: str, *after: Any) -> TrainResult:
+    """``after``: results of tasks that had to finish first (Ray resolves them before this runs)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return train(task, cfg, run_dir)
 
@@ -67,11 +68,12 @@ def _options(name: str, num_cpus: float, num_gpus: float, max_retries: int) -> d
 
 
 def submit_train(task: Any, cfg: LoopConfig, run_dir: str | Path, *, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, max_retries: int = 2) -> ray.ObjectRef:
-    """Launch :func:`training.loop.train` as a Ray task with the given resources."""
+                 num_gpus: float = 0.0, max_retries: int = 2, after: list[ray.ObjectRef] = ()) -> ray.ObjectRef:
+    """Launch :func:`training.loop.train` as a Ray task with the given resources, once every
+    task in ``after`` has finished (a failed one fails this task too, naming it)."""
     cfg = _with_threads(cfg, num_cpus)
     opts = _options(task.name, num_cpus, num_gpus, max_retries)
-    return _train_remote.options(**opts).remote(task, cfg, str(Path(run_dir).resolve()))
+    return _train_remote.options(**opts).remote(task, cfg, str(Path(run_dir).resolve()), *after)
 
 
 def submit_call(name: str, fn_path: str, kwargs: dict[str, Any], *, num_cpus: float = 1.0,

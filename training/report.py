@@ -3,12 +3,14 @@
 ``write_report(run_dir)`` (also ``hmoe report RUN_DIR``) writes ``report/report.json``,
 ``report/report.md`` and PNG plots, atomically (the whole ``report/`` directory is replaced).
 
-Every row of the matrix is scored on the same test *documents* (per domain a seeded sample of
-whole documents, ``<|bos|>`` text ``<|eos|>`` truncated to ``MAX_DOC_TOKENS``, chunked to the model
-context; up to ``MAX_TOKENS_PER_DOMAIN`` tokens per domain), so every cell, the pooled *mixed test*
-column and the ratios to the dense generalist are like for like. Each model scores all documents
-once, in length-sorted padded batches (``doc_logprobs``); the per-token log-probs are cached in the
-context so that rows combining experts (the router's) cost no extra forward pass.
+Every row of the matrix is scored on the same test *tokens*: per domain a seeded sample of whole
+documents (``<|bos|>`` text ``<|eos|>`` truncated to ``MAX_DOC_TOKENS``, chunked to the model
+context; up to ``MAX_TOKENS_PER_DOMAIN`` scored tokens per domain). The first
+``router.prefix.ROUTING_PREFIX_TOKENS`` text tokens of each document are the routing prefix: the
+router reads them to choose an expert, and no row scores them. So every cell, the pooled *mixed
+test* column and the ratios to the dense generalist are like for like. Each model scores all
+documents once, in length-sorted padded batches (``doc_logprobs``); the per-token log-probs are
+cached in the context so that rows combining experts (the router's) cost no extra forward pass.
 
 Extension point: extra rows of the matrix (e.g. the router-selected ensemble) come from *row
 providers*: callables ``provider(ctx: ReportContext) -> dict[row_name, dict[domain, Cell]]``,
@@ -37,18 +39,19 @@ import torch
 from experts.checkpoint import CheckpointError, atomic_dir, load_lm
 from experts.device import resolve_device
 from router.domains import DOMAINS
+from router.prefix import ROUTING_PREFIX_TOKENS, prefix_ids, scored_targets, unscored
 from training.loop import read_metrics
 
 log = logging.getLogger(__name__)
 
 ROW_PROVIDER_MODULES = ("training.router_report",)  # modules exporting report_rows(ctx)
 QA_DOMAINS = ("math", "reasoning")
-OPENING_CHARS = 256  # the router routes a test document from its first OPENING_CHARS characters
 MAX_DOC_TOKENS = 512  # a test document is scored on its first MAX_DOC_TOKENS ids (<|bos|> text <|eos|>)
 MAX_TOKENS_PER_DOMAIN = 8192  # cap on the scored test tokens per domain (keeps the report fast)
 SCORE_BATCH = 32  # chunks per forward pass when scoring
 THREADS_ENV = "HMOE_REPORT_THREADS"  # torch threads for the report (default: the CPUs idle when it starts)
-RATIO_ROWS = ("router-top1", "router-mixture", "baseline-moe")  # mixed-test ratios to baseline-dense
+RATIO_ROWS = ("router-top1", "router-mixture", "baseline-moe", "seed")  # mixed-test ratios to baseline-dense
+MATCH_TOLERANCE = 0.02  # systems are called compute-matched when their FLOPs agree within this share
 
 
 @dataclass
@@ -77,21 +80,25 @@ class DocSet:
     """The test documents of one domain that every row is scored on (identical tokens for every row)."""
 
     ids: list[list[int]]  # <|bos|> + text (+ <|eos|>), truncated to the report's max_doc_tokens
-    openings: list[str]  # the first OPENING_CHARS characters of each document (what the router reads)
-    n_bytes: list[int]  # UTF-8 bytes of each document's predicted text (specials excluded)
+    openings: list[str]  # each document's routing prefix as text (what the router reads)
+    n_bytes: list[int]  # UTF-8 bytes of each document's scored text (after the prefix; specials excluded)
+    prefix_tokens: int = ROUTING_PREFIX_TOKENS
 
     @property
     def tokens(self) -> int:
-        return sum(len(i) - 1 for i in self.ids)
+        """Scored tokens: every target after the routing prefix."""
+        return sum(scored_targets(len(i), self.prefix_tokens) for i in self.ids)
 
 
 @dataclass
 class ReportContext:
     """What row providers get: the run, its corpus and tokenizer, the test documents and the loaded models.
 
-    Every row is scored on ``docs``; ``logprobs(name)`` gives each model's per-token log-probs on
-    them (computed once per model and cached, so providers combine experts without re-scoring).
-    Providers may put a JSON-able section of the report in ``sections[name]``.
+    Every row is scored on the tokens of ``docs`` after their routing prefix: ``scored(name)`` gives
+    each model's log-probs of exactly those tokens, ``prefix_logprobs(name)`` those of the prefix
+    (for a likelihood router that reads it). Both slice one cached pass per model, so providers
+    combine experts without re-scoring. Providers may put a JSON-able section of the report in
+    ``sections[name]``.
     """
 
     run_dir: Path
@@ -103,11 +110,16 @@ class ReportContext:
     window: int  # context length every document is chunked to (the smallest model context)
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
+    name: str = "test"  # which document set: "test" (the corpus's test split) or "natural" (evaluation-only)
     batch_size: int = SCORE_BATCH
     _cache: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict, repr=False)
 
+    @property
+    def prefix_tokens(self) -> int:
+        return next(iter(self.docs.values())).prefix_tokens if self.docs else ROUTING_PREFIX_TOKENS
+
     def logprobs(self, name: str, model: torch.nn.Module | None = None) -> dict[str, list[torch.Tensor]]:
-        """Domain -> per-document log p(token_t | earlier tokens), t = 1..n-1 (cached by ``name``)."""
+        """Domain -> per-document log p(token_t | earlier tokens), t = 1..n-1, prefix included (cached)."""
         if name not in self._cache:
             model = model if model is not None else self.models[name]
             flat = [ids for d in self.domains for ids in self.docs[d].ids]
@@ -119,20 +131,23 @@ class ReportContext:
             self._cache[name] = out
         return self._cache[name]
 
-    def cell(self, domain: str, lps: Iterable[torch.Tensor] | Iterable[float]) -> Cell:
-        """The Cell of per-document log-probs (tensors) or per-document NLLs (floats) on ``domain``."""
-        nats = sum(-float(x.sum()) if isinstance(x, torch.Tensor) else float(x) for x in lps)
-        return Cell(nats, self.docs[domain].tokens, sum(self.docs[domain].n_bytes))
+    def scored(self, name: str, model: torch.nn.Module | None = None) -> dict[str, list[torch.Tensor]]:
+        """Domain -> per-document log-probs of the scored tokens (after the routing prefix)."""
+        k = self.prefix_tokens
+        return {d: [x[k:] for x in lps] for d, lps in self.logprobs(name, model).items()}
+
+    def prefix_logprobs(self, name: str, model: torch.nn.Module | None = None) -> dict[str, list[torch.Tensor]]:
+        """Domain -> per-document log-probs of the routing prefix's tokens (never scored in a row)."""
+        k = self.prefix_tokens
+        return {d: [x[:k] for x in lps] for d, lps in self.logprobs(name, model).items()}
+
+    def cell(self, domain: str, nlls: Iterable[float]) -> Cell:
+        """The Cell of ``domain`` from per-document NLLs of its scored tokens."""
+        return Cell(sum(float(x) for x in nlls), self.docs[domain].tokens, sum(self.docs[domain].n_bytes))
 
     def score(self, name: str, model: torch.nn.Module | None = None) -> dict[str, Cell]:
-        lp = self.logprobs(name, model)
-        return {d: self.cell(d, lp[d]) for d in self.domains}
-
-    def evaluate(self, model: torch.nn.Module, domain: str) -> Cell:
-        """One (model, domain) cell on the report documents (not cached)."""
-        lps = doc_logprobs(model, self.docs[domain].ids, window=self.window, device=self.device,
-                           batch_size=self.batch_size)
-        return self.cell(domain, lps)
+        lp = self.scored(name, model)
+        return {d: self.cell(d, (-float(x.sum()) for x in lp[d])) for d in self.domains}
 
 
 _PROVIDERS: list[Callable[[ReportContext], dict[str, dict[str, Cell]]]] = []
@@ -145,8 +160,10 @@ def register_row_provider(fn: Callable[[ReportContext], dict[str, dict[str, Cell
 
 # ---- the matrix ---------------------------------------------------------------------------------
 def model_dirs(run_dir: Path) -> dict[str, Path]:
-    """Row name -> finished LM checkpoint: experts in domain order, then the baselines."""
+    """Row name -> finished LM checkpoint: experts in domain order, then the seed and the baselines."""
     out = {d: run_dir / "experts" / d for d in DOMAINS if (run_dir / "experts" / d / "meta.json").exists()}
+    if (run_dir / "seed" / "meta.json").exists():
+        out["seed"] = run_dir / "seed"
     for kind in ("dense", "moe"):
         p = run_dir / "baselines" / kind
         if (p / "meta.json").exists():
@@ -155,8 +172,9 @@ def model_dirs(run_dir: Path) -> dict[str, Path]:
 
 
 def select_docs(texts: Iterable[str], tokenizer: Any, *, budget: int | None, max_doc_tokens: int,
-                seed: int = 0) -> DocSet:
-    """A seeded random sample of documents, each truncated to ``max_doc_tokens``, until ``budget`` tokens."""
+                seed: int = 0, prefix_tokens: int = ROUTING_PREFIX_TOKENS) -> DocSet:
+    """A seeded random sample of documents, each truncated to ``max_doc_tokens``, until ``budget``
+    scored tokens. A document too short to have a token after its routing prefix is skipped."""
     from router.evaluate import doc_ids
 
     texts = [t for t in texts if t and t.strip()]
@@ -166,13 +184,13 @@ def select_docs(texts: Iterable[str], tokenizer: Any, *, budget: int | None, max
         if budget is not None and total >= budget:
             break
         ids = doc_ids(tokenizer, text[: 16 * max_doc_tokens], max_doc_tokens)
-        if len(ids) < 2:
+        if scored_targets(len(ids), prefix_tokens) < 1:
             continue
         ids_out.append(ids)
-        openings.append(text[:OPENING_CHARS])
-        n_bytes.append(len(tokenizer.decode(ids[1:]).encode("utf-8")))
-        total += len(ids) - 1
-    return DocSet(ids_out, openings, n_bytes)
+        openings.append(tokenizer.decode(prefix_ids(ids, prefix_tokens), skip_special=False))
+        n_bytes.append(len(tokenizer.decode(ids[unscored(prefix_tokens):]).encode("utf-8")))
+        total += scored_targets(len(ids), prefix_tokens)
+    return DocSet(ids_out, openings, n_bytes, prefix_tokens)
 
 
 def chunk_spans(n: int, window: int) -> list[tuple[int, int]]:
@@ -208,13 +226,47 @@ def doc_logprobs(model: torch.nn.Module, docs: list[list[int]], *, window: int, 
 
 
 def _context(run_dir: Path, corpus: Any, models: dict[str, torch.nn.Module], budget: int | None,
-             max_doc_tokens: int, device: torch.device) -> ReportContext:
+             max_doc_tokens: int, device: torch.device,
+             texts: dict[str, Iterable[str]] | None = None, name: str = "test") -> ReportContext:
+    """The context of one document set: the corpus's test split, or ``texts`` per domain."""
     tok = corpus.tokenizer()
-    domains = tuple(d for d in DOMAINS if d in corpus.domains)
-    docs = {d: select_docs((r["text"] for r in corpus.docs(d, "test")), tok, budget=budget,
-                           max_doc_tokens=max_doc_tokens) for d in domains}
+    if texts is None:
+        texts = {d: (r["text"] for r in corpus.docs(d, "test")) for d in DOMAINS if d in corpus.domains}
+    docs = {d: select_docs(t, tok, budget=budget, max_doc_tokens=max_doc_tokens) for d, t in texts.items()}
     window = min((m.cfg.max_seq_len for m in models.values()), default=max_doc_tokens)
-    return ReportContext(run_dir, corpus, tok, domains, docs, device, window, models)
+    return ReportContext(run_dir, corpus, tok, tuple(docs), docs, device, window, models, name=name)
+
+
+def natural_texts() -> dict[str, list[str]]:
+    """Each domain's evaluation-only natural-text documents (``training.data.evalsets``), where installed."""
+    from training.data.evalsets import natural_eval_docs
+    from training.data.sources import SourceUnavailable
+
+    out = {}
+    for d in DOMAINS:
+        try:
+            out[d] = [r["text"] for r in natural_eval_docs(d)]
+        except SourceUnavailable as e:
+            log.warning("no natural-text evaluation set for %s: %s", d, e)
+    return out
+
+
+def natural_section(ctx: ReportContext, extra_rows: Iterable[Callable]) -> dict[str, Any]:
+    """Every model (and the routed rows) on the evaluation-only natural-text sets, in bits per byte.
+
+    The question it answers: does each domain's own expert model that domain's real text best, and
+    does the router, reading the same prefix, send the text to it?
+    """
+    matrix = {n: ctx.score(n) for n in ctx.models}
+    matrix.update(_external_rows(ctx, extra_rows))
+    mat = {n: {d: c.to_dict() for d, c in cells.items()} for n, cells in matrix.items()}
+    experts = [d for d in ctx.domains if d in mat]
+    own_best = {d: mat[d][d]["bpb"] == min(mat[e][d]["bpb"] for e in DOMAINS if e in mat) for d in experts}
+    top1 = mat.get("router-top1")
+    within = {d: top1[d]["bpb"] <= 1.02 * mat[d][d]["bpb"] for d in experts} if top1 else None
+    return {"matrix": mat, "domains": list(ctx.domains), "own_expert_best": own_best,
+            "router_top1_within_2pct_of_own": within, "router": ctx.sections.get("router"),
+            "eval": {d: {"documents": len(ctx.docs[d].ids), "tokens": ctx.docs[d].tokens} for d in ctx.domains}}
 
 
 def _external_rows(ctx: ReportContext, extra: Iterable[Callable]) -> dict[str, dict[str, Cell]]:
@@ -314,6 +366,7 @@ def loss_curves(run_dir: Path) -> dict[str, dict[str, list]]:
 
 
 def compute_used(run_dir: Path, names: dict[str, Path]) -> dict[str, dict]:
+    """Per model, what its training really consumed (tokens seen x FLOPs per token), from its checkpoint."""
     from experts.config import ModelConfig
 
     out = {}
@@ -324,8 +377,28 @@ def compute_used(run_dir: Path, names: dict[str, Path]) -> dict[str, dict]:
         out[name] = {"tokens": tr.get("tokens"), "flops": tr.get("flops"), "steps": tr.get("steps"),
                      "active_params": cfg.num_params(active=True), "total_params": cfg.num_params(),
                      "tokens_x_active_params": (tr.get("tokens") or 0) * cfg.num_params(active=True),
-                     "best_val_loss": tr.get("best_val_loss"), "elapsed_s": tr.get("elapsed_s")}
+                     "best_val_loss": tr.get("best_val_loss"), "elapsed_s": tr.get("elapsed_s"),
+                     "init_from": meta.get("init_from")}
     return out
+
+
+def system_compute(compute: dict[str, dict]) -> dict[str, Any]:
+    """Total training FLOPs of each system compared, and whether they are compute-matched.
+
+    The routed experts' system is the seed (when the run has one) plus every expert's branch; each
+    generalist is one model. Systems are *matched* when every total is within ``MATCH_TOLERANCE``
+    of the experts' total; the ratios are printed either way.
+    """
+    experts = [n for n in DOMAINS if n in compute]
+    if not experts:
+        return {}
+    parts = experts + (["seed"] if "seed" in compute else [])
+    totals = {"experts": float(sum(compute[n]["flops"] or 0 for n in parts))}
+    totals.update({n: float(compute[n]["flops"] or 0) for n in ("baseline-dense", "baseline-moe") if n in compute})
+    ratios = {n: round(v / totals["experts"], 4) if totals["experts"] else None for n, v in totals.items()}
+    matched = len(totals) > 1 and all(r is not None and abs(r - 1) <= MATCH_TOLERANCE for r in ratios.values())
+    return {"parts": {"experts": parts}, "flops": totals, "ratio_to_experts": ratios, "matched": matched,
+            "tolerance": MATCH_TOLERANCE}
 
 
 def _fmt(c: dict | None) -> str:
@@ -336,24 +409,38 @@ def _markdown(rep: dict[str, Any]) -> str:
     doms, rows, mixed, ev = rep["domains"], rep["matrix"], rep.get("mixed_test", {}), rep.get("eval", {})
     lines = [f"# Report: {rep['run_dir']}", "", "## Perplexity (bits per byte) on each domain's test documents", ""]
     if ev:
-        lines += [f"Every row is scored on the same {ev['documents']} test documents ({ev['tokens']} tokens): per "
-                  f"domain a seeded sample of up to {ev['max_tokens_per_domain']} tokens, each document "
+        lines += [f"Every row is scored on the same {ev['tokens']} tokens of {ev['documents']} test documents: per "
+                  f"domain a seeded sample of up to {ev['max_tokens_per_domain']} scored tokens, each document "
                   f"`<|bos|>` + text + `<|eos|>` truncated to {ev['max_doc_tokens']} tokens and scored in "
                   f"{ev['window']}-token windows. The router routes each document from its first "
-                  f"{ev['opening_chars']} characters. *mixed* pools every domain's documents (token-weighted).", ""]
+                  f"{ev['prefix_tokens']} text tokens (the routing prefix), and no row scores those tokens. "
+                  "*mixed* pools every domain's documents (token-weighted).", ""]
     lines += ["| model | " + " | ".join(doms) + " | mixed |", "|---" * (len(doms) + 2) + "|"]
     for name, cells in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(cells.get(d)) for d in doms) + f" | {_fmt(mixed.get(name))} |")
     lines += ["", f"Own-domain expert is best on every domain: **{rep['experts_best_on_own_domain']}**", ""]
+    if rep.get("experts_beat_dense_on_own_domain"):
+        lines += ["Own-domain expert beats the dense generalist: "
+                  + ", ".join(f"{d} **{v}**" for d, v in rep["experts_beat_dense_on_own_domain"].items()), ""]
+    sc = rep.get("system_compute") or {}
     if rep.get("ratios"):
-        lines += ["Mixed-test perplexity ratios (compute-matched; < 1 is better than the dense generalist): "
+        how = ("compute-matched: training FLOPs within "
+               f"{100 * sc['tolerance']:.0f}%" if sc.get("matched") else
+               "NOT compute-matched; see the FLOP ratios under Compute")
+        lines += [f"Mixed-test perplexity ratios ({how}; < 1 is better than the dense generalist): "
                   + ", ".join(f"{k} = **{v:.3f}**" for k, v in rep["ratios"].items()), ""]
     lines += _router_markdown(rep.get("router"), doms)
-    lines += ["## Compute", "", "| model | steps | tokens | active params | tokens x active | FLOPs |",
-              "|---|---|---|---|---|---|"]
+    lines += _natural_markdown(rep.get("natural"))
+    lines += ["## Compute", "", "What each model's training really consumed (tokens seen x FLOPs per token).", "",
+              "| model | steps | tokens | active params | starts from | FLOPs |", "|---|---|---|---|---|---|"]
     for name, c in rep["compute"].items():
         lines.append(f"| {name} | {c['steps']} | {c['tokens']} | {c['active_params']:,} | "
-                     f"{c['tokens_x_active_params']:.3g} | {(c['flops'] or 0):.3g} |")
+                     f"{c.get('init_from') or 'random'} | {(c['flops'] or 0):.4g} |")
+    if sc:
+        lines += ["", f"Systems: routed experts ({' + '.join(sc['parts']['experts'])}) "
+                  + ", ".join(f"{n} {f:.4g} FLOPs ({sc['ratio_to_experts'][n]:.3f}x)" for n, f in sc["flops"].items())
+                  + (f". Compute-matched within {100 * sc['tolerance']:.0f}%." if sc["matched"] else
+                     f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%).")]
     lines += ["", "## Generation", ""]
     for name, g in rep["generation"].items():
         em = g.get("exact_match")
@@ -365,6 +452,23 @@ def _markdown(rep: dict[str, Any]) -> str:
                   + ", ".join(f"{k} {v}" for k, v in rep["timing_s"].items())]
     lines += ["", "![matrix](matrix_ppl.png)", "", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
+
+
+def _natural_markdown(nat: dict | None) -> list[str]:
+    if not nat:
+        return []
+    doms = nat["domains"]
+    lines = ["## Evaluation-only natural text (bits per byte)", "",
+             "Each domain's natural-text set comes from a source that no training corpus uses "
+             "(`training.data.evalsets`); scored after the routing prefix like the test documents.", "",
+             "| model | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for name, cells in nat["matrix"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{cells[d]['bpb']:.3f}" if d in cells else "-" for d in doms) + " |")
+    lines += ["", "Own expert lowest of the five: " + ", ".join(f"{d} **{v}**" for d, v in nat["own_expert_best"].items())]
+    if nat.get("router_top1_within_2pct_of_own"):
+        lines += ["", "router-top1 within 2% of the own expert: "
+                  + ", ".join(f"{d} **{v}**" for d, v in nat["router_top1_within_2pct_of_own"].items())]
+    return lines + [""]
 
 
 def _pct(x: float | None) -> str:
@@ -432,6 +536,14 @@ def _plots(rep: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
+
+
+def _beats_dense(matrix: dict[str, dict[str, dict]], domains: tuple[str, ...],
+                 base: str = "baseline-dense") -> dict[str, bool] | None:
+    """Per domain: does the domain's own expert have a lower perplexity there than ``base``?"""
+    if base not in matrix:
+        return None
+    return {d: matrix[d][d]["ppl"] < matrix[base][d]["ppl"] for d in domains if d in matrix}
 
 
 def _own_best(matrix: dict[str, dict[str, dict]], domains: tuple[str, ...]) -> bool | None:
@@ -547,10 +659,17 @@ def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, b
                     "by_domain": {d: {"documents": len(ctx.docs[d].ids), "tokens": ctx.docs[d].tokens}
                                   for d in ctx.domains},
                     "max_tokens_per_domain": budget, "max_doc_tokens": max_doc_tokens, "window": ctx.window,
-                    "opening_chars": OPENING_CHARS},
+                    "prefix_tokens": ctx.prefix_tokens},
            "experts_best_on_own_domain": _own_best(mat, ctx.domains),
+           "experts_beat_dense_on_own_domain": _beats_dense(mat, ctx.domains),
            "compute": compute_used(run_dir, names), "curves": loss_curves(run_dir)}
+    rep["system_compute"] = system_compute(rep["compute"])
     rep.update(ctx.sections)
+    natural = natural_texts()
+    if natural:
+        nctx = _context(run_dir, corpus, models, budget, max_doc_tokens, dev, texts=natural, name="natural")
+        rep["natural"] = natural_section(nctx, extra_rows)
+    lap("natural")
     rep["generation"] = generation_checks(models, ctx, rc.gen_items, rc.samples, rc.max_new_tokens)
     lap("generation")
     with atomic_dir(run_dir / "report") as tmp:

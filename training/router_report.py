@@ -4,17 +4,17 @@
 tokens of the other rows (``ctx.docs``), so routed / dense and MoE / dense ratios are like for like:
 
 * ``router-top1``: each test document is scored by the expert the router picks from the
-  document's opening (its first ``ctx``-defined characters, ``DocSet.openings``);
+  document's routing prefix (``router.prefix``, ``DocSet.openings``);
 * ``router-mixture``: the router-weighted mixture of its top-k experts (weights renormalised),
-  log sum_k w_k p_k(token), for every token of the document.
+  log sum_k w_k p_k(token), for every scored token of the document.
 
-The experts' per-token log-probs come from ``ctx.logprobs`` (computed once for the matrix rows),
-so the routed rows cost no extra forward pass. The routing accuracy on test-document openings
+Like every other row, both are scored only on the tokens after the routing prefix. The experts'
+per-token log-probs come from ``ctx.scored`` (computed once for the matrix rows), so the routed
+rows cost no extra forward pass. The routing accuracy on test-document openings
 (learned router, and the likelihood/BTM router from the same log-probs) and on test prompts goes
 to ``ctx.sections["router"]`` (the report's "Router" section); the full evaluation (accuracy,
 confusion, ECE, learned vs likelihood router on prompts) to ``<run_dir>/metrics/router_eval.json``
 with the confusion plot next to it.
-at module level.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ from experts.checkpoint import atomic_write_json, load_lm
 from router.domains import DOMAINS
 from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
 from router.policy import Decision, decide
+from router.prefix import prefix_text
 from router.probes import probe_examples
 from router.router import Router, load_router
 from training.data import router_examples
 
 log = logging.getLogger(__name__)
 
-OPENING_CHARS = 256  # when the context gives no openings: route from this many characters
 EVAL_FILE, CONFUSION_FILE = "router_eval.json", "router_confusion.png"
 OPENINGS_CONFUSION_FILE = "router_confusion_openings.png"
 LIKELIHOOD_PER_DOMAIN = 20  # the prompt likelihood router runs every expert per prompt: keep it small
-LIKELIHOOD_TOKENS = 64  # ... on the first LIKELIHOOD_TOKENS tokens (the learned router reads openings too)
+LIKELIHOOD_TOKENS = 64  # ... on the first LIKELIHOOD_TOKENS tokens of each test prompt
 ROUTE_BATCH = 256
 
 
@@ -69,7 +69,7 @@ def route_all(router: Router, prompts: Sequence[str], batch_size: int = ROUTE_BA
 
 
 def routed_nll(decisions: Sequence[Decision], logprobs: Mapping[str, Sequence[torch.Tensor]]) -> tuple[list, list]:
-    """Per-document (top-1 NLL, mixture NLL) given each expert's per-document token log-probs."""
+    """Per-document (top-1 NLL, mixture NLL) given each expert's per-document scored-token log-probs."""
     top1, mix = [], []
     for i, m in enumerate(decisions):
         top1.append(-float(logprobs[m.experts[0]][i].sum()))
@@ -90,7 +90,8 @@ def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
     if loaded is None:
         return {}
     router, experts = loaded
-    lp = {e: ctx.logprobs(e, experts[e]) for e in DOMAINS}  # cached: the matrix rows scored them already
+    lp = {e: ctx.scored(e, experts[e]) for e in DOMAINS}  # cached: the matrix rows scored them already
+    lp_prefix = {e: ctx.prefix_logprobs(e, experts[e]) for e in DOMAINS}
     rows: dict[str, dict[str, Any]] = {"router-top1": {}, "router-mixture": {}}
     pred, lik_pred, true = [], [], []
     for d in ctx.domains:
@@ -100,11 +101,13 @@ def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
         rows["router-top1"][d], rows["router-mixture"][d] = ctx.cell(d, top1), ctx.cell(d, mix)
         pred += [m.experts[0] for m in decisions]
         true += [d] * len(decisions)
-        # the likelihood (BTM) router on the same openings, from the same log-probs: free
-        n_open = [len(router.tokenizer.encode(o)) for o in docs.openings]
-        lik_pred += [max(DOMAINS, key=lambda e, i=i, k=k: float(lp[e][d][i][:k].sum())) for i, k in enumerate(n_open)]
+        # the likelihood (BTM) router on the same prefixes, from the same forward passes: free
+        lik_pred += [max(DOMAINS, key=lambda e, i=i: float(lp_prefix[e][d][i].sum())) for i in range(len(decisions))]
     section: dict[str, Any] = {"scored_documents": len(true), "routed_accuracy": _accuracy(pred, true),
                                "opening_likelihood_accuracy": _accuracy(lik_pred, true)}
+    if getattr(ctx, "name", "test") != "test":  # another document set: its rows and routing accuracy only
+        ctx.sections["router"] = section
+        return rows
     try:
         summary = router_summary(ctx, router, experts)
         section["opening_accuracy"] = summary.get("test_openings", {}).get("accuracy")
@@ -119,10 +122,10 @@ def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def opening_examples(ctx: Any, chars: int = OPENING_CHARS) -> list[tuple[str, str]]:
-    """(opening, domain) of every test document (all of them when the corpus is there, else ``ctx.docs``)."""
+def opening_examples(ctx: Any) -> list[tuple[str, str]]:
+    """(routing prefix, domain) of every test document (all of them when the corpus is there, else ``ctx.docs``)."""
     if getattr(ctx, "corpus", None) is not None:
-        return [(r["text"][:chars], d) for d in ctx.domains for r in ctx.corpus.docs(d, "test")
+        return [(prefix_text(ctx.tokenizer, r["text"]), d) for d in ctx.domains for r in ctx.corpus.docs(d, "test")
                 if r["text"].strip()]
     return [(o, d) for d in ctx.domains for o in ctx.docs[d].openings]
 

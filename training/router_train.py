@@ -25,6 +25,7 @@ from experts.checkpoint import atomic_write_json, save_checkpoint
 from router.calibration import expert_nll, fit_temperature
 from router.domains import DOMAINS, check_domain
 from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, hierarchical_log_probs
+from router.prefix import prefix_text
 from training.data import load_corpora, router_examples
 from training.loop import LoopConfig, train
 
@@ -48,7 +49,6 @@ class RouterTrainConfig:
     min_share: float = 0.5  # repeat a rare domain's examples until it has this share of the largest one
     min_crop: int = 4
     opening_share: float = 0.5  # document openings per domain, as a share of per_domain (0: prompts only)
-    opening_chars: int = 256  # an opening is the first opening_chars characters of a document
     view_share: float = 0.5  # user-style rephrasings per domain (training.data.prompt_views), share of per_domain
     seed: int = 0
 
@@ -60,8 +60,6 @@ class RouterTrainConfig:
             raise ValueError(f"RouterTrainConfig.min_share={self.min_share!r} is invalid: must be in [0, 1]")
         if not self.opening_share >= 0.0:
             raise ValueError(f"RouterTrainConfig.opening_share={self.opening_share!r} is invalid: must be >= 0")
-        if self.opening_chars < 1:
-            raise ValueError(f"RouterTrainConfig.opening_chars={self.opening_chars!r} is invalid: must be >= 1")
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"RouterTrainConfig.crop_prob={self.crop_prob!r} is invalid: must be in [0, 1]")
         if not self.lr > 0:
@@ -221,25 +219,33 @@ class RouterTask:
         log.info("router checkpoint written to %s (T=%.3f)", path, self.temperature)
 
 
-def document_openings(corpus: Any, split: str, per_domain: int | None, *, chars: int = 256,
+def document_openings(corpus: Any, tokenizer: Any, split: str, per_domain: int | None, *,
                       seed: int = 0) -> list[tuple[str, str]]:
-    """(first ``chars`` characters of a document, domain): a seeded sample of ``per_domain`` per domain.
+    """(routing prefix of a document, domain): a seeded sample of ``per_domain`` per domain.
 
     Documents are a prompt type of their own (a pasted file starts with a license header or imports,
-    a factbook entry with its title): the report routes every test document from its opening.
+    a factbook entry with its title). The report routes every test document from the same prefix
+    (``router.prefix``), so the router is trained on exactly what it is evaluated on.
     """
     import random
 
     out = []
     for domain in corpus.domains:
-        openings = sorted({r["text"][:chars].strip() for r in corpus.docs(domain, split) if r["text"].strip()})
-        random.Random(f"openings:{seed}:{domain}").shuffle(openings)
-        out += [(o, domain) for o in openings[:per_domain]]
+        texts = [r["text"] for r in corpus.docs(domain, split) if r["text"].strip()]
+        random.Random(f"openings:{seed}:{domain}").shuffle(texts)
+        openings: dict[str, None] = {}  # insertion-ordered set
+        for text in texts:
+            if per_domain is not None and len(openings) >= per_domain:
+                break
+            opening = prefix_text(tokenizer, text)
+            if opening.strip():
+                openings.setdefault(opening, None)
+        out += [(o, domain) for o in openings]
     random.Random(seed).shuffle(out)
     return out
 
 
-def _examples(corpus: Any, split: str, per_domain: int | None, seed: int,
+def _examples(corpus: Any, tokenizer: Any, split: str, per_domain: int | None, seed: int,
               tc: RouterTrainConfig | None = None) -> list[tuple[str, str]]:
     """Prompts (``training.data.router_examples``) plus document openings (``tc.opening_share``)."""
 
@@ -247,7 +253,7 @@ def _examples(corpus: Any, split: str, per_domain: int | None, seed: int,
     out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed, view_share=views))
     if tc is not None and tc.opening_share > 0:
         n = None if per_domain is None else max(1, math.ceil(tc.opening_share * per_domain))
-        out += document_openings(corpus, split, n, chars=tc.opening_chars, seed=seed)
+        out += document_openings(corpus, tokenizer, split, n, seed=seed)
     return out
 
 
@@ -267,8 +273,8 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     tc = train_cfg or RouterTrainConfig()
     cfg = (cfg or RouterConfig()).replace(vocab_size=tokenizer.vocab_size)
     if examples is None:
-        examples = {"train": _examples(corpus, "train", tc.per_domain, tc.seed, tc),
-                    "val": _examples(corpus, "val", tc.val_per_domain, tc.seed, tc)}
+        examples = {"train": _examples(corpus, tokenizer, "train", tc.per_domain, tc.seed, tc),
+                    "val": _examples(corpus, tokenizer, "val", tc.val_per_domain, tc.seed, tc)}
     train_ex = balance(encode_examples(examples["train"], tokenizer, cfg.max_len), tc.min_share)
     val_ex = encode_examples(examples.get("val", []), tokenizer, cfg.max_len)
     log.info("router: %d train / %d val examples", len(train_ex), len(val_ex))

@@ -62,7 +62,10 @@ class DataSpec(_Strict):
 class TrainSpec(_Strict):
     """Budget and optimisation of one expert (baselines derive theirs from it)."""
 
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1)  # optimizer steps per expert; the budget is len(experts) x steps
+    # Branch-Train-Merge: this share of the budget trains one seed LM on the mixed corpus, and each
+    # expert branches from it with the rest of its steps (0: experts start from random weights)
+    seed_fraction: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=8)
     grad_accum: int = Field(1, ge=1)
@@ -76,6 +79,14 @@ class TrainSpec(_Strict):
     patience: int = Field(0, ge=0)
     ckpt_every: int = Field(50, ge=0)
     log_every: int = Field(10, ge=1)
+    # the recipe: Muon on the hidden matrices (AdamW at ``lr`` on the rest) with warmup-stable-decay,
+    # measured better than AdamW + cosine at equal compute (docs/recipe_ab.md; training/optim.py)
+    optimizer: Literal["adamw", "muon"] = "muon"
+    muon_lr: float = Field(0.02, gt=0)  # peak lr of the Muon groups (hidden 2-D matrices)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "wsd"] = "wsd"
+    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: final fraction of steps decaying to min_lr
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSpec":

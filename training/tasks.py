@@ -1,7 +1,9 @@
 """The language-modelling task: next-token cross-entropy plus the MoE auxiliary losses.
 
-One :class:`LMTask` trains an expert on one domain, or a generalist (dense or token-MoE) on the
-union of several domains (batches cycle through the domains, so each sees an equal share).
+One :class:`LMTask` trains an expert on one domain, or a generalist (dense or token-MoE) or the
+seed LM on the union of several domains (batches cycle through the domains, so each sees an equal
+share). With ``init_from`` the model starts from a finished checkpoint's weights (an expert branched
+from the seed) instead of a random initialisation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experts.checkpoint import save_lm
+from experts.checkpoint import CheckpointError, load_lm, save_lm
 from experts.config import ModelConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x (B, T), y (B, T)) int64
@@ -109,11 +111,19 @@ class LMTask:
     eval_batches: int = 10
     tokenizer_file: str | Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a finished LM checkpoint (same config) to start from
     _val: list[Batch] | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
         from experts.model import Transformer
-        return Transformer(self.model_cfg)
+
+        if self.init_from is None:
+            return Transformer(self.model_cfg)
+        model, cfg, _ = load_lm(self.init_from)
+        if cfg != self.model_cfg:
+            raise CheckpointError(f"{self.init_from}: its config differs from {self.name}'s; a branch must "
+                                  f"start from a checkpoint of the same model ({cfg} vs {self.model_cfg})")
+        return model.train()
 
     def train_batches(self) -> MixedBatches:
         from training.data.packing import TokenBatches
@@ -152,5 +162,6 @@ class LMTask:
         return float(self.model_cfg.flops_per_token(self.seq_len))
 
     def save_model(self, model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+        extra = {"init_from": Path(self.init_from).name} if self.init_from else {}
         save_lm(path, model, self.model_cfg, tokenizer_file=self.tokenizer_file,
-                meta={**self.meta, **meta})
+                meta={**self.meta, **extra, **meta})

@@ -65,3 +65,16 @@ def test_moe_export_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
 def test_unknown_parameter_name_is_an_error():
     with pytest.raises(ExportError, match="no LlamaForCausalLM equivalent"):
         hf_name("layers.0.feed_forward.router.weight")
+
+
+@pytest.mark.parametrize("overrides", [{"qk_norm": True}, {"qk_norm": True, "tie_embeddings": False}])
+def test_qk_norm_exports_as_qwen3_with_matching_logits(tmp_path, tokenizer_file, overrides):
+    model, ckpt = _checkpoint(tmp_path, tokenizer_file, **overrides)
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    batch = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(batch).logits
+        got = hf(input_ids=batch).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()

@@ -65,8 +65,9 @@ def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_ro
     ctx = _ctx(run_dir, tokenizer, {d: model for d in DOMAINS})
     rows = report_rows(ctx)
     assert set(rows) == {"router-top1", "router-mixture"}
+    ref_cells = ctx.score("math")  # every expert is this model
     for d in DOMAINS:
-        ref = ctx.evaluate(model, d)
+        ref = ref_cells[d]
         for name in rows:
             assert rows[name][d].tokens == ref.tokens == ctx.docs[d].tokens > 0
             assert rows[name][d].bytes == ref.bytes
@@ -95,7 +96,7 @@ def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_p
     router = load_router(run_dir / "router", tokenizer=tokenizer)
     for d in DOMAINS:
         decisions = route_all(router, ctx.docs[d].openings)
-        lp = {e: ctx.logprobs(e)[d] for e in DOMAINS}
+        lp = {e: ctx.scored(e)[d] for e in DOMAINS}
         top1 = sum(-float(lp[m.experts[0]][i].sum()) for i, m in enumerate(decisions))
         assert rows["router-top1"][d].nats == pytest.approx(top1, rel=1e-5)
         mix = 0.0
@@ -114,14 +115,45 @@ def test_no_router_checkpoint_means_no_rows(tmp_path, tokenizer):
     assert report_rows(ctx) == {}
 
 
-def test_document_openings_are_router_examples():
+def test_document_openings_are_router_examples(tokenizer):
+    from router.prefix import ROUTING_PREFIX_TOKENS, prefix_text
     from training.router_train import RouterTrainConfig, document_openings
 
-    docs = {"code": [{"text": "# license header\nimport os\n" + "x = 1\n" * 100}, {"text": "  "}],
-            "math": [{"text": "What is 2 + 2?\n4"}]}
+    code = "# license header\nimport os\n" + "x = 1\n" * 100
+    docs = {"code": [{"text": code}, {"text": "  "}], "math": [{"text": "What is 2 + 2?\n4"}]}
     corpus = SimpleNamespace(domains=tuple(docs), docs=lambda d, split: docs[d])
-    out = document_openings(corpus, "train", None, chars=30)
-    assert sorted(out) == [("# license header\nimport os\nx =", "code"), ("What is 2 + 2?\n4", "math")]
-    assert document_openings(corpus, "train", 0, chars=30) == []
+    out = document_openings(corpus, tokenizer, "train", None)
+    assert sorted(out) == [(prefix_text(tokenizer, code), "code"), (prefix_text(tokenizer, "What is 2 + 2?\n4"), "math")]
+    assert prefix_text(tokenizer, code) == tokenizer.decode(tokenizer.encode(code)[:ROUTING_PREFIX_TOKENS])
+    assert code.startswith(prefix_text(tokenizer, code)) and len(prefix_text(tokenizer, code)) < len(code) / 10
+    assert document_openings(corpus, tokenizer, "train", 0) == []
     with pytest.raises(ValueError, match="opening_share"):
         RouterTrainConfig(opening_share=-1)
+
+
+def test_no_row_scores_the_routing_prefix(trained_router_dir, tokenizer, tmp_path):
+    """Prefix tokens get log-prob -1000 and the rest -1: a row that scored any prefix token would show it."""
+    from training.router_report import report_rows
+
+    models = {d: _tiny(tokenizer, i) for i, d in enumerate(DOMAINS)}
+    run_dir = _run_with_router(trained_router_dir, tmp_path, models)
+    ctx = _ctx(run_dir, tokenizer, {d: m for d, (m, _) in models.items()})
+    k = ctx.prefix_tokens
+    for e in DOMAINS:
+        ctx._cache[e] = {d: [torch.cat([torch.full((min(k, len(ids) - 1),), -1000.0),
+                                        torch.full((len(ids) - 1 - k,), -1.0)]) for ids in ctx.docs[d].ids]
+                         for d in DOMAINS}
+    rows = {**{e: ctx.score(e) for e in DOMAINS}, **report_rows(ctx)}
+    assert {"router-top1", "router-mixture"} <= set(rows)
+    for d in DOMAINS:
+        scored = sum(len(ids) - 1 - k for ids in ctx.docs[d].ids)
+        assert ctx.docs[d].tokens == scored > 0
+        assert all(len(ids) >= k + 2 for ids in ctx.docs[d].ids)  # every kept document has a token to score
+        for name, cells in rows.items():
+            assert cells[d].tokens == scored
+            assert cells[d].nats == pytest.approx(scored, rel=1e-5), (name, d)
+    # what the router read is the prefix that nobody scored: the text of ids 1..k, no further
+    for d in DOMAINS:
+        for ids, opening in zip(ctx.docs[d].ids, ctx.docs[d].openings):
+            assert opening == tokenizer.decode(ids[1:k + 1], skip_special=False)
+            assert tokenizer.decode(ids[1:], skip_special=False).startswith(opening)

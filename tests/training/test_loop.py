@@ -82,3 +82,27 @@ def test_fused_cross_entropy_matches_torch_in_value_and_gradient():
     (2.5 * expected).backward()
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(logits.grad, ref.grad, atol=1e-7)
+
+
+def test_a_branch_starts_from_the_seeds_exact_weights(synth_splits, tmp_path):
+    """Seed, then branch: the branch's model before its first step is the seed checkpoint, bit for bit."""
+    import dataclasses
+
+    from experts.checkpoint import CheckpointError
+
+    train(lm_task(synth_splits, "math", "seed"), _cfg(max_steps=6), tmp_path)
+    seed_weights = load_tensors(tmp_path / "seed")
+    branch = dataclasses.replace(lm_task(synth_splits, "code", "experts/code", seed=7),
+                                 init_from=str(tmp_path / "seed"))
+    torch.manual_seed(123)  # the branch's own seed must not matter
+    state = branch.build_model().state_dict()
+    assert seed_weights.keys() <= state.keys()
+    for k, v in seed_weights.items():
+        assert torch.equal(state[k], v), k
+    fresh = lm_task(synth_splits, "code", "experts/code").build_model().state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in seed_weights.items())  # the test can tell them apart
+    res = train(branch, _cfg(max_steps=3), tmp_path)
+    assert res.steps == 3 and read_meta(tmp_path / "experts" / "code", kind="lm")["init_from"] == "seed"
+    other = dataclasses.replace(branch, model_cfg=branch.model_cfg.replace(n_layers=1))
+    with pytest.raises(CheckpointError, match="config differs"):
+        other.build_model()

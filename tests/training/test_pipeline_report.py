@@ -20,18 +20,21 @@ def tiny_run(ray_local, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_run_config("tiny", {"run_dir": str(run_dir), "train.steps": 12, "train.eval_every": 6,
-                                   "train.ckpt_every": 6, "router.enabled": False,
-                                   "experts": "math,reasoning,code"})
+                                   "train.ckpt_every": 6, "router.enabled": False, "train.seed_fraction": 0.25,
+                                   "baselines.enabled": True, "experts": "math,reasoning,code"})
     summary = run_pipeline(cfg)
     return run_dir, cfg, summary
 
 
 def test_run_has_checkpoints_and_report(tiny_run):
     run_dir, cfg, summary = tiny_run
+    # a budget of 3 x 12 steps: the seed takes 9 on the mixed corpus, each branch 9 on its domain
+    assert read_meta(run_dir / "seed", kind="lm")["train"]["steps"] == 9
     for d in cfg.experts:
-        assert read_meta(run_dir / "experts" / d, kind="lm")["train"]["steps"] == 12
+        meta = read_meta(run_dir / "experts" / d, kind="lm")
+        assert meta["train"]["steps"] == 9 and meta["init_from"] == "seed"
     rep = json.loads((run_dir / "report" / "report.json").read_text())
-    assert set(rep["matrix"]) == set(cfg.experts)  # a row per expert
+    assert set(rep["matrix"]) == {*cfg.experts, "seed", "baseline-dense", "baseline-moe"}  # a row per model
     for row in rep["matrix"].values():  # a column per domain, finite numbers
         assert set(row) == {"math", "reasoning", "conversation", "knowledge", "code"}
         assert all(c["ppl"] > 1 and 0 < c["bpb"] < 20 for c in row.values())
@@ -39,7 +42,16 @@ def test_run_has_checkpoints_and_report(tiny_run):
     assert rep["generation"]["math"]["exact_match"]["n"] > 0
     for f in ("report.md", "matrix_ppl.png", "loss_curves.png"):
         assert (run_dir / "report" / f).stat().st_size > 0
-    assert rep["compute"]["math"]["tokens"] == 12 * cfg.train.tokens_per_step
+    assert rep["compute"]["math"]["tokens"] == 9 * cfg.train.tokens_per_step
+    assert rep["compute"]["seed"]["tokens"] == 9 * cfg.train.tokens_per_step
+    # the generalists really consumed the FLOPs of seed + branches, and the report says so
+    sc = rep["system_compute"]
+    assert sc["parts"]["experts"] == [*cfg.experts, "seed"]
+    assert sc["flops"]["experts"] == pytest.approx(sum(rep["compute"][n]["flops"] for n in sc["parts"]["experts"]))
+    assert sc["matched"] and all(abs(r - 1) <= 0.02 for r in sc["ratio_to_experts"].values())
+    assert set(rep["ratios"]) >= {"baseline-moe/dense", "seed/dense"}
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "compute-matched: training FLOPs within 2%" in md and "no row scores those tokens" in md
 
 
 def test_rerun_skips_finished_and_extra_rows(tiny_run):
@@ -54,18 +66,30 @@ def test_rerun_skips_finished_and_extra_rows(tiny_run):
     assert "ensemble" in rep["matrix"] and rep["matrix"]["ensemble"]["math"]["ppl"] == pytest.approx(2.718, 1e-3)
 
 
-def test_baselines_match_active_params_and_compute():
+@pytest.mark.parametrize("seed_fraction", [0.0, 0.3])
+def test_baselines_get_the_flops_of_seed_and_branches(seed_fraction):
     from training.data import load_corpora
+    from training.pipeline import budget_steps
 
-    cfg = load_run_config("tiny", {"baselines.enabled": True})
+    cfg = load_run_config("tiny", {"baselines.enabled": True, "train.seed_fraction": seed_fraction})
     corpus = load_corpora(None, "tiny")
-    jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
+    plan = plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)
+    jobs = {j.task.name: j for j in plan}
     expert, dense, moe = jobs["math"], jobs["baseline-dense"], jobs["baseline-moe"]
+    seed_steps, branch_steps = budget_steps(cfg.train, 5)
+    assert expert.loop.max_steps == branch_steps
+    assert seed_steps + 5 * branch_steps == pytest.approx(5 * cfg.train.steps, abs=3)
+    if seed_fraction:
+        assert plan[0].task.name == "seed" and seed_steps == round(0.3 * 5 * cfg.train.steps)
+        assert all(jobs[d].after == "seed" and jobs[d].task.init_from.endswith("/seed") for d in cfg.experts)
+    else:
+        assert "seed" not in jobs and expert.task.init_from is None and expert.after is None
     assert moe.task.model_cfg.ffn == "moe"
     assert abs(moe.active_params - expert.active_params) / expert.active_params < 0.01
-    budget = 5 * expert.loop.max_steps * expert.active_params
+    per_step = cfg.train.tokens_per_step
+    budget = (seed_steps + 5 * branch_steps) * per_step * expert.task.flops_per_token()
     for b in (dense, moe):
-        assert abs(b.loop.max_steps * b.active_params - budget) / budget < 0.01
+        assert abs(b.loop.max_steps * per_step * b.task.flops_per_token() - budget) / budget < 0.01
         assert len(b.task.train_paths) == 5
 
 
