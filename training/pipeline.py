@@ -119,6 +119,8 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         if cfg.baselines.match_active_params:
             moe_cfg = match_active_params(moe_cfg, active)
         for kind, mcfg in (("dense", dense_cfg), ("moe", moe_cfg)):
+            if kind not in cfg.baselines.kinds:
+                continue
             steps = max(1, round(budget / (per_step * mcfg.flops_per_token(cfg.train.seq_len))))
             task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
             jobs.append(Job(task, loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device),

@@ -111,6 +111,7 @@ class BaselineSpec(_Strict):
     """Generalists trained on the union of the domains with the experts' total compute."""
 
     enabled: bool = False
+    kinds: tuple[Literal["dense", "moe"], ...] = ("dense", "moe")  # which generalists to train
     dense: ModelSpec | None = None  # None: the expert's model
     moe: ModelSpec = ModelSpec(preset="tiny-moe")
     match_active_params: bool = True  # pick moe.expert_hidden so active params ~= one expert's

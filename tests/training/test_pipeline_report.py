@@ -9,7 +9,7 @@ import pytest
 from experts.checkpoint import read_meta
 from training.pipeline import match_active_params, plan_jobs
 from training.report import Cell, distinct_2, register_row_provider, write_report
-from training.run_config import load_run_config
+from training.run_config import RunConfigError, load_run_config
 
 pytestmark = pytest.mark.ray
 
@@ -91,6 +91,17 @@ def test_baselines_get_the_flops_of_seed_and_branches(seed_fraction):
     for b in (dense, moe):
         assert abs(b.loop.max_steps * per_step * b.task.flops_per_token() - budget) / budget < 0.01
         assert len(b.task.train_paths) == 5
+
+
+def test_baselines_kinds_choose_the_generalists():
+    from training.data import load_corpora
+
+    corpus = load_corpora(None, "tiny")
+    cfg = load_run_config("tiny", {"baselines.enabled": True, "baselines.kinds": ["dense"]})
+    names = {j.task.name for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
+    assert "baseline-dense" in names and "baseline-moe" not in names
+    with pytest.raises(RunConfigError, match="baselines.kinds"):
+        load_run_config("tiny", {"baselines.kinds": ["sparse"]})
 
 
 def test_match_active_params_and_distinct2():
