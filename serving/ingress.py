@@ -43,6 +43,7 @@ from serving.textstream import TextAssembler
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16
+TELL_REPLICAS_TIMEOUT_S = 2.0  # telling the other ingress replicas that an expert is down
 _PAGE = Path(__file__).parent / "static" / "index.html"
 
 
@@ -153,7 +154,8 @@ class Ingress:
                  settings: IngressSettings | dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(settings)
         self.experts = dict(experts)
-        self.health = ExpertHealth(self.experts)
+        self.health = ExpertHealth(self.experts, share=self._tell_replicas)
+        self._replicas: DeploymentHandle | None = None  # this deployment's handle, for broadcasts
         self.router = router
         self._route_local = None
         if router is None:  # the ingress routes itself; the requests of one loop tick share a forward
@@ -188,6 +190,21 @@ class Ingress:
             except Exception as e:  # not loaded yet (or failed): not ready
                 return NotReady(f"experts are not all loaded yet ({type(e).__name__})").response()
         return JSONResponse({"status": "ready", "experts": sorted(self.experts)})
+
+    # ---- which experts are down, the same on every ingress replica -----------------------------
+    async def expert_down(self, name: str) -> None:
+        """Another ingress replica marked expert ``name`` down (called through ``handle.broadcast``)."""
+        if name in self.experts:
+            self.health.mark_down(name, NotReady(f"another ingress replica marked {name} down"), share=False)
+
+    async def _tell_replicas(self, name: str) -> None:
+        """Mark ``name`` down on every ingress replica: one with no call in flight to the dead replica
+        gets no error of its own, Serve holds its requests until the first-answer deadline."""
+        if self._replicas is None:
+            ctx = serve.get_replica_context()
+            self._replicas = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        await self._replicas.broadcast("expert_down", name).results_async(
+            timeout_s=TELL_REPLICAS_TIMEOUT_S, return_exceptions=True)
 
     # ---- listing and stats --------------------------------------------------------------------
     @app.get("/v1/models")
@@ -455,8 +472,9 @@ class Ingress:
                   else self._ensemble(names, decision["weights"], job))
         deadline = first_answer_deadline_s(self.settings.first_token_timeout_s, job, len(names))
         try:
-            try:  # Serve holds requests for a dead replica until its replacement is up: bound that
-                first = await asyncio.wait_for(source.__anext__(), deadline)
+            try:  # Serve holds requests for a dead replica until its replacement is up: bound that,
+                # and stop waiting once the expert is marked down (here or on another ingress replica)
+                first = await self.health.first_answer(names, source.__anext__(), deadline)
             except asyncio.TimeoutError:
                 e = NotReady(f"expert {', '.join(names)} did not start answering within "
                              f"{deadline:g} s; retry shortly", retry_after_s=1)
