@@ -2,10 +2,11 @@
 
 The router is trained on generated questions, dialogue openings, dictionary and factbook entries,
 and code signatures. These probes are phrased differently on purpose (short questions, requests,
-lower case, no template), 12 per domain. They are never used for training; the report gives
-the accuracy on them beside the in-distribution test prompts. ``PROBES`` were written in session
-2 before the rephrasing frames of ``training.data.prompt_views`` and their failures shaped those
-frames, so they flatter the router; ``HELDOUT`` (15 per domain) did not.
+lower case, no template), 12 per domain in ``PROBES`` and 15 in ``HELDOUT``. They are never used
+for training; the report gives the accuracy on them beside the in-distribution test prompts.
+Neither set is independent: the failures on ``PROBES`` shaped the rephrasing frames of
+``training.data.prompt_views``, and ``HELDOUT`` repeats many of their topics almost word for word
+("capital of Australia", "binary search", "ephemeral"), so both flatter the router.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ PROBES: dict[str, tuple[str, ...]] = {
 }
 assert set(PROBES) == set(DOMAINS)
 
-# Written by a separate session that saw only the five domain descriptions (not the corpora, not
-# the rephrasing frames of training.data.prompt_views, not PROBES): the unbiased out-of-distribution set.
+# A second set in the same style; it shares many topics with PROBES, so it is not independent of it.
 HELDOUT: dict[str, tuple[str, ...]] = {
     "math": (
         "whats 17% of 240",
@@ -179,6 +179,6 @@ assert set(HELDOUT) == set(DOMAINS)
 
 
 def probe_examples(heldout: bool = False) -> list[tuple[str, str]]:
-    """``(prompt, domain)`` for every probe (``heldout``: the independent set), in a fixed order."""
+    """``(prompt, domain)`` for every probe (``heldout``: the second set), in a fixed order."""
     probes = HELDOUT if heldout else PROBES
     return [(p, d) for d in DOMAINS for p in probes[d]]

@@ -485,7 +485,7 @@ def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
                        ("opening_likelihood_accuracy", "likelihood (BTM), openings of the scored documents"),
                        ("prompt_accuracy", "learned, test prompts"),
                        ("probe_accuracy", "learned, hand-written probes (`router.probes.PROBES`)"),
-                       ("heldout_probe_accuracy", "learned, independent hand-written probes (`HELDOUT`)")):
+                       ("heldout_probe_accuracy", "learned, second hand-written probe set (`HELDOUT`, close to `PROBES`)")):
         acc = r.get(key)
         if acc:
             lines.append(f"| {label} (n={acc.get('n')}) | " + " | ".join(_pct(acc["by_domain"].get(d)) for d in doms)

@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _model(preset: str, **kw) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig.preset(preset, **kw)).eval()
+    model = Transformer(ModelConfig.preset(preset, **kw)).eval()
+    with torch.no_grad():  # non-trivial q/k norm weights (qk_norm), so a path that skipped them would show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
@@ -33,10 +38,11 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_kv_cache_decoding_equals_full_forward(preset):
+def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
-    model = _model(preset)
+    model = _model(preset, qk_norm=qk_norm)
     x = torch.randint(0, 512, (3, 24))
     lens, slots = [4, 9, 13], [2, 0, 3]  # non-contiguous slots, different lengths
     cache = KVCache(model.cfg, max_batch=4, max_len=64)

@@ -29,13 +29,17 @@ def test_loss_decreases(synth_splits, tmp_path):
     read_meta(tmp_path / "experts" / "math" / "ckpt" / "latest", kind="resume")
 
 
+MUON = dict(optimizer="muon", muon_lr=0.05, schedule="wsd", decay_fraction=0.3)
+
+
+@pytest.mark.parametrize("recipe", [{}, MUON], ids=["adamw", "muon"])
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_resume_is_bit_identical(synth_splits, tmp_path, ffn):
+def test_resume_is_bit_identical(synth_splits, tmp_path, ffn, recipe):
     a, b = tmp_path / "a", tmp_path / "b"
-    train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(), a)
+    train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(**recipe), a)
     with pytest.raises(InjectedFailure):
-        train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6"), b)
-    res = train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6"), b)
+        train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6", **recipe), b)
+    res = train(lm_task(synth_splits, "math", "experts/math", ffn), _cfg(fail_at="math:6", **recipe), b)
     assert res.resumed_from == 4
     wa, wb = load_tensors(a / "experts" / "math"), load_tensors(b / "experts" / "math")
     assert wa.keys() == wb.keys()
@@ -43,6 +47,9 @@ def test_resume_is_bit_identical(synth_splits, tmp_path, ffn):
         assert torch.equal(wa[k], wb[k]), k
     steps = [r["step"] for r in read_metrics(b / "metrics" / "math.jsonl") if r.get("kind") == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]  # steps 1-4 were not redone
+    state = load_tensors(b / "experts" / "math" / "ckpt" / "latest", "optimizer.safetensors")
+    assert any(k.endswith(".exp_avg_sq") for k in state)  # AdamW's moments (all of them, or Muon's rest)
+    assert any(k.endswith(".momentum_buffer") for k in state) == bool(recipe)  # Muon's momentum
 
 
 def test_early_stopping(synth_splits, tmp_path):
