@@ -9,7 +9,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from experts.checkpoint import atomic_write_json
+from experts.atomic import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from experts.checkpoint import atomic_write_json
+from experts.atomic import atomic_write_json
 
 
 def cpu_model() -> str:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experts.checkpoint import TOKENIZER, atomic_dir, load_lm
+from experts.atomic import atomic_dir
+from experts.checkpoint import TOKENIZER, load_lm
 from safetensors.torch import save_file
 
 # hmoe name (after "layers.N.") -> HF name (after "model.layers.N.")

@@ -22,6 +22,7 @@ import torch
 
 from experts.model import KVCache, Transformer
 from experts.sampling import SamplingParams, make_generator, sample
+from experts.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +226,7 @@ class Engine:
     def score(self, ids: Sequence[int]) -> list[float | None]:
         """Log-prob of each id given the ids before it; the first entry is None (nothing precedes it)."""
         ids = check_prompt(ids, self.cfg.vocab_size, self.cfg.max_seq_len)
-        logits = self.model(torch.tensor([ids], device=self.device)).logits[0, :-1]  # (T-1, V)
-        target = torch.tensor(ids[1:], device=self.device)
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
-        return [None, *lp.tolist()]
+        return [None, *token_logprobs(self.model, [ids])[0].logprobs.tolist()]
 
     # ---- internals ----------------------------------------------------------------------------
     def _req(self, slot: int) -> _Request:

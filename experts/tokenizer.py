@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from experts.checkpoint import atomic_write_text
+from experts.atomic import atomic_write_text
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"

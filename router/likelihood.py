@@ -13,45 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from experts.scoring import token_logprobs
 from router.policy import Decision, check_policy_args, decide, default_decision
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _max_len(model: nn.Module) -> int:
     return int(getattr(getattr(model, "cfg", None), "max_seq_len", 512))
-
-
-@torch.no_grad()
-def token_logprobs(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t = 1..n-1 (n-1 values, fp32, on CPU).
-
-    Long sequences are scored in windows of the model's ``max_seq_len`` that overlap by one token,
-    so every token is scored exactly once (with the context of its own window).
-    """
-    window = _max_len(model)
-    out = []
-    for start in range(0, max(0, len(ids) - 1), window - 1):
-        chunk = torch.tensor([list(ids[start: start + window])], device=_device(model))  # (1, W)
-        logits = model(chunk).logits[0, :-1].float()  # (W-1, V)
-        out.append(torch.log_softmax(logits, -1).gather(-1, chunk[0, 1:, None])[:, 0].cpu())  # (W-1,)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-@torch.no_grad()
-def batch_loglik(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
-    """Summed log-likelihood (N,) of each sequence after its first token; right-padded, one forward pass."""
-    t = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), t), pad_id, dtype=torch.long)  # (N, T)
-    mask = torch.zeros((len(seqs), t), dtype=torch.bool)  # (N, T)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(list(s)), True
-    tokens = tokens.to(_device(model))
-    logp = torch.log_softmax(model(tokens).logits[:, :-1].float(), -1)  # (N, T-1, V)
-    lp = logp.gather(-1, tokens[:, 1:, None])[..., 0].cpu()  # (N, T-1)
-    return (lp * mask[:, 1:]).sum(-1)  # causal: padding on the right never affects earlier tokens
 
 
 class LikelihoodRouter:
@@ -77,9 +44,8 @@ class LikelihoodRouter:
         pad = getattr(self.tokenizer, "pad_id", 0)
         cols = []
         for model in self.experts.values():
-            chunks = [batch_loglik(model, seqs[i: i + self.batch_size], pad)
-                      for i in range(0, len(seqs), self.batch_size)]
-            cols.append(torch.cat(chunks) if chunks else torch.zeros(0))
+            scores = token_logprobs(model, seqs, batch_size=self.batch_size, pad_id=pad)
+            cols.append(torch.stack([s.logprobs.sum() for s in scores]) if scores else torch.zeros(0))
         return torch.stack(cols, dim=1)  # (N, n_experts)
 
     def expert_probs(self, prompts: Sequence[str]) -> list[dict[str, float]]:

@@ -1,4 +1,4 @@
-"""``hmoe serve RUN_DIR`` and ``hmoe up --preset quick`` (imported lazily by ``training.cli``)."""
+"""``hmoe serve RUN_DIR``, ``hmoe up --preset quick`` and ``hmoe chat`` (added to the command by ``serving.command``)."""
 
 from __future__ import annotations
 
@@ -312,16 +312,3 @@ def add_serving_subparsers(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``up`` and ``chat`` to the ``hmoe`` command."""
     for add in (add_serve_subparser, add_up_subparser, add_chat_subparser):
         add(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m serving.cli serve RUN_DIR``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="hmoe")
-    add_serving_subparsers(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(argv)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,6 +39,7 @@ from experts.checkpoint import CheckpointError
 from experts.config import ModelConfig
 from experts.generate import Engine, StepOut
 from experts.sampling import SamplingParams
+from experts.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +255,11 @@ class EngineLoop:
     @torch.inference_mode()
     def cmd_score(self, ids: list[int], top: int) -> dict[str, list]:
         """Per-token log-probs of ``ids`` and the ``top`` most likely ids at each position."""
-        model = self.engine.model
-        x = torch.tensor([ids], device=self.engine.device)
-        logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)  # (T-1, V)
-        target = torch.tensor(ids[1:], device=logp.device)
-        token_lp = [None, *logp.gather(-1, target[:, None])[:, 0].tolist()]
+        s = token_logprobs(self.engine.model, [ids], top=max(0, top))[0]
+        token_lp = [None, *s.logprobs.tolist()]
         if top <= 0:
             return {"token_logprobs": token_lp, "top": [None] * len(ids)}
-        vals, idx = logp.topk(min(top, logp.shape[-1]), dim=-1)  # (T-1, k)
-        tops = [[[t, lp] for t, lp in zip(i, v)] for i, v in zip(idx.tolist(), vals.tolist())]  # JSON-shaped
+        tops = [[[t, lp] for t, lp in zip(i, v)] for i, v in zip(s.top_ids.tolist(), s.top_logprobs.tolist())]
         return {"token_logprobs": token_lp, "top": [None, *tops]}
 
     def cmd_add_external(self, prompt: list[int], params: SamplingParams) -> int:

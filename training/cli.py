@@ -1,26 +1,18 @@
-"""``hmoe``: the command-line entry point.
+"""The training layer's subcommands of ``hmoe`` (the command itself is ``serving.command``).
 
 ``hmoe data build|show`` (corpora), ``hmoe train`` (the whole run through Ray; also the
-entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``; ``serve``, ``up``,
-and ``chat`` are provided by ``serving.cli`` and imported only when used; ``hmoe export`` writes
-a dense expert as a Hugging Face Llama directory.
+entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``, and ``hmoe export``,
+which writes a dense expert as a Hugging Face model directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import logging
 import sys
 import time
 
-SERVING_COMMANDS = {
-    "serve": "serve the experts and the router with Ray Serve",
-    "up": "build, train (if needed) and serve in one command",
-    "chat": "chat with a running server from the terminal",
-}
+from training.data.cli import add_data_subparser
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -127,51 +119,9 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serving(sub: argparse._SubParsersAction) -> None:
-    """Register serve/up/chat/export, delegating to ``serving.cli`` when it exists."""
-    have = importlib.util.find_spec("serving") is not None and importlib.util.find_spec("serving.cli") is not None
-    module = importlib.import_module("serving.cli") if have else None
-    for name, help_text in SERVING_COMMANDS.items():
-        adder = getattr(module, f"add_{name}_subparser", None) if module else None
-        if adder is not None:
-            adder(sub)
-            continue
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, n=name: _unavailable(n))
-
-
-def _unavailable(name: str) -> int:
-    print(f"error: `hmoe {name}` needs serving.cli.add_{name}_subparser, which this installation "
-          "does not have", file=sys.stderr)
-    return 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hmoe", description="hmoe: data, training, reports, serving and export for a hierarchical "
-                                 "mixture of small domain experts")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        from training.data.cli import add_data_subparser
-        add_data_subparser(sub)
-    except ImportError as e:
-        d = sub.add_parser("data", help="build or inspect the training corpora (unavailable)")
-        d.set_defaults(func=lambda a, err=e: print(f"error: hmoe data unavailable: {err}") or 2)
+def add_training_subparsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``data``, ``train``, ``report`` and ``export`` to the ``hmoe`` command."""
+    add_data_subparser(sub)
     _add_train(sub)
     _add_report(sub)
     _add_export(sub)
-    _add_serving(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

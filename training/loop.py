@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from experts.checkpoint import (CheckpointError, atomic_write_json, load_state_into, load_tensors,
-                                read_meta, recover_dir, save_checkpoint)
+from experts.atomic import atomic_write_json, recover_dir
+from experts.checkpoint import CheckpointError, load_state_into, load_tensors, read_meta, save_checkpoint
 from experts.device import autocast_dtype, resolve_device, set_threads
 from training import optim
 

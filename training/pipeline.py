@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experts.checkpoint import atomic_write_json, atomic_write_text
+from experts.atomic import atomic_write_json, atomic_write_text
 from experts.config import ModelConfig
 from router.domains import DOMAINS
 from training.loop import FAIL_ENV, LoopConfig, TrainResult, load_result

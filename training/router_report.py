@@ -1,4 +1,4 @@
-"""The router's part of the run report (``training.report`` imports this module if present).
+"""The router's part of the run report (``training.report`` adds its rows).
 
 ``report_rows(ctx)`` adds two rows to the perplexity matrix, on exactly the test documents and
 tokens of the other rows (``ctx.docs``), so routed / dense and MoE / dense ratios are like for like:
@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from experts.checkpoint import atomic_write_json, load_lm
+from experts.atomic import atomic_write_json
+from experts.checkpoint import load_lm
 from router.domains import DOMAINS
 from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
 from router.policy import Decision, decide
@@ -85,7 +86,7 @@ def _accuracy(pred: Sequence[str], true: Sequence[str]) -> dict[str, Any]:
 
 
 def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
-    """Matrix rows ``router-top1`` and ``router-mixture`` (``training.report.Cell`` per domain)."""
+    """Matrix rows ``router-top1`` and ``router-mixture`` (``training.scoring.Cell`` per domain)."""
     loaded = _load(ctx)
     if loaded is None:
         return {}

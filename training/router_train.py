@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from experts.checkpoint import atomic_write_json, save_checkpoint
+from experts.atomic import atomic_write_json
+from experts.checkpoint import save_checkpoint
 from router.calibration import expert_nll, fit_temperature
 from router.domains import DOMAINS, check_domain
 from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, hierarchical_log_probs

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from router.domains import DOMAINS
-from training.cli import main
+from serving.command import main
 from training.data import (CorpusSpec, DataError, DomainSpec, SourceSpec, build_corpora, load_corpora,
                            qa_items, router_examples, split_of, verify)
 

@@ -43,7 +43,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     import os
     import stat
 
-    from experts.checkpoint import atomic_dir, atomic_write_text
+    from experts.atomic import atomic_dir, atomic_write_text
 
     old = os.umask(umask)
     try:

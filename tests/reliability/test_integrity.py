@@ -82,7 +82,7 @@ def test_hmoe_serve_refuses_corrupt_run(clean_run, tmp_path, how):
     run = Path(shutil.copytree(clean_run, tmp_path / "run"))
     bad = _corrupt(run, how)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    p = subprocess.run([sys.executable, "-m", "training.cli", "serve", str(run), "--port", str(free_port()),
+    p = subprocess.run([sys.executable, "-m", "serving.command", "serve", str(run), "--port", str(free_port()),
                         "--experts", "math,code"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert p.returncode != 0, p.stdout + p.stderr
     assert "error:" in p.stderr and str(bad.parent) in p.stderr, p.stderr[-2000:]

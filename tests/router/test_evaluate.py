@@ -8,10 +8,11 @@ import torch
 
 from experts.config import ModelConfig
 from experts.model import Transformer
+from experts.scoring import token_logprobs
 from router import load_router
 from router.domains import DOMAINS
 from router.evaluate import compare_with_likelihood, evaluate_router, plot_confusion
-from router.likelihood import LikelihoodRouter, batch_loglik, token_logprobs
+from router.likelihood import LikelihoodRouter
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +37,11 @@ def test_evaluate_router_metrics_and_plot(trained_router_dir, router_data, tmp_p
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_token_logprobs_windows_cover_every_token_once(experts):
-    model = experts["math"]
-    ids = list(range(10, 80))  # longer than max_seq_len = 32
-    lp = token_logprobs(model, ids)
-    assert lp.shape == (len(ids) - 1,) and (lp <= 0).all()
-    direct = torch.log_softmax(model(torch.tensor([ids[:32]])).logits[0, :-1], -1)
-    torch.testing.assert_close(lp[:31], direct.gather(-1, torch.tensor(ids[1:32])[:, None])[:, 0])
-
-
-def test_batch_loglik_is_padding_invariant(experts):
-    seqs = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
-    batched = batch_loglik(experts["code"], seqs)
-    single = torch.stack([token_logprobs(experts["code"], s).sum() for s in seqs])
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
-
-
 def test_likelihood_router_is_the_posterior_of_summed_loglik(experts, tokenizer):
     ref = LikelihoodRouter(experts, tokenizer, max_tokens=32)
     prompt = "What is 12 + 30?"
     ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    ll = torch.stack([token_logprobs(m, ids).sum() for m in experts.values()]).double()
+    ll = torch.stack([token_logprobs(m, [ids])[0].logprobs.sum() for m in experts.values()]).double()
     probs = ref.expert_probs([prompt])[0]
     assert list(probs.values()) == pytest.approx(torch.softmax(ll, 0).tolist(), abs=1e-4)
     d = ref.route(prompt)

@@ -1,4 +1,4 @@
-"""Tiny fixtures for the training tests: synthetic packed splits, no corpora or tokenizer needed."""
+"""Fixtures for the training tests: synthetic packed splits; the router tests' tokenizer and trained router."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.router.conftest import router_data, tokenizer, trained_router_dir  # noqa: F401 - shared fixtures
 
 VOCAB = 64
 

@@ -8,7 +8,8 @@ import pytest
 
 from experts.checkpoint import read_meta
 from training.pipeline import match_active_params, plan_jobs
-from training.report import Cell, distinct_2, register_row_provider, write_report
+from training.report import distinct_2, write_report
+from training.scoring import Cell, register_row_provider
 from training.run_config import RunConfigError, load_run_config
 
 pytestmark = pytest.mark.ray
@@ -114,7 +115,7 @@ def test_match_active_params_and_distinct2():
 
 
 def test_cli_report_and_errors(tiny_run, capsys):
-    from training.cli import main
+    from serving.command import main
 
     run_dir, _, _ = tiny_run
     assert main(["report", str(run_dir)]) == 0

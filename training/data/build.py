@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from experts.checkpoint import atomic_write_json, atomic_write_text, sha256_file
+from experts.atomic import atomic_write_json, atomic_write_text, sha256_file
 from experts.tokenizer import Tokenizer
 from training.data.packing import pack
 from training.data.sources import BUILTINS, Record, SourceUnavailable, _take, load_builtin

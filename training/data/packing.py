@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experts.checkpoint import atomic_write_bytes, atomic_write_json
+from experts.atomic import atomic_write_bytes, atomic_write_json
 from experts.tokenizer import Tokenizer
 
 

@@ -15,18 +15,19 @@ from experts.model import Transformer
 from router.domains import DOMAINS
 from router.policy import decide
 from tests.router.fixtures import HELD_OUT, make_examples
+from training import scoring
+from training.router_report import report_rows
 
-report = pytest.importorskip("training.report")
 
 
 def _docs(tokenizer, n: int = 3, max_doc_tokens: int = 40) -> dict:
     """Per domain a few documents: templated prompts, each domain's held-out prompt repeated (long)."""
     texts = {d: [p for p, dd in make_examples(n, seed=7) if dd == d] + [(HELD_OUT[d] + "\n") * 4] for d in DOMAINS}
-    return {d: report.select_docs(texts[d], tokenizer, budget=None, max_doc_tokens=max_doc_tokens) for d in DOMAINS}
+    return {d: scoring.select_docs(texts[d], tokenizer, budget=None, max_doc_tokens=max_doc_tokens) for d in DOMAINS}
 
 
 def _ctx(run_dir, tokenizer, models, window=16):
-    return report.ReportContext(run_dir, None, tokenizer, DOMAINS, _docs(tokenizer), torch.device("cpu"), window,
+    return scoring.ReportContext(run_dir, None, tokenizer, DOMAINS, _docs(tokenizer), torch.device("cpu"), window,
                                 dict(models))
 
 
@@ -44,22 +45,7 @@ def _tiny(tokenizer, seed: int) -> tuple[Transformer, ModelConfig]:
     return Transformer(cfg).eval(), cfg
 
 
-def test_doc_logprobs_batched_chunks_match_one_by_one(tokenizer):
-    from router.likelihood import token_logprobs
-
-    model, _ = _tiny(tokenizer, 0)
-    docs = _docs(tokenizer, max_doc_tokens=70)["code"].ids + _docs(tokenizer)["math"].ids
-    assert max(map(len, docs)) > 32  # some documents span several windows
-    got = report.doc_logprobs(model, docs, window=32, device=torch.device("cpu"), batch_size=3)
-    for ids, lp in zip(docs, got):
-        assert lp.shape == (len(ids) - 1,)
-        torch.testing.assert_close(lp, token_logprobs(model, ids), rtol=1e-4, atol=1e-4)
-    assert report.chunk_spans(5, 3) == [(0, 3), (2, 5)] and report.chunk_spans(1, 3) == []
-
-
 def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_router_dir, tokenizer, tmp_path):
-    from training.router_report import report_rows
-
     model, cfg = _tiny(tokenizer, 0)
     run_dir = _run_with_router(trained_router_dir, tmp_path, {d: (model, cfg) for d in DOMAINS})
     ctx = _ctx(run_dir, tokenizer, {d: model for d in DOMAINS})
@@ -108,8 +94,6 @@ def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_p
 
 
 def test_no_router_checkpoint_means_no_rows(tmp_path, tokenizer):
-    from training.router_report import report_rows
-
     ctx = SimpleNamespace(run_dir=tmp_path, corpus=None, tokenizer=tokenizer, domains=DOMAINS, docs={},
                           device=torch.device("cpu"))
     assert report_rows(ctx) == {}
@@ -133,8 +117,6 @@ def test_document_openings_are_router_examples(tokenizer):
 
 def test_no_row_scores_the_routing_prefix(trained_router_dir, tokenizer, tmp_path):
     """Prefix tokens get log-prob -1000 and the rest -1: a row that scored any prefix token would show it."""
-    from training.router_report import report_rows
-
     models = {d: _tiny(tokenizer, i) for i, d in enumerate(DOMAINS)}
     run_dir = _run_with_router(trained_router_dir, tmp_path, models)
     ctx = _ctx(run_dir, tokenizer, {d: m for d, (m, _) in models.items()})

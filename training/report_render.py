@@ -1,0 +1,144 @@
+"""The run report as Markdown and PNG plots (from the JSON that ``training.report`` builds)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(c: dict | None) -> str:
+    return f"{c['ppl']:.2f} ({c['bpb']:.3f})" if c else "-"
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    doms, rows, mixed, ev = rep["domains"], rep["matrix"], rep.get("mixed_test", {}), rep.get("eval", {})
+    lines = [f"# Report: {rep['run_dir']}", "", "## Perplexity (bits per byte) on each domain's test documents", ""]
+    if ev:
+        lines += [f"Every row is scored on the same {ev['tokens']} tokens of {ev['documents']} test documents: per "
+                  f"domain a seeded sample of up to {ev['max_tokens_per_domain']} scored tokens, each document "
+                  f"`<|bos|>` + text + `<|eos|>` truncated to {ev['max_doc_tokens']} tokens and scored in "
+                  f"{ev['window']}-token windows. The router routes each document from its first "
+                  f"{ev['prefix_tokens']} text tokens (the routing prefix), and no row scores those tokens. "
+                  "*mixed* pools every domain's documents (token-weighted).", ""]
+    lines += ["| model | " + " | ".join(doms) + " | mixed |", "|---" * (len(doms) + 2) + "|"]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(cells.get(d)) for d in doms) + f" | {_fmt(mixed.get(name))} |")
+    lines += ["", f"Own-domain expert is best on every domain: **{rep['experts_best_on_own_domain']}**", ""]
+    if rep.get("experts_beat_dense_on_own_domain"):
+        lines += ["Own-domain expert beats the dense generalist: "
+                  + ", ".join(f"{d} **{v}**" for d, v in rep["experts_beat_dense_on_own_domain"].items()), ""]
+    sc = rep.get("system_compute") or {}
+    if rep.get("ratios"):
+        how = ("compute-matched: training FLOPs within "
+               f"{100 * sc['tolerance']:.0f}%" if sc.get("matched") else
+               "NOT compute-matched; see the FLOP ratios under Compute")
+        lines += [f"Mixed-test perplexity ratios ({how}; < 1 is better than the dense generalist): "
+                  + ", ".join(f"{k} = **{v:.3f}**" for k, v in rep["ratios"].items()), ""]
+    lines += _router_markdown(rep.get("router"), doms)
+    lines += _natural_markdown(rep.get("natural"))
+    lines += ["## Compute", "", "What each model's training really consumed (tokens seen x FLOPs per token).", "",
+              "| model | steps | tokens | active params | starts from | FLOPs |", "|---|---|---|---|---|---|"]
+    for name, c in rep["compute"].items():
+        lines.append(f"| {name} | {c['steps']} | {c['tokens']} | {c['active_params']:,} | "
+                     f"{c.get('init_from') or 'random'} | {(c['flops'] or 0):.4g} |")
+    if sc:
+        lines += ["", f"Systems: routed experts ({' + '.join(sc['parts']['experts'])}) "
+                  + ", ".join(f"{n} {f:.4g} FLOPs ({sc['ratio_to_experts'][n]:.3f}x)" for n, f in sc["flops"].items())
+                  + (f". Compute-matched within {100 * sc['tolerance']:.0f}%." if sc["matched"] else
+                     f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%).")]
+    lines += ["", "## Generation", ""]
+    for name, g in rep["generation"].items():
+        em = g.get("exact_match")
+        if em:
+            lines.append(f"- {name}: greedy exact match {em['correct']}/{em['n']}")
+        lines.append(f"- {name}: sampled distinct-2 {g['sampling']['distinct_2']}")
+    if rep.get("timing_s"):
+        lines += ["", "Report timing (s, wall clock on a possibly shared CPU): "
+                  + ", ".join(f"{k} {v}" for k, v in rep["timing_s"].items())]
+    lines += ["", "![matrix](matrix_ppl.png)", "", "![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _natural_markdown(nat: dict | None) -> list[str]:
+    if not nat:
+        return []
+    doms = nat["domains"]
+    lines = ["## Evaluation-only natural text (bits per byte)", "",
+             "Each domain's natural-text set comes from a source that no training corpus uses "
+             "(`training.data.evalsets`); scored after the routing prefix like the test documents.", "",
+             "| model | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for name, cells in nat["matrix"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{cells[d]['bpb']:.3f}" if d in cells else "-" for d in doms) + " |")
+    lines += ["", "Own expert lowest of the five: " + ", ".join(f"{d} **{v}**" for d, v in nat["own_expert_best"].items())]
+    if nat.get("router_top1_within_2pct_of_own"):
+        lines += ["", "router-top1 within 2% of the own expert: "
+                  + ", ".join(f"{d} **{v}**" for d, v in nat["router_top1_within_2pct_of_own"].items())]
+    return lines + [""]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
+    """The router section (``training.router_report`` fills ``rep["router"]``): routing accuracy per domain."""
+    if not r:
+        return []
+    lines = ["## Router", "", "| routing accuracy | " + " | ".join(doms) + " | all |", "|---" * (len(doms) + 2) + "|"]
+    for key, label in (("opening_accuracy", "learned, openings of all test documents"),
+                       ("routed_accuracy", "learned, openings of the scored documents"),
+                       ("opening_likelihood_accuracy", "likelihood (BTM), openings of the scored documents"),
+                       ("prompt_accuracy", "learned, test prompts"),
+                       ("probe_accuracy", "learned, hand-written probes (`router.probes.PROBES`)"),
+                       ("heldout_probe_accuracy", "learned, second hand-written probe set (`HELDOUT`, close to `PROBES`)")):
+        acc = r.get(key)
+        if acc:
+            lines.append(f"| {label} (n={acc.get('n')}) | " + " | ".join(_pct(acc["by_domain"].get(d)) for d in doms)
+                         + f" | {_pct(acc.get('all'))} |")
+    return lines + [""]
+
+
+def plots(rep: dict[str, Any], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rep["matrix"])
+    cells = {n: {**rep["matrix"][n], **({"mixed": rep["mixed_test"][n]} if n in rep.get("mixed_test", {}) else {})}
+             for n in names}
+    doms = rep["domains"] + (["mixed"] if rep.get("mixed_test") else [])
+    grid = [[math.log(cells[n].get(d, {}).get("ppl", float("nan"))) for d in doms] for n in names]
+    finite = [v for row in grid for v in row if v == v]
+    mid = (min(finite) + max(finite)) / 2 if finite else 0.0
+    fig, ax = plt.subplots(figsize=(1.4 * len(doms) + 2, 0.6 * len(names) + 1.5))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(doms)), doms, rotation=30)
+    ax.set_yticks(range(len(names)), names)
+    for i, n in enumerate(names):
+        for j, d in enumerate(doms):
+            if d in cells[n]:
+                light = grid[i][j] < mid  # yellow end of viridis_r
+                ax.text(j, i, f"{cells[n][d]['ppl']:.1f}", ha="center", va="center",
+                        color="k" if light else "w", fontsize=8)
+    fig.colorbar(im, ax=ax, label="log perplexity")
+    ax.set_title("test-document perplexity: model (row) on domain (column)")
+    fig.tight_layout()
+    fig.savefig(out / "matrix_ppl.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, c in rep["curves"].items():
+        if name not in rep["compute"]:  # LM curves only (the router's loss is another quantity)
+            continue
+        for ax, key in zip(axes, ("train", "val")):
+            if c[key]:
+                ax.plot([p[1] for p in c[key]], [p[2] for p in c[key]], label=name)
+    for ax, key in zip(axes, ("train", "val")):
+        ax.set_xlabel("tokens")
+        ax.set_title(f"{key} loss")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("cross-entropy (nats)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
