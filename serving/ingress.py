@@ -1,9 +1,9 @@
 """The HTTP ingress: OpenAI-compatible and native routes over the Router and Expert deployments.
 
-A request becomes a :class:`Job` (prompt ids, sampling parameters, limits checked), is routed
-(the Router deployment, or the expert the request names), and its tokens stream back from one
-Expert (``top1``) or from a per-step mixture of several (``ensemble``). Routes only translate
-between HTTP shapes and :meth:`Ingress._generate`; errors map to statuses in ``serving.errors``.
+A request becomes a :class:`~serving.orchestrate.Job` (prompt ids, sampling parameters, limits
+checked here); ``serving.orchestrate.Orchestrator`` routes it and streams its tokens. Routes only
+translate between HTTP shapes and the orchestrator; errors map to statuses in ``serving.errors``.
+The ingress replicas share which experts are down (``handle.broadcast``).
 """
 
 from __future__ import annotations
@@ -15,30 +15,24 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI
-from pathlib import Path
-
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from experts.device import set_threads
-from experts.sampling import SamplingParams, make_generator, sample
+from experts.sampling import SamplingParams
 from experts.tokenizer import Tokenizer
-from router.domains import CHAT_EXPERTS, DOMAINS, GROUP_NAMES, GROUP_OF
-from router.policy import decide
 from serving import guard
 from serving import schemas as S
 from serving.batching import TickBatcher
 from serving.deployments import RouteTable
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
-from serving.health import ExpertHealth, is_replica_death
-from serving.textstream import TextAssembler
+from serving.orchestrate import Generation, Job, Orchestrator
 
 log = logging.getLogger(__name__)
 
@@ -89,61 +83,6 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else -1e30
 
 
-@dataclass
-class Job:
-    """One prompt to complete, validated against the limits."""
-
-    ids: list[int]
-    echo_from: int  # first prompt position that echo reports (1 when the server added BOS)
-    route_text: str
-    model: str  # "auto" or an expert name
-    mode: str
-    max_tokens: int
-    params: dict[str, Any]  # SamplingParams fields
-    stops: list[str]
-    stream: bool = False
-    chat: bool | None = False  # native prompts: as a chat user turn (None: if the expert is a chat expert)
-    t0: float = field(default_factory=time.perf_counter)
-
-    @property
-    def one_message(self) -> bool:
-        """Nothing to watch token by token (no stream, no stop strings): one expert answers it in
-        one message, at the end."""
-        return not self.stream and not self.stops
-
-
-# a one-message answer arrives after the whole generation: allow this much per token on top of
-# the first-token deadline (10 tokens/s, far below any expert's speed even when it is loaded)
-ANSWER_S_PER_TOKEN = 0.1
-
-
-def first_answer_deadline_s(first_token_timeout_s: float, job: Job, n_experts: int) -> float:
-    """How long an expert may take before its first message, after which it is treated as down."""
-    if n_experts == 1 and job.one_message:
-        return first_token_timeout_s + ANSWER_S_PER_TOKEN * job.max_tokens
-    return first_token_timeout_s
-
-
-@dataclass
-class Generation:
-    """What a job produced so far."""
-
-    job: Job
-    decision: dict[str, Any] = field(default_factory=dict)
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def expert(self) -> str:
-        return self.decision["experts"][0]
-
-    def summary(self) -> dict[str, Any]:
-        self.timings["total_ms"] = round((time.perf_counter() - self.job.t0) * 1000.0, 3)
-        return {"routing": {**self.decision, "expert": self.expert}, "timings": dict(self.timings)}
-
-
 @serve.deployment(name="Ingress", graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Ingress:
@@ -154,7 +93,6 @@ class Ingress:
                  settings: IngressSettings | dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(settings)
         self.experts = dict(experts)
-        self.health = ExpertHealth(self.experts, share=self._tell_replicas)
         self._replicas: DeploymentHandle | None = None  # this deployment's handle, for broadcasts
         self.router = router
         self._route_local = None
@@ -164,6 +102,11 @@ class Ingress:
                                top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
             self._route_local = TickBatcher(table.route_many)
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
+        st = self.settings
+        self.orch = Orchestrator(self.experts, self.tok, self._route_any, contexts=st.contexts,
+                                 ensemble_threshold=st.ensemble_threshold, ensemble_top_k=st.ensemble_top_k,
+                                 first_token_timeout_s=st.first_token_timeout_s, share=self._tell_replicas)
+        self.health = self.orch.health
         self.stop_ids = (self.tok.eos_id, self.tok.end_id)
         self.ready = False
         guard.configure(api_key=self.settings.api_key, max_body_bytes=self.settings.max_body_bytes)
@@ -236,7 +179,7 @@ class Ingress:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._sse(self._completion_stream(jobs[0], req, rid, created))
-        gens = await asyncio.gather(*(self._collect(j) for j in jobs))
+        gens = await asyncio.gather(*(self.orch.collect(j) for j in jobs))
         choices = [await self._completion_choice(i, g, req) for i, g in enumerate(gens)]
         usage = _usage(sum(len(j.ids) for j in jobs), sum(len(g.tokens) for g in gens))
         body = S.CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
@@ -288,7 +231,7 @@ class Ingress:
 
     async def _completion_stream(self, job: Job, req: S.CompletionRequest, rid: str,
                                  created: int) -> AsyncIterator[dict[str, Any]]:
-        async for g, delta in self._generate(job):
+        async for g, delta in self.orch.generate(job):
             if delta or g.finish_reason:
                 yield {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                        "choices": [{"index": 0, "text": delta, "logprobs": None,
@@ -309,7 +252,7 @@ class Ingress:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._sse(self._chat_stream(job, req, rid, created))
-        g = await self._collect(job)
+        g = await self.orch.collect(job)
         body = S.ChatResponse(id=rid, created=created, model=req.model, usage=_usage(len(ids), len(g.tokens)),
                               choices=[S.ChatChoice(index=0, message=S.ChatChoiceMessage(content=g.text),
                                                     finish_reason=g.finish_reason)],
@@ -320,7 +263,7 @@ class Ingress:
                            ) -> AsyncIterator[dict[str, Any]]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         first = True
-        async for g, delta in self._generate(job):
+        async for g, delta in self.orch.generate(job):
             if first or delta or g.finish_reason:
                 d = {"role": "assistant", "content": delta} if first else {"content": delta}
                 first = False
@@ -340,7 +283,7 @@ class Ingress:
         job.chat = req.chat
         if req.stream:
             return await self._sse(self._native_stream(job))
-        g = await self._collect(job)
+        g = await self.orch.collect(job)
         return _json(self._native_body(g), g)
 
     def _native_body(self, g: Generation) -> S.GenerateResponse:
@@ -351,7 +294,7 @@ class Ingress:
 
     async def _native_stream(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         first = True
-        async for g, delta in self._generate(job):
+        async for g, delta in self.orch.generate(job):
             if g.finish_reason:
                 yield {"text": delta, "done": True, **self._native_body(g).model_dump()}
             elif delta or first:  # the first event carries the routing decision
@@ -391,25 +334,10 @@ class Ingress:
         return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream)
 
     # ---- routing ------------------------------------------------------------------------------
-    async def _route(self, job: Job) -> dict[str, Any]:
-        """The routing decision restricted to served experts, following the request's mode."""
-        if job.model != "auto":
-            probs = {d: float(d == job.model) for d in DOMAINS}
-            groups = {g: float(g == GROUP_OF[job.model]) for g in GROUP_NAMES}
-            return {"group": GROUP_OF[job.model], "group_probs": groups, "expert_probs": probs,
-                    "experts": [job.model], "weights": [1.0], "mode": "explicit"}
+    async def _route_any(self, text: str) -> dict[str, Any]:
         if self._route_local is not None:  # in-process: the requests of one loop tick share a forward
-            full = await self._route_local(job.route_text)
-        else:
-            full = await self._route_text(job.route_text)
-        served = {d: p for d, p in full["expert_probs"].items() if d in self.experts}
-        if sum(served.values()) <= 0.0:
-            served = dict.fromkeys(self.experts, 1.0)
-        threshold, top_k = {"top1": (0.0, 1), "ensemble": (1.0, self.settings.ensemble_top_k),
-                            "auto": (self.settings.ensemble_threshold, self.settings.ensemble_top_k)}[job.mode]
-        d = decide(served, threshold=threshold, top_k=top_k)
-        return {"group": full["group"], "group_probs": full["group_probs"], "expert_probs": full["expert_probs"],
-                "experts": list(d.experts), "weights": list(d.weights), "mode": d.mode}
+            return await self._route_local(text)
+        return await self._route_text(text)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _route_text(self, texts: list[str]) -> list[dict[str, Any]]:
@@ -419,121 +347,6 @@ class Ingress:
         call); at 8 concurrent clients this halves the router calls per request.
         """
         return await self.router.route_many.remote(list(texts))
-
-    # ---- generation ---------------------------------------------------------------------------
-    async def _collect(self, job: Job) -> Generation:
-        g = None
-        async for g, delta in self._generate(job):
-            g.text += delta
-        return g
-
-    async def _generate(self, job: Job) -> AsyncIterator[tuple[Generation, str]]:
-        """Yield ``(generation, text delta)`` for every chunk of tokens; the last has finish_reason."""
-        g = Generation(job)
-        t = time.perf_counter()
-        g.decision = await self._route(job)
-        g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
-        if job.chat or (job.chat is None and all(e in CHAT_EXPERTS for e in g.decision["experts"])):
-            job.ids = self.tok.chat([{"role": "user", "content": job.route_text}])
-            room = min(self.settings.contexts[e] for e in g.decision["experts"]) - len(job.ids)
-            if room < 1:
-                raise InvalidRequest(f"prompt has {len(job.ids)} tokens as a chat turn, over the context; "
-                                     "shorten it", param="prompt")
-            job.max_tokens = min(job.max_tokens, room)
-            job.params["max_new_tokens"] = min(job.params["max_new_tokens"], room)
-        if job.max_tokens == 0:
-            g.finish_reason = "length"
-            yield g, ""
-            return
-        asm = TextAssembler(self.tok, job.stops)
-        source = self._tokens(g.decision, job)
-        try:
-            async for chunk in source:
-                g.tokens += chunk["tokens"]
-                g.timings["max_batch"] = max(g.timings.get("max_batch", 0), chunk.get("batch", 0))
-                delta = asm.push(chunk["tokens"])
-                if asm.stopped:
-                    g.finish_reason = "stop"
-                elif chunk["finish_reason"]:
-                    g.finish_reason = chunk["finish_reason"]
-                    delta += asm.finish()
-                    g.timings.update(chunk.get("timings") or {})
-                yield g, delta
-                if g.finish_reason:
-                    return
-        finally:
-            await source.aclose()
-
-    async def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
-        """Token chunks from the chosen expert(s); a dead replica marks its expert down (503s)."""
-        names = decision["experts"]
-        self.health.check(names)
-        source = (self._single(names[0], job) if len(names) == 1
-                  else self._ensemble(names, decision["weights"], job))
-        deadline = first_answer_deadline_s(self.settings.first_token_timeout_s, job, len(names))
-        try:
-            try:  # Serve holds requests for a dead replica until its replacement is up: bound that,
-                # and stop waiting once the expert is marked down (here or on another ingress replica)
-                first = await self.health.first_answer(names, source.__anext__(), deadline)
-            except asyncio.TimeoutError:
-                e = NotReady(f"expert {', '.join(names)} did not start answering within "
-                             f"{deadline:g} s; retry shortly", retry_after_s=1)
-                for name in names:
-                    self.health.mark_down(name, e)
-                raise e from None
-            yield first
-            async for chunk in source:
-                yield chunk
-        except StopAsyncIteration:
-            return
-        except Exception as e:
-            if is_replica_death(e):
-                for name in names:
-                    self.health.mark_down(name, e)
-            raise
-        finally:
-            await source.aclose()
-
-    async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
-        if job.one_message:  # nothing to watch token by token: one message
-            yield await self.experts[name].generate_all.remote(job.ids, job.params)
-            return
-        stream = self.experts[name].options(stream=True).generate.remote(job.ids, job.params)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            stream.cancel()  # frees the expert's slot if the client left early (no-op when done)
-
-    async def _ensemble(self, names: list[str], weights: list[float], job: Job) -> AsyncIterator[dict[str, Any]]:
-        """Branch-Train-Merge decoding: each step samples from sum_i w_i * p_i(next token)."""
-        handles = [self.experts[n] for n in names]
-        opened = await asyncio.gather(*(h.open.remote(job.ids, job.params) for h in handles),
-                                      return_exceptions=True)
-        sessions = [(h, s) for h, s in zip(handles, opened) if isinstance(s, str)]
-        try:
-            failed = [s for s in opened if not isinstance(s, str)]
-            if failed:
-                raise failed[0]
-            log_w = torch.log(torch.tensor(weights, dtype=torch.float32))[:, None]  # (E, 1)
-            params = SamplingParams(**job.params)
-            gen, seen = make_generator(params.seed), list(job.ids)
-            t0 = time.perf_counter()
-            for _ in range(job.max_tokens):
-                dists = await asyncio.gather(*(h.step.remote(s) for h, s in sessions))
-                mixed = torch.logsumexp(torch.stack([torch.from_numpy(d) for d in dists]) + log_w, dim=0)  # (V,)
-                token = sample(mixed, params, gen, seen)
-                seen.append(token)
-                outs = await asyncio.gather(*(h.feed.remote(s, token) for h, s in sessions))
-                reason = next((o["finish_reason"] for o in outs if o["finished"]), None)
-                chunk = {"tokens": [token], "finish_reason": reason, "batch": 1}
-                if reason:
-                    chunk["timings"] = {"decode_ms": round((time.perf_counter() - t0) * 1000.0, 3)}
-                yield chunk
-                if reason:
-                    return
-        finally:
-            await asyncio.gather(*(h.close.remote(s) for h, s in sessions), return_exceptions=True)
 
     # ---- SSE ----------------------------------------------------------------------------------
     async def _sse(self, events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

@@ -19,7 +19,8 @@ from ray.exceptions import ActorDiedError
 
 from experts.tokenizer import Tokenizer
 from serving.errors import to_serving_error
-from serving.ingress import Ingress, IngressSettings, Job
+from serving.ingress import Ingress, IngressSettings
+from serving.orchestrate import Job
 from serving.testing import TEXTS
 
 FAST_S = 1.0  # a 503 for a down expert comes this fast (the reliability suite allows 2.0)
@@ -101,7 +102,7 @@ async def _answer(ingress: Any) -> tuple[int, float]:
     """(the status the route answers with, seconds) of one request."""
     t = time.perf_counter()
     try:
-        await asyncio.wait_for(ingress._collect(_job()), HANG_S)
+        await asyncio.wait_for(ingress.orch.collect(_job()), HANG_S)
         status = 200
     except asyncio.TimeoutError:
         status = 599

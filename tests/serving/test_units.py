@@ -224,7 +224,7 @@ def test_worker_rejects_bad_prompt_without_dying():
 
 
 def test_a_one_message_answer_may_take_its_whole_generation_before_the_expert_counts_as_down():
-    from serving.ingress import Job, first_answer_deadline_s
+    from serving.orchestrate import Job, first_answer_deadline_s
 
     def job(stream: bool, stops: list[str]) -> Job:
         return Job([1, 2], 1, "hi", "auto", "top1", 200, {}, stops, stream)
