@@ -34,6 +34,7 @@ from experts.atomic import atomic_write_json, recover_dir
 from experts.checkpoint import CheckpointError, load_state_into, load_tensors, read_meta, save_checkpoint
 from experts.device import autocast_dtype, resolve_device, set_threads
 from training import optim
+from training.state import join_tensors, rng_state, set_rng_state, split_tensors
 
 log = logging.getLogger(__name__)
 
@@ -190,65 +191,13 @@ class InjectedFailure(RuntimeError):
     """Raised by the failure-injection hook (see ``HMOE_FAIL_AT_STEP``)."""
 
 
-# ---- RNG and generic state <-> (tensors, JSON) ------------------------------------------------
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"accel{i}"] = s
-    rest = {"numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
-            "python": [py_version, list(py_state), py_gauss]}
-    return tensors, rest
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    accel = [tensors[k] for k in sorted(k for k in tensors if k.startswith("accel"))]
-    if accel and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(accel)
-    kind, pos, has_gauss, gauss = rest["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, state, py_gauss = rest["python"]
-    random.setstate((version, tuple(state), py_gauss))
-
-
-def _split(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
-    """Replace tensors / arrays inside ``obj`` by ``{"__tensor__": key}`` references."""
-    if isinstance(obj, torch.Tensor | np.ndarray):
-        t = obj if isinstance(obj, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(obj))
-        tensors[prefix or "_"] = t.detach().clone().contiguous().cpu()
-        return {"__tensor__": prefix or "_", "__numpy__": isinstance(obj, np.ndarray)}
-    if isinstance(obj, dict):
-        return {str(k): _split(v, tensors, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_split(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
-def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict) and "__tensor__" in obj:
-        t = tensors[obj["__tensor__"]]
-        return t.numpy() if obj.get("__numpy__") else t
-    if isinstance(obj, dict):
-        return {k: _join(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join(v, tensors) for v in obj]
-    return obj
-
-
 # ---- resume checkpoints ---------------------------------------------------------------------
 def _save_resume(path: Path, task: Task, model: nn.Module, opt: torch.optim.Optimizer,
                  data: StatefulIterator, st: _State) -> None:
     opt_tensors, opt_rest = optim.optimizer_state_tensors(opt)
-    rng_tensors, rng_rest = _rng_state()
+    rng_tensors, rng_rest = rng_state()
     data_tensors: dict[str, torch.Tensor] = {}
-    data_json = _split(data.state_dict(), data_tensors)
+    data_json = split_tensors(data.state_dict(), data_tensors)
     extra_tensors = {"optimizer": opt_tensors, "rng": rng_tensors}
     if data_tensors:
         extra_tensors["data"] = data_tensors
@@ -266,8 +215,8 @@ def _load_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     rest = {n: json.loads((path / f"{n}.json").read_text()) for n in ("optimizer", "rng", "data", "trainer")}
     optim.load_optimizer_state(opt, load_tensors(path, "optimizer.safetensors"), rest["optimizer"])
     data_tensors = load_tensors(path, "data.safetensors") if "data.safetensors" in meta["files"] else {}
-    data.load_state_dict(_join(rest["data"], data_tensors))
-    _set_rng_state(load_tensors(path, "rng.safetensors"), rest["rng"])
+    data.load_state_dict(join_tensors(rest["data"], data_tensors))
+    set_rng_state(load_tensors(path, "rng.safetensors"), rest["rng"])
     return _State(**rest["trainer"])
 
 

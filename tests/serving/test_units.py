@@ -186,7 +186,7 @@ async def _collect(w: EngineWorker, prompt: list[int], params: SamplingParams) -
 
 
 def test_prefill_groups_bound_the_padding():
-    from serving.engine_worker import prefill_groups
+    from serving.engine_loop import prefill_groups
 
     assert prefill_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]
     assert prefill_groups([100, 3, 4, 5]) == [[1, 2, 3], [0]]  # the long prompt is not padded to
