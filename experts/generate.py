@@ -178,10 +178,6 @@ class Engine:
         """Free a slot (finished or not)."""
         self._requests.pop(slot, None)
 
-    def tokens(self, slot: int) -> list[int]:
-        """The ids generated so far for ``slot``."""
-        return list(self._req(slot).tokens)
-
     # ---- decoding -----------------------------------------------------------------------------
     def step(self) -> dict[int, StepOut]:
         """Sample one token for every running slot, then run ONE batched forward for those continuing."""

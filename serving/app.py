@@ -50,8 +50,7 @@ def ingress_settings(args: AppArgs, configs: dict[str, ModelConfig]) -> IngressS
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,
         ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k,
         first_token_timeout_s=args.first_token_timeout_s, torch_threads=args.torch_threads,
-        router_dir=None if args.router_probs is not None else str(args.router_dir),
-        router_probs=args.router_probs)
+        router_dir=str(args.router_dir))
 
 
 def _expert_app(args: AppArgs, name: str) -> Application:
@@ -69,16 +68,14 @@ def _expert_app(args: AppArgs, name: str) -> Application:
 
 def _router_app(args: AppArgs) -> Application | None:
     """The Router deployment, or None when the ingress routes (it then loads the same checkpoint)."""
-    if args.router_probs is None:
-        read_meta(args.router_dir, kind="router", verify=True)
+    read_meta(args.router_dir, kind="router", verify=True)
     if args.router_placement == "ingress":
         return None
     return Router.options(num_replicas=args.router.replicas, ray_actor_options=args.router.actor_options(),
                           max_ongoing_requests=args.max_ongoing_requests,
                           max_queued_requests=args.max_queued_requests).bind(
-        None if args.router_probs is not None else str(args.router_dir),
-        threshold=args.ensemble_threshold, top_k=args.ensemble_top_k, torch_threads=args.torch_threads,
-        fixed_probs=args.router_probs)
+        str(args.router_dir), threshold=args.ensemble_threshold, top_k=args.ensemble_top_k,
+        torch_threads=args.torch_threads)
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

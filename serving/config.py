@@ -69,8 +69,6 @@ class AppArgs(BaseModel):
         5.0, gt=0, description="an expert that has not started answering by then is treated as down: "
                                "503 + Retry-After, and its requests fail fast until it answers a probe "
                                "(a non-streaming answer, sent whole at the end, gets 0.1 s per max_tokens more)")
-    router_probs: dict[str, float] | None = Field(
-        None, description="debug/tests only: fixed expert probabilities instead of the learned router")
 
     @field_validator("experts")
     @classmethod
@@ -79,15 +77,6 @@ class AppArgs(BaseModel):
             check_domain(name)
         if len(set(v)) != len(v):
             raise ValueError(f"experts={v} lists an expert twice")
-        return v
-
-    @field_validator("router_probs")
-    @classmethod
-    def _known_probs(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for name, p in (v or {}).items():
-            check_domain(name)
-            if p < 0:
-                raise ValueError(f"router_probs[{name!r}]={p} must be >= 0")
         return v
 
     @model_validator(mode="after")

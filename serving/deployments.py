@@ -15,8 +15,6 @@ from ray import serve
 
 from experts.device import set_threads
 from experts.sampling import SamplingParams
-from router.domains import DOMAINS
-from router.policy import decide
 from serving.engine_worker import EngineWorker, ProcessEngineWorker, load_engine
 
 log = logging.getLogger(__name__)
@@ -90,32 +88,23 @@ class RouteTable:
     deployment (``router_placement: deployment``).
     """
 
-    def __init__(self, router_dir: str | None, *, threshold: float, top_k: int,
-                 fixed_probs: dict[str, float] | None = None) -> None:
-        self.threshold, self.top_k = threshold, top_k
-        self.fixed = fixed_probs
-        self.router = None
-        if fixed_probs is None:
-            from router.router import load_router
+    def __init__(self, router_dir: str, *, threshold: float, top_k: int) -> None:
+        from router.router import load_router
 
-            self.router = load_router(Path(router_dir or ""), threshold=threshold, top_k=top_k)
+        self.router = load_router(Path(router_dir), threshold=threshold, top_k=top_k)
 
     def route_many(self, prompts: list[str]) -> list[dict[str, Any]]:
         """Decisions for several prompts in one forward pass (``router.policy.Decision`` fields)."""
-        if self.router is not None:
-            return [d.to_dict() for d in self.router.route_batch(prompts)]
-        probs = {d: self.fixed.get(d, 0.0) for d in DOMAINS}
-        return [decide(probs, threshold=self.threshold, top_k=self.top_k).to_dict()] * len(prompts)
+        return [d.to_dict() for d in self.router.route_batch(prompts)]
 
 
 @serve.deployment(name="Router", graceful_shutdown_timeout_s=5)
 class Router:
     """A ``RouteTable`` as a deployment of its own, behind ``route(prompt)`` / ``route_many(prompts)``."""
 
-    def __init__(self, router_dir: str | None, *, threshold: float, top_k: int, torch_threads: int = 1,
-                 fixed_probs: dict[str, float] | None = None) -> None:
+    def __init__(self, router_dir: str, *, threshold: float, top_k: int, torch_threads: int = 1) -> None:
         set_threads(torch_threads)
-        self.table = RouteTable(router_dir, threshold=threshold, top_k=top_k, fixed_probs=fixed_probs)
+        self.table = RouteTable(router_dir, threshold=threshold, top_k=top_k)
 
     async def route(self, prompt: str) -> dict[str, Any]:
         """The routing decision as a plain dict (``router.policy.Decision`` fields)."""

@@ -55,7 +55,6 @@ class IngressSettings(BaseModel):
     first_token_timeout_s: float = 5.0
     torch_threads: int = 1
     router_dir: str | None = None  # the router checkpoint, loaded here when there is no Router deployment
-    router_probs: dict[str, float] | None = None  # tests: fixed probabilities instead
 
 
 app = FastAPI(title="hmoe", description="hierarchical mixture of small domain experts",
@@ -99,7 +98,7 @@ class Ingress:
         if router is None:  # the ingress routes itself; the requests of one loop tick share a forward
             set_threads(self.settings.torch_threads)
             table = RouteTable(self.settings.router_dir, threshold=self.settings.ensemble_threshold,
-                               top_k=self.settings.ensemble_top_k, fixed_probs=self.settings.router_probs)
+                               top_k=self.settings.ensemble_top_k)
             self._route_local = TickBatcher(table.route_many)
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         st = self.settings

@@ -20,7 +20,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--expert", required=True, help="the expert to export, e.g. math")
-    p.add_argument("--format", default="hf", choices=["hf"], help="hf: a Hugging Face model directory")
     p.set_defaults(func=run_export)
 
 

@@ -91,7 +91,6 @@ class LoopConfig:
     device: str = "auto"
     num_threads: int | None = None  # torch threads; the CPUs granted to this process
     progress: bool = True  # tqdm bar when stderr is a terminal; log lines otherwise
-    progress_position: int | None = None
     fail_at: str | None = None  # failure injection (tests); defaults to $HMOE_FAIL_AT_STEP
     optimizer: str = "adamw"  # "adamw" | "muon" (Muon on hidden 2-D matrices, AdamW on the rest)
     muon_lr: float = 0.02  # peak lr of the Muon groups (the schedule scales it like ``lr``)
@@ -284,7 +283,7 @@ class _Progress:
         self.cfg, self.name, self.bar = cfg, name, None
         if cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=name, position=cfg.progress_position,
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=name,
                             dynamic_ncols=True, leave=True)
 
     def update(self, step: int, loss: float, tok_s: float) -> None:

@@ -9,15 +9,14 @@ model scores all documents once (``experts.scoring.token_logprobs``); the per-to
 cached in the :class:`ReportContext` so that rows combining experts (the router's) cost no extra
 forward pass.
 
-Extension point: extra rows (e.g. the router-selected ensemble) come from *row providers*:
-callables ``provider(ctx: ReportContext) -> dict[row_name, dict[domain, Cell]]``, registered with
-:func:`register_row_provider` or passed as ``write_report(extra_rows=[...])``. A provider may add a
-report section in ``ctx.sections[name]``.
+Rows that combine models (the router's, ``training.router_report``) come from *row providers*:
+callables ``provider(ctx: ReportContext) -> dict[row_name, dict[domain, Cell]]``; more can be
+passed as ``write_report(extra_rows=[...])``. A provider may add a report section in
+``ctx.sections[name]``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -30,8 +29,6 @@ import torch
 from experts.scoring import token_logprobs
 from router.domains import DOMAINS
 from router.prefix import ROUTING_PREFIX_TOKENS, prefix_ids, scored_targets, unscored
-
-log = logging.getLogger(__name__)
 
 SCORE_BATCH = 32  # chunks per forward pass when scoring
 RATIO_ROWS = ("router-top1", "router-mixture", "baseline-moe", "seed")  # mixed-test ratios to baseline-dense
@@ -133,15 +130,6 @@ class ReportContext:
         return {d: self.cell(d, (-float(x.sum()) for x in lp[d])) for d in self.domains}
 
 
-_PROVIDERS: list[Callable[[ReportContext], dict[str, dict[str, Cell]]]] = []
-
-
-def register_row_provider(fn: Callable[[ReportContext], dict[str, dict[str, Cell]]]) -> None:
-    """Add rows to every report written by this process (e.g. the router-selected ensemble)."""
-    _PROVIDERS.append(fn)
-
-
-
 # ---- the documents and the rows ------------------------------------------------------------------
 def model_dirs(run_dir: Path) -> dict[str, Path]:
     """Row name -> finished LM checkpoint: experts in domain order, then the seed and the baselines."""
@@ -189,17 +177,13 @@ def build_context(run_dir: Path, corpus: Any, models: dict[str, torch.nn.Module]
     return ReportContext(run_dir, corpus, tok, tuple(docs), docs, device, window, models, name=name)
 
 
-def external_rows(ctx: ReportContext, extra: Iterable[Callable]) -> dict[str, dict[str, Cell]]:
-    """Rows from the registered providers and ``extra``; a failing provider is logged and skipped."""
-    providers = list(_PROVIDERS) + list(extra)
+def external_rows(ctx: ReportContext, providers: Iterable[Callable]) -> dict[str, dict[str, Cell]]:
+    """The rows of every provider (a provider that fails fails the report: a missing row would
+    silently change what the report compares)."""
     rows: dict[str, dict[str, Cell]] = {}
     for fn in providers:
-        try:
-            rows.update(fn(ctx) or {})
-        except Exception as e:  # noqa: BLE001 - an optional row must not lose the whole report
-            log.warning("report row provider %s failed: %s", getattr(fn, "__name__", fn), e)
+        rows.update(fn(ctx) or {})
     return rows
-
 
 
 # ---- summaries of the matrix --------------------------------------------------------------------

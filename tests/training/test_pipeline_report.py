@@ -9,7 +9,7 @@ import pytest
 from experts.checkpoint import read_meta
 from training.pipeline import match_active_params, plan_jobs
 from training.report import distinct_2, write_report
-from training.scoring import Cell, register_row_provider
+from training.scoring import Cell
 from training.run_config import RunConfigError, load_run_config
 
 pytestmark = pytest.mark.ray
@@ -62,8 +62,8 @@ def test_rerun_skips_finished_and_extra_rows(tiny_run):
     before = {f.name: f.read_text() for f in (run_dir / "metrics").glob("*.jsonl")}
     run_pipeline(cfg, report=False)  # every task already finished: nothing is retrained
     assert {f.name: f.read_text() for f in (run_dir / "metrics").glob("*.jsonl")} == before
-    register_row_provider(lambda ctx: {"ensemble": {d: Cell(1.0, 1, 1) for d in ctx.domains}})
-    rep = write_report(run_dir, corpus=None, run_cfg=cfg)
+    extra = [lambda ctx: {"ensemble": {d: Cell(1.0, 1, 1) for d in ctx.domains}}]
+    rep = write_report(run_dir, corpus=None, run_cfg=cfg, extra_rows=extra)
     assert "ensemble" in rep["matrix"] and rep["matrix"]["ensemble"]["math"]["ppl"] == pytest.approx(2.718, 1e-3)
 
 
