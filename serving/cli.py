@@ -45,7 +45,7 @@ def start(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, ray_addre
     app = build_app(args)  # checks every checkpoint before Ray starts (CheckpointError)
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        if address == "local":  # Serve's documented throughput profile: +25% tok/s here (2 cores)
+        if address == "local":  # Serve's documented throughput profile (docs/benchmarks.md)
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
             # the profile's direct ingress drains for 30 s at shutdown so that external load
             # balancers notice; a single local server has none, and Ctrl-C took 33 s
@@ -272,8 +272,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="ingress replicas (each runs the router; default 2); the proxy spreads requests over them")
     p.add_argument("--device", default=None, help="auto, cpu or an accelerator name")
     p.add_argument("--decode-weights", choices=["fp32", "int8"], default=None,
-                   help="int8: weight-only int8 projections (2x faster batch-8 decoding on an AMD EPYC, "
-                        "~1x on an Intel Xeon; logits within ~1-2%%); default fp32")
+                   help="int8: weight-only int8 projections (faster decoding on CPUs with fast int8 "
+                        "matmuls; logits within ~1-2%%; see docs/benchmarks.md); default fp32")
     p.add_argument("--proxy", choices=PROXIES, default=None,
                    help="HTTP proxy of the local Ray instance: haproxy (the default when ray[serve]'s "
                         "HAProxy binary is there; ~0.8 ms of proxy CPU per request instead of ~4.5) or python (Serve's proxy actor); "

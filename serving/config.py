@@ -39,14 +39,13 @@ class AppArgs(BaseModel):
     router: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1),
                                         description="the Router deployment (router_placement: deployment)")
     router_placement: Literal["ingress", "deployment"] = Field(
-        "ingress", description="ingress: each ingress replica runs the router itself (a ~0.5 ms forward; "
-                               "a hop to a deployment of its own costs ~10 ms at one client on a 2-core "
-                               "machine); deployment: a Router deployment, scaled on its own (a heavier "
-                               "router, or one on a GPU)")
+        "ingress", description="ingress: each ingress replica runs the router itself (a small forward, "
+                               "cheaper than a hop to another deployment); deployment: a Router deployment, "
+                               "scaled on its own (a heavier router, or one on a GPU)")
     ingress: DeploymentResources = Field(
         default_factory=lambda: DeploymentResources(replicas=2, num_cpus=0.1),
         description="two replicas: a wave of concurrent requests is parsed, routed and answered by two "
-                    "Python processes instead of queueing through one (8 clients ~5% more tokens/s here)")
+                    "Python processes instead of queueing through one")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
     device: str = Field("cpu", description="torch device of the experts: auto, cpu or an accelerator")
     max_batch: int = Field(32, ge=1, le=512, description="decode slots per expert replica")

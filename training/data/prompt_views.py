@@ -2,9 +2,9 @@
 
 A record's ``prompt`` is the source's own phrasing (a generator's template, a dictionary entry, a
 function signature). Users type short questions instead ("What is 12 + 30?", "define ephemeral",
-"How do I read a file in Python?"). A router trained on templates alone learns the templates: in
-session 2 the quick router sent 42% of hand-written prompts (``router.probes``) to the wrong
-expert, nearly all to ``conversation``, the one domain whose data is natural questions.
+"How do I read a file in Python?"). A router trained on templates alone learns the templates: it
+sends short hand-written questions (``router.probes``) to ``conversation``, the one domain whose
+data is natural questions.
 
 ``prompt_views(record, domain, rng)`` returns extra phrasings built from the record's own content
 (its arithmetic expression, its headword, a factbook field, a code line, a later dialogue turn)
