@@ -11,7 +11,7 @@ from experts.export import ExportError, export_hf, hf_name
 from experts.model import Transformer
 from experts.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 TEXTS = ["def add(a, b):\n\treturn a + b  \n", "The capital of France is Paris.",
          "What is 12 + 30? 42", "สวัสดีครับ 🙂", "user: hi there! how are you?"] * 20

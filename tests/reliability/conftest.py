@@ -84,7 +84,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="package")
 def server(tiny_run: Path):
     """Base URL of a running app (three tiny experts, an API key); torn down with the package."""
-    ray = pytest.importorskip("ray")
+    import ray
     from serving.config import AppArgs
     from serving.testing import running_app
 

@@ -11,7 +11,6 @@ import torch
 
 from experts.checkpoint import CheckpointError, read_meta
 from router import DEFAULT_EXPERT, load_router
-from training.router_train import ShuffledBatches
 from tests.router.fixtures import HELD_OUT
 
 
@@ -59,30 +58,9 @@ def test_route_batch_matches_route_and_empty_goes_to_default(trained_router_dir)
         assert single.expert_probs == pytest.approx(d.expert_probs, abs=1e-5)
 
 
-def test_batches_resume_exactly():
-    examples = [([i, i + 1, i + 2, i + 3, i + 4, i + 5], i % 5) for i in range(1, 40)]
-    a = ShuffledBatches(examples, batch_size=8, max_len=16, seed=3, crop_prob=0.5)
-    for _ in range(7):
-        next(a)
-    b = ShuffledBatches(examples, batch_size=8, max_len=16, seed=3, crop_prob=0.5)
-    b.load_state_dict(a.state_dict())
-    for _ in range(10):
-        for x, y in zip(next(a), next(b)):
-            assert torch.equal(x, y)
-
-
 def test_router_package_does_not_import_training_serving_or_ray():
     code = ("import sys, router, router.likelihood, router.evaluate, router.calibration, router.model, router.policy; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'serving', 'ray')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_balance_repeats_rare_domains():
-    from training.router_train import balance
-
-    examples = [([1], 0)] * 100 + [([2], 4)] * 7
-    out = balance(examples, 0.5)
-    assert sum(1 for _, y in out if y == 0) == 100 and sum(1 for _, y in out if y == 4) == 56
-    assert balance(examples, 0.0) == examples

@@ -27,7 +27,7 @@ def server(tiny_run):
     Package-scoped: Serve and Ray are shut down after tests/serving, so the replicas' CPUs are
     free again for the Ray training tasks of other packages.
     """
-    pytest.importorskip("ray")
+    import ray  # noqa: F401 - the fixture needs Ray
     args = AppArgs(run_dir=str(tiny_run), api_key=API_KEY, max_body_bytes=MAX_BODY,
                    max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, ensemble_top_k=2)
     with running_app(args, num_cpus=2, wait_ready_s=180) as url:

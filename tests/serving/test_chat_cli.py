@@ -6,11 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+import pexpect
 
 from tests.serving.conftest import API_KEY
-
-pexpect = pytest.importorskip("pexpect")
 
 HMOE = str(Path(sys.executable).with_name("hmoe"))
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.serving.conftest import API_KEY
 
-webdriver = pytest.importorskip("selenium.webdriver")
+import selenium.webdriver as webdriver
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

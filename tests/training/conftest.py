@@ -57,7 +57,7 @@ def lm_task(splits, name: str, out_dir: str, ffn: str = "dense", seed: int = 0):
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray instance for the whole session (2 CPUs: the machine's budget)."""
-    ray = pytest.importorskip("ray")
+    import ray
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
