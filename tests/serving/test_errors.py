@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from serving.errors import to_serving_error
+
 from .conftest import API_KEY, MAX_BODY, MAX_TOKENS_CAP
 
 pytestmark = pytest.mark.ray
@@ -71,3 +73,13 @@ def test_unknown_route_404_and_service_survives(client):
         assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
     assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
     assert client.get("/readyz").status_code == 200
+
+
+def test_backpressure_maps_to_503_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    err = to_serving_error(BackPressureError(num_queued_requests=10, max_queued_requests=10))
+    resp = err.response()
+    assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 1
+    assert to_serving_error(ValueError("SamplingParams.top_p=0 is invalid")).status == 400
+    assert to_serving_error(RuntimeError("boom")).status == 500
