@@ -65,6 +65,9 @@ class Tokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.system_id, self.user_id, self.assistant_id, \
             self.end_id = ids
         self.special_ids = frozenset(ids)
+        # user text: the spelling of a special token is text like any other (only markup makes specials)
+        self._plain = _HFTokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: int = 2) -> "Tokenizer":
@@ -94,9 +97,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings inside ``text`` map to their single ids."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, specials: bool = True) -> list[int]:
+        """Token ids of ``text``. With ``specials`` (corpus markup) a special token's spelling inside
+        ``text`` maps to its single id; without it (what a user typed) it is encoded as plain text,
+        so that only the server's chat template can insert a special token."""
+        ids = (self._tok if specials else self._plain).encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -120,7 +125,7 @@ class Tokenizer:
             if role not in ROLES:
                 raise ValueError(f"unknown chat role {role!r}; use one of {sorted(ROLES)}")
             ids.append(self._tok.token_to_id(ROLES[role]))
-            ids.extend(self._tok.encode(m.get("content", ""), add_special_tokens=False).ids)
+            ids.extend(self._plain.encode(m.get("content", ""), add_special_tokens=False).ids)
             ids.append(self.end_id)
         if add_generation_prompt:
             ids.append(self.assistant_id)

@@ -187,7 +187,7 @@ class Ingress:
 
     def _completion_job(self, prompt: str | list[int], req: S.CompletionRequest) -> Job:
         if isinstance(prompt, str):
-            ids, echo_from, text = [self.tok.bos_id, *self.tok.encode(prompt)], 1, prompt
+            ids, echo_from, text = [self.tok.bos_id, *self.tok.encode(prompt, specials=False)], 1, prompt
         else:
             ids, echo_from, text = list(prompt), 0, self.tok.decode(prompt)
         budget = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
@@ -275,7 +275,7 @@ class Ingress:
     @app.post("/generate")
     async def generate(self, req: S.GenerateRequest) -> Any:
         model = self._check_model(req.expert, "expert") if req.expert else "auto"
-        ids = [self.tok.bos_id, *self.tok.encode(req.prompt)]
+        ids = [self.tok.bos_id, *self.tok.encode(req.prompt, specials=False)]
         # the schema's default (64) must not fail on a server whose cap is lower: only an explicit value can
         budget = req.max_tokens if "max_tokens" in req.model_fields_set else min(64, self.settings.max_tokens_cap)
         job = self._job(ids, 1, req.prompt, req, model, budget)
