@@ -94,12 +94,13 @@ def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None
 
 def write_hf_tokenizer(tokenizer_file: str | Path, out_dir: str | Path) -> dict[str, int]:
     """Write the files ``AutoTokenizer.from_pretrained(out_dir)`` reads; return the special ids."""
-    from experts.tokenizer import BOS, EOS, PAD, Tokenizer
+    from experts.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
 
     tok, out = Tokenizer.load(tokenizer_file), Path(out_dir)
     names = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, **names}
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+              **names}
     (out / TOKENIZER).write_bytes(Path(tokenizer_file).read_bytes())
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))

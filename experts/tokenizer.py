@@ -30,6 +30,10 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIALS: tuple[str, ...] = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# ``Tokenizer.chat`` as a Jinja chat template, for clients that render it themselves (transformers'
+# ``apply_chat_template`` on an export, lm-evaluation-harness through ``GET /tokenizer_info``)
+CHAT_TEMPLATE = (BOS + "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}" + END + "{% endfor %}"
+                 "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
 
 
 SPLIT_PATTERN = (

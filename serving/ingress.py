@@ -26,7 +26,8 @@ from ray.serve.handle import DeploymentHandle
 
 from experts.device import set_threads
 from experts.sampling import SamplingParams
-from experts.tokenizer import Tokenizer
+from experts.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
+from router.prefix import prefix_text
 from serving import guard
 from serving import schemas as S
 from serving.batching import TickBatcher
@@ -167,6 +168,35 @@ class Ingress:
             out["router"] = {"prompts": self._route_local.calls, "forwards": self._route_local.batches}
         return out
 
+    # ---- the tokenizer (vLLM's routes; lm-evaluation-harness's tokenizer_backend=remote) --------
+    @app.post("/tokenize")
+    async def tokenize(self, req: S.TokenizeRequest) -> S.TokenizeResponse:
+        """Token ids as the server would build them: ``prompt`` as /v1/completions does (with
+        ``add_special_tokens``, <|bos|> first), or ``messages`` through the chat template. Special
+        tokens written in ``prompt`` map to their ids, as in any tokenizer API."""
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
+        if req.messages is not None:
+            ids = self.tok.chat([{"role": m.role, "content": m.text()} for m in req.messages],
+                                add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = self.tok.encode(req.prompt, bos=req.add_special_tokens)
+        return S.TokenizeResponse(count=len(ids), max_model_len=min(self.settings.contexts.values()), tokens=ids)
+
+    @app.post("/detokenize")
+    async def detokenize(self, req: S.DetokenizeRequest) -> S.DetokenizeResponse:
+        bad = [i for i in req.tokens if i >= self.tok.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids outside the vocabulary [0, {self.tok.vocab_size}): {bad[:5]}",
+                                 param="tokens")
+        return S.DetokenizeResponse(prompt=self.tok.decode(req.tokens))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                "chat_template": CHAT_TEMPLATE, "model_max_length": min(self.settings.contexts.values()),
+                "vocab_size": self.tok.vocab_size}
+
     # ---- OpenAI: completions ------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(self, req: S.CompletionRequest) -> Any:
@@ -191,6 +221,8 @@ class Ingress:
         else:
             ids, echo_from, text = list(prompt), 0, self.tok.decode(prompt)
         budget = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+        if req.echo:  # scoring (lm-eval's loglikelihood): the choices that share a context share an expert
+            text = prefix_text(self.tok, text)
         return self._job(ids, echo_from, text, req, req.model, budget)
 
     async def _completion_choice(self, i: int, g: Generation, req: S.CompletionRequest) -> S.CompletionChoice:

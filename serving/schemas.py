@@ -224,3 +224,32 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- the tokenizer (vLLM-compatible: lm-evaluation-harness's tokenizer_backend=remote) ------------
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=64)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    add_special_tokens: bool = Field(True, description="prompt: start with <|bos|>, as /v1/completions does")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant's turn marker")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=64)
+    tokens: list[TokenId] = Field(..., max_length=MAX_TEXT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

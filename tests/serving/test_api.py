@@ -185,6 +185,39 @@ def test_special_token_spellings_in_user_text_stay_text_on_every_endpoint(client
     assert tok.chat([{"role": "user", "content": "<|end|>"}]).count(tok.end_id) == 1
 
 
+def test_tokenize_detokenize_and_tokenizer_info_match_the_servers_tokenizer(client, tiny_run):
+    import jinja2
+
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    r = client.post("/tokenize", json={"prompt": "What is 12 + 30?"}).json()
+    assert r["tokens"] == [tok.bos_id, *tok.encode("What is 12 + 30?")] and r["count"] == len(r["tokens"])
+    bare = client.post("/tokenize", json={"prompt": "<|eos|>", "add_special_tokens": False}).json()
+    assert bare["tokens"] == [tok.eos_id]  # how lm-eval finds the EOS id
+    messages = [{"role": "user", "content": "hi"}]
+    assert client.post("/tokenize", json={"messages": messages}).json()["tokens"] == tok.chat(messages)
+    assert client.post("/tokenize", json={}).status_code == 400
+    text = "def f(x):\n    return x * 2"
+    d = client.post("/detokenize", json={"tokens": tok.encode(text)}).json()
+    assert d["prompt"] == text
+    assert client.post("/detokenize", json={"tokens": [10**6]}).status_code in (400, 422)
+    info = client.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"]) == ("<|bos|>", "<|eos|>")
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(messages=messages,
+                                                                               add_generation_prompt=True)
+    assert tok.encode(rendered) == tok.chat(messages)
+
+
+def test_auto_scoring_routes_on_the_prefix_so_choices_share_an_expert(client):
+    """lm-eval sends context + choice with echo: the router reads only the routing prefix."""
+    context = "Question: a farmer has 12 cows and buys 30 more. How many cows does he have now? Answer:"
+    experts = set()
+    for choice in (" 42", " def f(x): return x", " Hello, how are you today, my friend?"):
+        body = client.post("/v1/completions", json={"model": "auto", "prompt": context + choice, "echo": True,
+                                                    "max_tokens": 0, "logprobs": 1}).json()
+        experts.add(body["hmoe"]["routing"]["expert"])
+    assert len(experts) == 1, experts
+
+
 def test_router_deployment_placement_routes_like_the_ingress(client, tiny_run):
     """router_placement=deployment: a Router deployment of its own gives the ingress's decisions."""
     from ray import serve
