@@ -33,7 +33,7 @@ from serving import schemas as S
 from serving.batching import TickBatcher
 from serving.deployments import RouteTable
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
-from serving.orchestrate import Generation, Job, Orchestrator
+from serving.orchestrate import Generation, Job, Orchestrator, fit_prompt
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,12 @@ class Ingress:
 
     async def _completion_choice(self, i: int, g: Generation, req: S.CompletionRequest) -> S.CompletionChoice:
         prefix = ""
-        if req.echo:
+        if req.echo:  # the prompt as scored: what was kept of it
             prompt = req.prompts()[i]
-            prefix = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
+            if g.job.truncated:
+                prefix = self.tok.decode(g.job.ids[g.job.echo_from:])
+            else:
+                prefix = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
         logprobs = await self._logprobs(g, req) if req.logprobs is not None else None
         return S.CompletionChoice(index=i, text=prefix + g.text, logprobs=logprobs,
                                   finish_reason=g.finish_reason)
@@ -284,7 +287,7 @@ class Ingress:
         if req.stream:
             return await self._sse(self._chat_stream(job, req, rid, created))
         g = await self.orch.collect(job)
-        body = S.ChatResponse(id=rid, created=created, model=req.model, usage=_usage(len(ids), len(g.tokens)),
+        body = S.ChatResponse(id=rid, created=created, model=req.model, usage=_usage(len(job.ids), len(g.tokens)),
                               choices=[S.ChatChoice(index=0, message=S.ChatChoiceMessage(content=g.text),
                                                     finish_reason=g.finish_reason)],
                               hmoe=g.summary())
@@ -320,6 +323,7 @@ class Ingress:
     def _native_body(self, g: Generation) -> S.GenerateResponse:
         s = g.summary()
         return S.GenerateResponse(text=g.text, routing=S.Routing(**s["routing"]), prompt_tokens=len(g.job.ids),
+                                  truncated=g.job.truncated,
                                   completion_tokens=len(g.tokens), finish_reason=g.finish_reason or "length",
                                   timings=S.Timings(**s["timings"]))
 
@@ -353,16 +357,21 @@ class Ingress:
         if bad:
             raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
                                  param="prompt")
+        want = cap if max_tokens is None else max_tokens
+        head = 1 if ids and ids[0] == self.tok.bos_id else 0  # <|bos|> stays first
+        ids, truncated = fit_prompt(ids, ctx, truncate=req.truncate_prompt_tokens, want=want, head=head)
         room = ctx - len(ids)
         if room < 0 or (room == 0 and max_tokens != 0):
             raise InvalidRequest(f"prompt has {len(ids)} tokens but the context is {ctx} tokens "
-                                 "(including at least one generated token); shorten it", param="prompt")
+                                 "(including at least one generated token); shorten it, or set "
+                                 "truncate_prompt_tokens (-1: keep what fits)", param="prompt")
         budget = min(cap if max_tokens is None else max_tokens, room)  # the context bounds generation
         params = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                       repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
                       stop_ids=self.stop_ids, seed=req.seed)
         SamplingParams(**params)  # ValueError -> 400
-        return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream)
+        return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream,
+                   truncate=req.truncate_prompt_tokens, truncated=truncated)
 
     # ---- routing ------------------------------------------------------------------------------
     async def _route_any(self, text: str) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class Job:
     stops: list[str]
     stream: bool = False
     chat: bool | None = False  # native prompts: as a chat user turn (None: if the expert is a chat expert)
+    truncate: int | None = None  # fit_prompt's policy for a prompt over the context
+    truncated: bool = False  # the prompt was cut from the left to fit
     t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -50,6 +52,25 @@ class Job:
         """Nothing to watch token by token (no stream, no stop strings): one expert answers it in
         one message, at the end."""
         return not self.stream and not self.stops
+
+
+def fit_prompt(ids: list[int], ctx: int, *, truncate: int | None, want: int, head: int = 1,
+               tail: int = 0) -> tuple[list[int], bool]:
+    """The prompt an expert gets, and whether it was cut: ``ids`` cut from the left when ``truncate``
+    asks for it, keeping its first ``head`` and last ``tail`` ids (``<|bos|>``, a chat turn's markers).
+
+    ``truncate`` None: unchanged (a prompt over the context is then refused); N > 0: at most N ids
+    (vLLM's ``truncate_prompt_tokens``); -1: as many as leave room for ``want`` new tokens, giving the
+    prompt at least half the context.
+    """
+    if truncate is None:
+        return ids, False
+    limit = ctx - min(max(want, 1), ctx // 2) if truncate == -1 else min(truncate, ctx - 1)
+    limit = max(limit, head + tail + 1)
+    if len(ids) <= limit:
+        return ids, False
+    end = len(ids) - tail
+    return ids[:head] + ids[end - (limit - head - tail):end] + ids[end:], True
 
 
 # a one-message answer arrives after the whole generation: allow this much per token on top of
@@ -81,7 +102,8 @@ class Generation:
 
     def summary(self) -> dict[str, Any]:
         self.timings["total_ms"] = round((time.perf_counter() - self.job.t0) * 1000.0, 3)
-        return {"routing": {**self.decision, "expert": self.expert}, "timings": dict(self.timings)}
+        return {"routing": {**self.decision, "expert": self.expert}, "timings": dict(self.timings),
+                "prompt_tokens": len(self.job.ids), "truncated": self.job.truncated}
 
 
 class Orchestrator:
@@ -129,8 +151,11 @@ class Orchestrator:
         g.decision = await self.route(job)
         g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
         if job.chat or (job.chat is None and all(e in CHAT_EXPERTS for e in g.decision["experts"])):
-            job.ids = self.tok.chat([{"role": "user", "content": job.route_text}])
-            room = min(self.contexts[e] for e in g.decision["experts"]) - len(job.ids)
+            ctx = min(self.contexts[e] for e in g.decision["experts"])
+            job.ids, cut = fit_prompt(self.tok.chat([{"role": "user", "content": job.route_text}]), ctx,
+                                      truncate=job.truncate, want=job.max_tokens, head=2, tail=2)
+            job.truncated = job.truncated or cut
+            room = ctx - len(job.ids)
             if room < 1:
                 raise InvalidRequest(f"prompt has {len(job.ids)} tokens as a chat turn, over the context; "
                                      "shorten it", param="prompt")

@@ -37,6 +37,9 @@ class SamplingFields(BaseModel):
     stop: StopText | list[StopText] | None = Field(None)
     mode: Mode = Field("top1", description="top1: one expert; ensemble: mix the router's top-k; "
                                            "auto: ensemble only when the router is unsure")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, le=1_000_000, description="keep only the last N prompt tokens (vLLM's field; <|bos|> "
+        "stays first); -1: as many as fit with room to answer; None: a prompt over the context is refused")
 
     @field_validator("stop")
     @classmethod
@@ -176,6 +179,9 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Text
+    truncate_prompt_tokens: int | None = Field(
+        -1, ge=-1, le=1_000_000, description="-1 (the default): a long prompt is cut from the left to "
+        "fit, and the response says truncated; N: keep the last N tokens; None: refuse it (400)")
     max_tokens: int | None = Field(64, ge=0)
     expert: str | None = Field(None, min_length=1, max_length=64,
                                description="an expert's name; None lets the router choose")
@@ -206,7 +212,8 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     text: str
     routing: Routing
-    prompt_tokens: int
+    prompt_tokens: int  # after truncation: the tokens the expert read
+    truncated: bool = False
     completion_tokens: int
     finish_reason: str
     timings: Timings

@@ -218,6 +218,25 @@ def test_auto_scoring_routes_on_the_prefix_so_choices_share_an_expert(client):
     assert len(experts) == 1, experts
 
 
+def test_a_long_prompt_gets_a_routed_truncated_answer(client, tiny_run):
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    prompt = "What is 12 + 30? " * 200  # ~1,000+ tokens, over the tiny experts' 128-token context
+    assert len(tok.encode(prompt)) >= 1000
+    g = client.post("/generate", json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert g.status_code == 200, g.text
+    body = g.json()
+    assert body["truncated"] is True and body["prompt_tokens"] <= 128 - 8 and body["routing"]["expert"]
+    assert body["completion_tokens"] >= 1
+    c = client.post("/v1/completions", json={"model": "auto", "prompt": prompt, "max_tokens": 8,
+                                             "temperature": 0, "truncate_prompt_tokens": -1})
+    assert c.status_code == 200, c.text
+    assert c.json()["hmoe"]["truncated"] is True and c.json()["usage"]["prompt_tokens"] <= 120
+    kept = client.post("/v1/completions", json={"model": "math", "prompt": prompt, "max_tokens": 1, "echo": True,
+                                                "logprobs": 0, "truncate_prompt_tokens": 50}).json()
+    assert kept["usage"]["prompt_tokens"] == 50 and kept["choices"][0]["text"].endswith("30? ")
+    assert client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4}).status_code == 400  # vLLM's default
+
+
 def test_router_deployment_placement_routes_like_the_ingress(client, tiny_run):
     """router_placement=deployment: a Router deployment of its own gives the ingress's decisions."""
     from ray import serve

@@ -38,6 +38,8 @@ def test_limits_400(client):
     assert _error(client.post("/v1/completions", json={"prompt": long_prompt}), 400)["param"] == "prompt"
     assert _error(client.post("/v1/completions", json={"prompt": [[10**6 - 1]]}), 400)["param"] == "prompt"
     assert _error(client.post("/v1/completions", json={"prompt": []}), 422)["param"] == "prompt"
+    refuse = {"prompt": "word " * 300, "expert": "math", "truncate_prompt_tokens": None}
+    assert "truncate_prompt_tokens" in _error(client.post("/generate", json=refuse), 400)["message"]
 
 
 def test_unknown_model_404(client):
