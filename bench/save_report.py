@@ -38,13 +38,49 @@ def summary(run_dir: Path) -> dict:
     return rep
 
 
+ROWS = (("own expert", None), ("seed", "seed"), ("dense generalist", "baseline-dense"),
+        ("token-MoE generalist", "baseline-moe"), ("router-top1", "router-top1"),
+        ("router-mixture", "router-mixture"))
+
+
+def tables(rep: dict) -> str:
+    """The summary tables of docs/benchmarks.md and the README: perplexity per domain and mixed
+    (with the ratio to the dense generalist), then bits per byte on the natural-text sets."""
+    doms, mat, mixed = rep["domains"], rep["matrix"], rep.get("mixed_test", {})
+    dense = mixed.get("baseline-dense", {}).get("ppl")
+    out = ["| model | " + " | ".join(doms) + " | mixed |", "| --- |" + " ---: |" * (len(doms) + 1)]
+    for label, name in ROWS:
+        if name is not None and name not in mat:
+            continue
+        cells = [mat[d if name is None else name].get(d, {}).get("ppl") for d in doms]
+        mix = mixed.get(name, {}).get("ppl") if name else None
+        ratio = f" ({mix / dense:.3f}x dense)" if mix and dense and name != "baseline-dense" else ""
+        out.append(f"| {label} | " + " | ".join(f"{c:.2f}" if c else "" for c in cells)
+                   + f" | {f'{mix:.2f}' if mix else ''}{ratio} |")
+    nat = rep.get("natural")
+    if nat:
+        nm = nat["matrix"]
+        out += ["", "| bits per byte, natural text | " + " | ".join(nat["domains"]) + " |",
+                "| --- |" + " ---: |" * len(nat["domains"])]
+        for label, name in ROWS:
+            if name is not None and name not in nm:
+                continue
+            cells = [nm[d if name is None else name].get(d, {}).get("bpb") for d in nat["domains"]]
+            out.append(f"| {label} | " + " | ".join(f"{c:.3f}" if c else "" for c in cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.save_report", description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--markdown", action="store_true", help="also print the summary tables")
     args = ap.parse_args(argv)
-    atomic_write_json(args.out, summary(args.run_dir))
+    rep = summary(args.run_dir)
+    atomic_write_json(args.out, rep)
     print(f"wrote {args.out}")
+    if args.markdown:
+        print(tables(rep))
     return 0
 
 
