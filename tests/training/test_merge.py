@@ -1,0 +1,91 @@
+"""training.merge (Branch-Train-MiX): the merged MoE computes what its parts compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experts.checkpoint import CheckpointError, load_lm, save_lm
+from experts.config import ModelConfig
+from experts.generate import generate
+from experts.model import Transformer
+from experts.sampling import SamplingParams
+from training.merge import freeze_all_but_routers, merge_checkpoints, merge_models
+
+CFG = ModelConfig.preset("tiny", max_seq_len=32, qk_norm=True)
+
+
+def _model(seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(CFG).eval()
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_merging_identical_experts_gives_the_same_logits(top_k):
+    one = _model(0)
+    merged = merge_models([one] * 5, top_k).eval()
+    assert merged.cfg.ffn == "moe" and merged.cfg.moe.n_experts == 5 and merged.cfg.moe.n_shared == 0
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_tokens()).logits, one(_tokens()).logits, atol=1e-5, rtol=0)
+
+
+def _always(expert: int, n_experts: int):
+    """A ``MoEFFN.route`` that sends every token to ``expert`` with weight 1."""
+    def route(x_ND):
+        n = len(x_ND)
+        probs = torch.zeros(n, n_experts)
+        probs[:, expert] = 1.0
+        return probs, probs, torch.ones(n, 1), torch.full((n, 1), expert, dtype=torch.long)
+    return route
+
+
+def test_each_routed_expert_is_its_domains_ffn_and_the_rest_is_averaged():
+    a, b = _model(0), _model(1)
+    merged = merge_models([a, b], top_k=1).eval()
+    pa, pb, pm = (dict(m.named_parameters()) for m in (a, b, merged))
+    for name, p in pm.items():
+        if ".experts.1." in name:
+            torch.testing.assert_close(p, pb[name.replace("experts.1.", "")])
+        elif "feed_forward" not in name:
+            torch.testing.assert_close(p, (pa[name] + pb[name]) / 2)
+    b_with_a = _model(1)  # b's FFNs, a's everything else: what routing every token to expert 1 computes
+    with torch.no_grad():
+        for name, p in b_with_a.named_parameters():
+            if "feed_forward" not in name:
+                p.copy_(pa[name])
+        merged = merge_models([a, b_with_a], top_k=1).eval()
+        for layer in merged.layers:
+            layer.feed_forward.route = _always(1, 2)
+        torch.testing.assert_close(merged(_tokens()).logits, b_with_a(_tokens()).logits, atol=1e-5, rtol=0)
+
+
+def test_the_merged_checkpoint_loads_and_generates_like_any_other(tmp_path):
+    dirs = []
+    for i in range(3):
+        dirs.append(save_lm(tmp_path / f"e{i}", _model(i), CFG))
+    cfg = merge_checkpoints(dirs, tmp_path / "merged", top_k=2)
+    model, loaded_cfg, meta = load_lm(tmp_path / "merged")
+    assert loaded_cfg == cfg and meta["merged_from"] == ["e0", "e1", "e2"]
+    direct = merge_models([load_lm(d)[0] for d in dirs], top_k=2).eval()
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    assert list(generate(model.eval(), [[1, 2, 3]], params)) == list(generate(direct, [[1, 2, 3]], params))
+
+
+def test_routers_only_training_freezes_everything_else():
+    merged = merge_models([_model(0), _model(1)], top_k=1)
+    n = freeze_all_but_routers(merged)
+    trainable = [name for name, p in merged.named_parameters() if p.requires_grad]
+    assert trainable and all(name.endswith("feed_forward.gate.weight") for name in trainable)
+    assert n == CFG.n_layers * 2 * CFG.d_model
+
+
+def test_experts_of_different_shapes_are_refused():
+    other = Transformer(CFG.replace(d_model=32, n_heads=2, n_kv_heads=2))
+    with pytest.raises(CheckpointError, match="one model config"):
+        merge_models([_model(0), other], top_k=1)
+    with pytest.raises(CheckpointError, match="dense"):
+        merge_models([merge_models([_model(0)], top_k=1)], top_k=1)

@@ -1,0 +1,80 @@
+"""Branch-Train-MiX: merge the domain experts into one token-level mixture-of-experts LM.
+
+Following Sukhbaatar et al. (2024), "Branch-Train-MiX": every layer's FFN becomes an MoE layer
+whose routed experts are the domain experts' FFNs (expert *i* of every layer is domain *i*'s FFN),
+and everything else (embeddings, attention, norms, the LM head) is the average of the experts'.
+The per-layer routers (``gate``) start at zero, so before any fine-tuning every expert is
+equally likely and the top-k are the first k; a short fine-tune on the mixed corpus then learns
+them (``train: routers``) or everything (``train: all``).
+
+The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
+and expert width = the dense FFN's: it loads, generates, serves and resumes like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from experts.checkpoint import CheckpointError, load_lm, save_lm
+from experts.config import ModelConfig, MoEConfig
+from experts.model import Transformer
+
+_FFN = re.compile(r"^layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight$")
+
+
+def merged_config(cfg: ModelConfig, n_experts: int, top_k: int) -> ModelConfig:
+    """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN."""
+    if cfg.ffn != "dense":
+        raise CheckpointError(f"only dense experts can be merged (this one has ffn={cfg.ffn!r})")
+    return cfg.replace(ffn="moe", moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0,
+                                                expert_hidden=cfg.hidden_dim))
+
+
+@torch.no_grad()
+def merge_models(models: Sequence[Transformer], top_k: int) -> Transformer:
+    """One MoE Transformer from dense ``models`` of one config (see the module docstring)."""
+    if not models:
+        raise ValueError("merge_models needs at least one expert")
+    cfg = models[0].cfg
+    if any(m.cfg != cfg for m in models):
+        raise CheckpointError("the experts to merge must share one model config")
+    merged = Transformer(merged_config(cfg, len(models), top_k))
+    states = [m.state_dict() for m in models]
+    target = merged.state_dict()
+    for name in states[0]:
+        ffn = _FFN.match(name)
+        if ffn:
+            layer, w = ffn.groups()
+            for i, sd in enumerate(states):
+                target[f"layers.{layer}.feed_forward.experts.{i}.{w}.weight"].copy_(sd[name])
+        else:
+            target[name].copy_(torch.stack([sd[name].float() for sd in states]).mean(0).to(target[name].dtype))
+    for name, p in target.items():
+        if name.endswith("feed_forward.gate.weight"):
+            p.zero_()
+    merged.load_state_dict(target)
+    return merged
+
+
+def merge_checkpoints(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, top_k: int,
+                      tokenizer_file: str | Path | None = None) -> ModelConfig:
+    """Merge finished expert checkpoints (in this order) into an LM checkpoint at ``out_dir``."""
+    models = [load_lm(d)[0] for d in expert_dirs]
+    merged = merge_models(models, top_k)
+    names = [Path(d).name for d in expert_dirs]
+    save_lm(out_dir, merged, merged.cfg, tokenizer_file=tokenizer_file,
+            meta={"merged_from": names, "method": "branch-train-mix"})
+    return merged.cfg
+
+
+def freeze_all_but_routers(model: torch.nn.Module) -> int:
+    """``train: routers``: only the MoE gates learn. Returns the number of trainable parameters."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("feed_forward.gate.weight"))
+        n += p.numel() if p.requires_grad else 0
+    return n
