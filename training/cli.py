@@ -93,6 +93,34 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a run's experts into one MoE and fine-tune it (Branch-Train-MiX)")
+    p.add_argument("run_dir", help="a finished run (runs/<name>)")
+    p.add_argument("--top-k", type=int, help="routed experts per token (default: the run's merge.top_k)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps on the mixed corpus (default: merge.steps)")
+    p.add_argument("--train", choices=["all", "routers"], help="what the fine-tune updates (default: merge.train)")
+    p.add_argument("--ray-address", help="Ray cluster to join; default a private local instance")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experts.checkpoint import CheckpointError
+    from training.pipeline import merge_run
+    from training.run_config import RunConfigError, load_run_config
+
+    ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train}
+    try:
+        cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
+        out = merge_run(cfg, ray_address=args.ray_address)
+    except (RunConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model -> {out}\n" + (out.parent / "report" / "report.md").read_text())
+    return 0
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="(re)write the per-expert perplexity report of a run")
     p.add_argument("run_dir")
@@ -119,8 +147,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_training_subparsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``data``, ``train``, ``report`` and ``export`` to the ``hmoe`` command."""
+    """Add ``data``, ``train``, ``report``, ``merge`` and ``export`` to the ``hmoe`` command."""
     add_data_subparser(sub)
     _add_train(sub)
     _add_report(sub)
+    _add_merge(sub)
     _add_export(sub)

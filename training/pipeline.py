@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from experts.atomic import atomic_write_json, atomic_write_text
+from experts.checkpoint import CheckpointError
 from experts.config import ModelConfig
 from router.domains import DOMAINS
 from training.loop import FAIL_ENV, LoopConfig, TrainResult, load_result
@@ -38,10 +39,10 @@ class Job:
 
     task: LMTask
     loop: LoopConfig
-    kind: str  # "seed" | "expert" | "baseline"
+    kind: str  # "seed" | "expert" | "merged" | "baseline"
     active_params: int
     extra: dict[str, Any] = field(default_factory=dict)
-    after: str | None = None  # the name of a job that must finish first (a branch waits for the seed)
+    after: tuple[str, ...] = ()  # jobs that must finish first (a branch waits for the seed)
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -87,6 +88,7 @@ def budget_steps(spec: TrainSpec, n_experts: int) -> tuple[int, int]:
 
 
 SEED_DIR = "seed"
+MERGED_DIR = "merged"
 
 
 def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None = None) -> list[Job]:
@@ -110,10 +112,14 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         seed = cfg.seed + DOMAINS.index(d)
         task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed, init_from=init)
         experts.append(Job(task, loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device),
-                           "expert", active, after="seed" if seed_steps else None))
+                           "expert", active, after=("seed",) if seed_steps else ()))
+    per_step = cfg.train.tokens_per_step  # the same for every model of the run
+    budget = (seed_steps + len(cfg.experts) * branch_steps) * per_step * expert_cfg.flops_per_token(cfg.train.seq_len)
+    if cfg.merge.enabled:
+        merged = merged_job(cfg, corpus, expert_cfg, run_dir)
+        experts.append(merged)
+        budget += merged.loop.max_steps * per_step * merged.task.model_cfg.flops_per_token(cfg.train.seq_len)
     if cfg.baselines.enabled:
-        per_step = cfg.train.tokens_per_step  # the same for every model of the run
-        budget = (seed_steps + len(cfg.experts) * branch_steps) * per_step * expert_cfg.flops_per_token(cfg.train.seq_len)
         dense_cfg = cfg.baselines.dense.build(vocab_size=vocab_size) if cfg.baselines.dense else expert_cfg
         moe_cfg = cfg.baselines.moe.build(vocab_size=vocab_size)
         if cfg.baselines.match_active_params:
@@ -127,6 +133,19 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
                             "baseline", mcfg.num_params(active=True),
                             {"compute_budget_flops": budget}))
     return jobs + experts
+
+
+def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Path) -> Job:
+    """Branch-Train-MiX: the finished experts merged into one MoE (``training.merge``), fine-tuned on
+    the mixed corpus for ``merge.steps``; it waits for every expert."""
+    from training.merge import merged_config
+
+    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k)
+    task = _lm_task(cfg, corpus, "merged", MERGED_DIR, mcfg, cfg.experts, cfg.seed + 300)
+    task = dataclasses.replace(task, merge_from=tuple(str(run_dir / "experts" / d) for d in cfg.experts),
+                               trainable=cfg.merge.train)
+    loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
+    return Job(task, loop, "merged", mcfg.num_params(active=True), after=tuple(cfg.experts))
 
 
 def _finished(run_dir: Path, job: Job) -> TrainResult | None:
@@ -166,7 +185,7 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
             results[job.task.name] = done
             continue
         r = cfg.resources
-        after = [refs[job.after]] if job.after in refs else []
+        after = [refs[a] for a in job.after if a in refs]
         refs[job.task.name] = ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
                                                     num_gpus=r.num_gpus, max_retries=r.max_retries, after=after)
     router_ref = _submit_router(cfg, corpus, run_dir) if cfg.router.enabled else None
@@ -180,6 +199,27 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = True) -> Path:
+    """``hmoe merge``: merge a finished run's experts and fine-tune the merged model (its other models
+    are left as they are: generalists trained before count the compute they were planned with)."""
+    from training import ray_jobs
+
+    run_dir, corpus = prepare(cfg)
+    missing = [d for d in cfg.experts if load_result(run_dir, f"experts/{d}") is None]
+    if missing:
+        raise CheckpointError(f"{run_dir}: experts {missing} have not finished training; run `hmoe train` first")
+    job = merged_job(cfg, corpus, cfg.model.build(vocab_size=corpus.tokenizer().vocab_size), run_dir)
+    if _finished(run_dir, job) is None:
+        ray_jobs.init_ray(ray_address)
+        r = cfg.resources
+        _gather({"merged": ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
+                                                 num_gpus=r.num_gpus, max_retries=r.max_retries)})
+    if report:
+        from training.report import write_report
+        write_report(run_dir, corpus=corpus, run_cfg=cfg)
+    return run_dir / MERGED_DIR
 
 
 def _gather(refs: dict[str, Any]) -> dict[str, Any]:

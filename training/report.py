@@ -170,15 +170,17 @@ def compute_used(run_dir: Path, names: dict[str, Path]) -> dict[str, dict]:
 def system_compute(compute: dict[str, dict]) -> dict[str, Any]:
     """Total training FLOPs of each system compared, and whether they are compute-matched.
 
-    The routed experts' system is the seed (when the run has one) plus every expert's branch; each
-    generalist is one model. Systems are *matched* when every total is within ``MATCH_TOLERANCE``
-    of the experts' total; the ratios are printed either way.
+    The routed experts' system is the seed (when the run has one) plus every expert's branch; the
+    merged model's adds its fine-tune; each generalist is one model. Systems are *matched* when every
+    total is within ``MATCH_TOLERANCE`` of the experts' total; the ratios are printed either way.
     """
     experts = [n for n in DOMAINS if n in compute]
     if not experts:
         return {}
     parts = experts + (["seed"] if "seed" in compute else [])
     totals = {"experts": float(sum(compute[n]["flops"] or 0 for n in parts))}
+    if "merged" in compute:  # Branch-Train-MiX: the experts, then the merged model's fine-tune
+        totals["merged"] = totals["experts"] + float(compute["merged"]["flops"] or 0)
     totals.update({n: float(compute[n]["flops"] or 0) for n in ("baseline-dense", "baseline-moe") if n in compute})
     ratios = {n: round(v / totals["experts"], 4) if totals["experts"] else None for n, v in totals.items()}
     matched = len(totals) > 1 and all(r is not None and abs(r - 1) <= MATCH_TOLERANCE for r in ratios.values())

@@ -132,6 +132,16 @@ class RouterSpec(_Strict):
     per_domain: int | None = Field(None, ge=1)  # training prompts per domain
 
 
+class MergeSpec(_Strict):
+    """Branch-Train-MiX (``training.merge``): the experts merged into one MoE, then fine-tuned on the
+    mixed corpus. Its fine-tune counts in the system's compute, and the generalists get the same total."""
+
+    enabled: bool = False
+    top_k: int = Field(2, ge=1)  # routed experts per token in the merged model
+    steps: int = Field(100, ge=1)  # fine-tuning steps on the mixed corpus
+    train: Literal["all", "routers"] = "all"  # what the fine-tune updates
+
+
 class RunConfig(_Strict):
     """Everything ``hmoe train`` needs; saved as ``run.yaml`` in the run directory."""
 
@@ -147,6 +157,7 @@ class RunConfig(_Strict):
     report: ReportSpec = ReportSpec()
     run_dir: str | None = None  # default: runs/<name>
     router: RouterSpec = RouterSpec()
+    merge: MergeSpec = MergeSpec()
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -166,6 +177,8 @@ class RunConfig(_Strict):
         max_len = self.model.build().max_seq_len
         if self.train.seq_len > max_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds the model's max_seq_len={max_len}")
+        if self.merge.enabled and self.merge.top_k > len(self.experts):
+            raise ValueError(f"merge.top_k={self.merge.top_k} exceeds the {len(self.experts)} experts")
         return self
 
     def to_yaml(self) -> str:

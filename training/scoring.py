@@ -31,7 +31,7 @@ from router.domains import DOMAINS
 from router.prefix import ROUTING_PREFIX_TOKENS, prefix_ids, scored_targets, unscored
 
 SCORE_BATCH = 32  # chunks per forward pass when scoring
-RATIO_ROWS = ("router-top1", "router-mixture", "baseline-moe", "seed")  # mixed-test ratios to baseline-dense
+RATIO_ROWS = ("router-top1", "router-mixture", "merged", "baseline-moe", "seed")  # mixed-test ratios to baseline-dense
 
 
 @dataclass
@@ -132,10 +132,11 @@ class ReportContext:
 
 # ---- the documents and the rows ------------------------------------------------------------------
 def model_dirs(run_dir: Path) -> dict[str, Path]:
-    """Row name -> finished LM checkpoint: experts in domain order, then the seed and the baselines."""
+    """Row name -> finished LM checkpoint: experts in domain order, the seed, the merged model, the baselines."""
     out = {d: run_dir / "experts" / d for d in DOMAINS if (run_dir / "experts" / d / "meta.json").exists()}
-    if (run_dir / "seed" / "meta.json").exists():
-        out["seed"] = run_dir / "seed"
+    for name in ("seed", "merged"):
+        if (run_dir / name / "meta.json").exists():
+            out[name] = run_dir / name
     for kind in ("dense", "moe"):
         p = run_dir / "baselines" / kind
         if (p / "meta.json").exists():

@@ -112,11 +112,23 @@ class LMTask:
     tokenizer_file: str | Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a finished LM checkpoint (same config) to start from
+    merge_from: tuple[str, ...] = ()  # finished dense experts to merge into this MoE (training.merge)
+    trainable: str = "all"  # "routers": only a merged model's MoE gates learn
     _val: list[Batch] | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
         from experts.model import Transformer
 
+        if self.merge_from:
+            from training.merge import freeze_all_but_routers, merge_models
+
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k)
+            if model.cfg != self.model_cfg:
+                raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
+                                      f"{self.model_cfg}")
+            if self.trainable == "routers":
+                freeze_all_but_routers(model)
+            return model.train()
         if self.init_from is None:
             return Transformer(self.model_cfg)
         model, cfg, _ = load_lm(self.init_from)
@@ -163,5 +175,8 @@ class LMTask:
 
     def save_model(self, model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
         extra = {"init_from": Path(self.init_from).name} if self.init_from else {}
+        if self.merge_from:
+            extra = {"init_from": "merge", "merged_from": [Path(d).name for d in self.merge_from],
+                     "trainable": self.trainable}
         save_lm(path, model, self.model_cfg, tokenizer_file=self.tokenizer_file,
                 meta={**self.meta, **extra, **meta})

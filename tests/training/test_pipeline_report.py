@@ -82,9 +82,9 @@ def test_baselines_get_the_flops_of_seed_and_branches(seed_fraction):
     assert seed_steps + 5 * branch_steps == pytest.approx(5 * cfg.train.steps, abs=3)
     if seed_fraction:
         assert plan[0].task.name == "seed" and seed_steps == round(0.3 * 5 * cfg.train.steps)
-        assert all(jobs[d].after == "seed" and jobs[d].task.init_from.endswith("/seed") for d in cfg.experts)
+        assert all(jobs[d].after == ("seed",) and jobs[d].task.init_from.endswith("/seed") for d in cfg.experts)
     else:
-        assert "seed" not in jobs and expert.task.init_from is None and expert.after is None
+        assert "seed" not in jobs and expert.task.init_from is None and expert.after == ()
     assert moe.task.model_cfg.ffn == "moe"
     assert abs(moe.active_params - expert.active_params) / expert.active_params < 0.01
     per_step = cfg.train.tokens_per_step
@@ -123,3 +123,39 @@ def test_cli_report_and_errors(tiny_run, capsys):
     assert main(["train", "--preset", "tiny", "--steps", "0"]) == 2
     assert "train.steps" in capsys.readouterr().err
     assert main(["report", str(run_dir / "nope")]) == 2
+
+
+def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_generalists():
+    from training.data import load_corpora
+
+    corpus = load_corpora(None, "tiny")
+    ov = {"baselines.enabled": True, "merge.enabled": True, "merge.top_k": 2, "merge.steps": 7,
+          "merge.train": "routers", "train.seed_fraction": 0.3}
+    cfg = load_run_config("tiny", ov)
+    jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
+    merged, expert, dense = jobs["merged"], jobs["math"], jobs["baseline-dense"]
+    assert merged.after == cfg.experts and merged.loop.max_steps == 7 and merged.task.trainable == "routers"
+    assert merged.task.model_cfg.moe.n_experts == 5 and merged.task.model_cfg.moe.top_k == 2
+    assert [p.rsplit("/", 1)[-1] for p in merged.task.merge_from] == list(cfg.experts)
+    per_step = cfg.train.tokens_per_step
+    total = sum(j.loop.max_steps * per_step * j.task.flops_per_token() for n, j in jobs.items()
+                if not n.startswith("baseline-"))
+    assert abs(dense.loop.max_steps * per_step * dense.task.flops_per_token() - total) / total < 0.01
+    assert merged.task.flops_per_token() > expert.task.flops_per_token()  # two routed FFNs per token
+    with pytest.raises(RunConfigError, match="top_k"):
+        load_run_config("tiny", {"merge.enabled": True, "merge.top_k": 3, "experts": "math,code"})
+
+
+def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
+    """Last in this module: it adds a row to the shared run."""
+    from serving.command import main
+
+    run_dir, cfg, _ = tiny_run
+    assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all"]) == 0
+    meta = read_meta(run_dir / "merged", kind="lm")
+    assert meta["merged_from"] == list(cfg.experts) and meta["train"]["steps"] == 4
+    rep = json.loads((run_dir / "report" / "report.json").read_text())
+    assert "merged" in rep["matrix"] and "merged/dense" in rep["ratios"]
+    sc = rep["system_compute"]
+    assert sc["flops"]["merged"] == pytest.approx(sc["flops"]["experts"] + rep["compute"]["merged"]["flops"])
+    assert main(["merge", str(run_dir / "nope")]) == 2
