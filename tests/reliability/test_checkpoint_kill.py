@@ -28,13 +28,14 @@ pytestmark = pytest.mark.reliability
 CHILD = textwrap.dedent("""
     import os, sys, time
     import torch
+    import experts.atomic as fs
     import experts.checkpoint as ck
     import safetensors.torch as st
     from experts.config import ModelConfig
     from experts.model import Transformer
 
     path, mode = sys.argv[1], sys.argv[2]
-    _save, _replace, _exchange = st.save_file, os.replace, ck._exchange
+    _save, _replace, _exchange = st.save_file, os.replace, fs._exchange
 
     def slow_save(*a, **k):  # a slow write: most kills land mid-write
         _save(*a, **k)
@@ -55,10 +56,10 @@ CHILD = textwrap.dedent("""
 
     ck.save_file = slow_save
     if mode == "fallback":  # no atomic exchange (non-Linux): two renames plus recovery
-        ck._exchange = lambda a, b: False
-        ck.os.replace = slow_replace
+        fs._exchange = lambda a, b: False
+        fs.os.replace = slow_replace
     elif mode == "exchange":
-        ck._exchange = slow_exchange
+        fs._exchange = slow_exchange
     cfg = ModelConfig.preset("tiny", vocab_size=64, max_seq_len=32)
     model = Transformer(cfg)
     step = ck.read_meta(path)["step"] if os.path.isdir(path) else 0  # continue where the last child died
