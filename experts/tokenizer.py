@@ -18,6 +18,7 @@ GPT-2's regex in ways measured on the hmoe corpora (chars/token, vocab 8192):
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,9 +70,14 @@ class Tokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.system_id, self.user_id, self.assistant_id, \
             self.end_id = ids
         self.special_ids = frozenset(ids)
-        # user text: the spelling of a special token is text like any other (only markup makes specials)
-        self._plain = _HFTokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+
+    @functools.cached_property
+    def _plain(self) -> _HFTokenizer:
+        """The backend for user text: a special token's spelling is text like any other (only
+        markup makes specials). Built on first use: only the server encodes user text."""
+        plain = _HFTokenizer.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: int = 2) -> "Tokenizer":

@@ -8,18 +8,17 @@ equally likely and the top-k are the first k; a short fine-tune on the mixed cor
 them (``train: routers``) or everything (``train: all``).
 
 The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
-and expert width = the dense FFN's: it loads, generates, serves and resumes like any checkpoint.
+and expert width = the dense FFN's: it loads, trains and generates like any LM checkpoint.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from experts.checkpoint import CheckpointError, load_lm, save_lm
+from experts.checkpoint import CheckpointError
 from experts.config import ModelConfig, MoEConfig
 from experts.model import Transformer
 
@@ -58,17 +57,6 @@ def merge_models(models: Sequence[Transformer], top_k: int) -> Transformer:
             p.zero_()
     merged.load_state_dict(target)
     return merged
-
-
-def merge_checkpoints(expert_dirs: Sequence[str | Path], out_dir: str | Path, *, top_k: int,
-                      tokenizer_file: str | Path | None = None) -> ModelConfig:
-    """Merge finished expert checkpoints (in this order) into an LM checkpoint at ``out_dir``."""
-    models = [load_lm(d)[0] for d in expert_dirs]
-    merged = merge_models(models, top_k)
-    names = [Path(d).name for d in expert_dirs]
-    save_lm(out_dir, merged, merged.cfg, tokenizer_file=tokenizer_file,
-            meta={"merged_from": names, "method": "branch-train-mix"})
-    return merged.cfg
 
 
 def freeze_all_but_routers(model: torch.nn.Module) -> int:

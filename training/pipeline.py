@@ -175,19 +175,7 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
     vocab = corpus.tokenizer().vocab_size
     jobs = plan_jobs(cfg, corpus, vocab, run_dir)
     ray_jobs.init_ray(ray_address)
-    results, refs = {}, {}
-    # in plan order: the seed first, since the branches wait for it; then the generalists (5x an
-    # expert each), which fill the other slots while the seed trains; then the branches
-    for job in jobs:
-        done = _finished(run_dir, job)
-        if done is not None:
-            log.info("%s already trained (%d steps); skipping", job.task.name, done.steps)
-            results[job.task.name] = done
-            continue
-        r = cfg.resources
-        after = [refs[a] for a in job.after if a in refs]
-        refs[job.task.name] = ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
-                                                    num_gpus=r.num_gpus, max_retries=r.max_retries, after=after)
+    results, refs = _submit(cfg, jobs, run_dir)
     router_ref = _submit_router(cfg, corpus, run_dir) if cfg.router.enabled else None
     if router_ref is not None:
         refs["router"] = router_ref
@@ -199,6 +187,25 @@ def run_pipeline(cfg: RunConfig, *, ray_address: str | None = None, report: bool
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _submit(cfg: RunConfig, jobs: list[Job], run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Submit the unfinished ``jobs`` as Ray tasks, in order (a job's ``after`` must come before it:
+    the seed first, since the branches wait for it; then the generalists, which fill the other slots
+    while the seed trains; then the branches). Returns (results of finished jobs, refs of submitted)."""
+    from training import ray_jobs
+
+    results, refs, r = {}, {}, cfg.resources
+    for job in jobs:
+        done = _finished(run_dir, job)
+        if done is not None:
+            log.info("%s already trained (%d steps); skipping", job.task.name, done.steps)
+            results[job.task.name] = done
+            continue
+        after = [refs[a] for a in job.after if a in refs]
+        refs[job.task.name] = ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
+                                                    num_gpus=r.num_gpus, max_retries=r.max_retries, after=after)
+    return results, refs
 
 
 def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = True) -> Path:
@@ -213,9 +220,7 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
     job = merged_job(cfg, corpus, cfg.model.build(vocab_size=corpus.tokenizer().vocab_size), run_dir)
     if _finished(run_dir, job) is None:
         ray_jobs.init_ray(ray_address)
-        r = cfg.resources
-        _gather({"merged": ray_jobs.submit_train(job.task, job.loop, run_dir, num_cpus=r.num_cpus,
-                                                 num_gpus=r.num_gpus, max_retries=r.max_retries)})
+        _gather(_submit(cfg, [job], run_dir)[1])
     if report:
         from training.report import write_report
         write_report(run_dir, corpus=corpus, run_cfg=cfg)

@@ -10,7 +10,7 @@ from experts.config import ModelConfig
 from experts.generate import generate
 from experts.model import Transformer
 from experts.sampling import SamplingParams
-from training.merge import freeze_all_but_routers, merge_checkpoints, merge_models
+from training.merge import freeze_all_but_routers, merge_models
 
 CFG = ModelConfig.preset("tiny", max_seq_len=32, qk_norm=True)
 
@@ -67,10 +67,10 @@ def test_the_merged_checkpoint_loads_and_generates_like_any_other(tmp_path):
     dirs = []
     for i in range(3):
         dirs.append(save_lm(tmp_path / f"e{i}", _model(i), CFG))
-    cfg = merge_checkpoints(dirs, tmp_path / "merged", top_k=2)
-    model, loaded_cfg, meta = load_lm(tmp_path / "merged")
-    assert loaded_cfg == cfg and meta["merged_from"] == ["e0", "e1", "e2"]
     direct = merge_models([load_lm(d)[0] for d in dirs], top_k=2).eval()
+    save_lm(tmp_path / "merged", direct, direct.cfg, meta={"merged_from": ["e0", "e1", "e2"]})
+    model, loaded_cfg, meta = load_lm(tmp_path / "merged")
+    assert loaded_cfg == direct.cfg and meta["merged_from"] == ["e0", "e1", "e2"]
     params = SamplingParams(temperature=0, max_new_tokens=6)
     assert list(generate(model.eval(), [[1, 2, 3]], params)) == list(generate(direct, [[1, 2, 3]], params))
 
