@@ -129,17 +129,26 @@ class Tokenizer:
 
     def chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """``<|bos|><|role|>content<|end|>...`` and, optionally, a trailing ``<|assistant|>``."""
-        ids = [self.bos_id]
-        for m in messages:
-            role = m.get("role")
-            if role not in ROLES:
-                raise ValueError(f"unknown chat role {role!r}; use one of {sorted(ROLES)}")
-            ids.append(self._tok.token_to_id(ROLES[role]))
-            ids.extend(self._plain.encode(m.get("content", ""), add_special_tokens=False).ids)
-            ids.append(self.end_id)
-        if add_generation_prompt:
-            ids.append(self.assistant_id)
-        return ids
+        return self.chat_batch([messages], add_generation_prompt=add_generation_prompt)[0]
+
+    def chat_batch(self, conversations: Sequence[Sequence[dict[str, str]]], *,
+                   add_generation_prompt: bool = False) -> list[list[int]]:
+        """:meth:`chat` of many conversations, their contents encoded in one batch."""
+        roles = []
+        for messages in conversations:
+            for m in messages:
+                if m.get("role") not in ROLES:
+                    raise ValueError(f"unknown chat role {m.get('role')!r}; use one of {sorted(ROLES)}")
+                roles.append(self._tok.token_to_id(ROLES[m["role"]]))
+        contents = [m.get("content", "") for messages in conversations for m in messages]
+        encoded = iter(e.ids for e in self._plain.encode_batch(contents, add_special_tokens=False))
+        role_ids, out = iter(roles), []
+        for messages in conversations:
+            ids = [self.bos_id]
+            for _ in messages:
+                ids += [next(role_ids), *next(encoded), self.end_id]
+            out.append(ids + ([self.assistant_id] if add_generation_prompt else []))
+        return out
 
     def stream_decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special=skip_special)

@@ -8,7 +8,7 @@ arguments), the FastAPI ``Ingress`` that holds their handles, and, with
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -16,6 +16,7 @@ from ray.serve.config import BackpressureConfig
 from experts.checkpoint import TOKENIZER, CheckpointError, read_meta
 from experts.config import ModelConfig
 from experts.tokenizer import Tokenizer
+from router.domains import CHAT_EXPERTS
 from serving.config import AppArgs
 from serving.deployments import Expert, Router
 from serving.errors import RETRY_AFTER_S
@@ -26,26 +27,41 @@ log = logging.getLogger(__name__)
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
-def _expert_configs(args: AppArgs) -> dict[str, ModelConfig]:
+class ServedExpert(NamedTuple):
+    """What the ingress needs from an expert's checkpoint."""
+
+    config: ModelConfig
+    chat: bool  # it reads a native prompt as a chat user turn (see :func:`is_chat_expert`)
+
+
+def is_chat_expert(name: str, meta: dict[str, Any]) -> bool:
+    """An expert answers chat turns when its checkpoint was instruction-tuned (a truthy ``instruct``
+    in ``meta.json``) or it was trained on dialogues (``router.domains.CHAT_EXPERTS``)."""
+    return bool(meta.get("instruct")) or name in CHAT_EXPERTS
+
+
+def served_experts(args: AppArgs) -> dict[str, ServedExpert]:
     """Read and verify each expert's checkpoint (fails before deploying, naming the bad file)."""
-    configs = {}
+    served = {}
     for name in args.experts:
         path = args.expert_dir(name)
         meta = read_meta(path, kind="lm", verify=True)  # a corrupt file is refused, not served
         try:
-            configs[name] = ModelConfig.from_dict(meta["config"])
+            config = ModelConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}/meta.json: invalid model config ({e})") from e
-    return configs
+        served[name] = ServedExpert(config, is_chat_expert(name, meta))
+    return served
 
 
-def ingress_settings(args: AppArgs, configs: dict[str, ModelConfig]) -> IngressSettings:
+def ingress_settings(args: AppArgs, experts: dict[str, ServedExpert]) -> IngressSettings:
     tokenizer = args.expert_dir(args.experts[0]) / TOKENIZER
     if not tokenizer.is_file():
         raise CheckpointError(f"{tokenizer}: missing; expert checkpoints must include the tokenizer")
     return IngressSettings(
-        tokenizer_path=str(tokenizer), contexts={n: c.max_seq_len for n, c in configs.items()},
-        vocab_size=min(Tokenizer.load(tokenizer).vocab_size, *(c.vocab_size for c in configs.values())),
+        tokenizer_path=str(tokenizer), contexts={n: e.config.max_seq_len for n, e in experts.items()},
+        chat_experts=[n for n, e in experts.items() if e.chat],
+        vocab_size=min(Tokenizer.load(tokenizer).vocab_size, *(e.config.vocab_size for e in experts.values())),
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,
         ensemble_threshold=args.ensemble_threshold, ensemble_top_k=args.ensemble_top_k,
@@ -81,9 +97,8 @@ def _router_app(args: AppArgs) -> Application | None:
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
     """Build the Serve application graph from validated arguments."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    configs = _expert_configs(args)
+    settings = ingress_settings(args, served_experts(args))
     experts = {name: _expert_app(args, name) for name in args.experts}
-    settings = ingress_settings(args, configs)
     log.info("serving %s from %s", ", ".join(args.experts), args.run_dir)
     return Ingress.options(
         num_replicas=args.ingress.replicas, ray_actor_options=args.ingress.actor_options(),

@@ -47,6 +47,7 @@ class IngressSettings(BaseModel):
 
     tokenizer_path: str
     contexts: dict[str, int]  # expert -> context length (max_seq_len)
+    chat_experts: list[str] = []  # experts that read a native prompt as a chat user turn (serving.app)
     vocab_size: int
     max_tokens_cap: int
     max_body_bytes: int
@@ -104,6 +105,7 @@ class Ingress:
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         st = self.settings
         self.orch = Orchestrator(self.experts, self.tok, self._route_any, contexts=st.contexts,
+                                 chat_experts=st.chat_experts,
                                  ensemble_threshold=st.ensemble_threshold, ensemble_top_k=st.ensemble_top_k,
                                  first_token_timeout_s=st.first_token_timeout_s, share=self._tell_replicas)
         self.health = self.orch.health

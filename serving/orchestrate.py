@@ -2,10 +2,12 @@
 
 A :class:`Job` (prompt ids, sampling parameters, limits already checked) is routed (the expert the
 request names, or the router's decision restricted to the served experts, following the request's
-mode), and its tokens come from one expert (``top1``) or from a per-step mixture of several
-(``ensemble``, Branch-Train-Merge decoding). Experts are handle-like objects (Ray Serve's
-``DeploymentHandle`` in production, fakes in tests): ``generate_all``, ``generate`` (streaming),
-and ``open``/``step``/``feed``/``close`` for the ensemble. A replica that dies or does not answer
+mode); each chosen expert gets its prompt (a chat expert, one instruction-tuned or trained on
+dialogues, reads a native prompt as a chat user turn), and the tokens come from one expert
+(``top1``) or from a per-step mixture of several (``ensemble``, Branch-Train-Merge decoding).
+Experts are handle-like objects (Ray Serve's ``DeploymentHandle`` in production, fakes in tests):
+``generate_all``, ``generate`` (streaming), and ``open``/``step``/``feed``/``close`` for the
+ensemble. A replica that dies or does not answer
 in time marks its expert down (``serving.health``), so later requests fail fast with a 503.
 """
 
@@ -13,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from experts.sampling import SamplingParams, make_generator, sample
-from router.domains import CHAT_EXPERTS, DOMAINS, GROUP_NAMES, GROUP_OF
+from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF
 from router.policy import decide
 from serving.errors import InvalidRequest, NotReady
 from serving.health import ExpertHealth, is_replica_death
@@ -42,10 +44,11 @@ class Job:
     params: dict[str, Any]  # SamplingParams fields
     stops: list[str]
     stream: bool = False
-    chat: bool | None = False  # native prompts: as a chat user turn (None: if the expert is a chat expert)
+    chat: bool | None = False  # route_text as a chat user turn (None: for the chat experts it is routed to)
     truncate: int | None = None  # fit_prompt's policy for a prompt over the context
     truncated: bool = False  # the prompt was cut from the left to fit
     t0: float = field(default_factory=time.perf_counter)
+    prompts: dict[str, list[int]] = field(default_factory=dict)  # each routed expert's prompt
 
     @property
     def one_message(self) -> bool:
@@ -110,11 +113,11 @@ class Orchestrator:
     """Routes jobs and streams their tokens from the served experts; holds their health."""
 
     def __init__(self, experts: dict[str, Any], tokenizer: Any, route_text: RouteText, *,
-                 contexts: dict[str, int], ensemble_threshold: float = 0.5, ensemble_top_k: int = 2,
-                 first_token_timeout_s: float = 5.0,
+                 contexts: dict[str, int], chat_experts: Collection[str] = (),
+                 ensemble_threshold: float = 0.5, ensemble_top_k: int = 2, first_token_timeout_s: float = 5.0,
                  share: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.experts, self.tok, self.route_text = experts, tokenizer, route_text
-        self.contexts = contexts
+        self.contexts, self.chat_experts = contexts, frozenset(chat_experts)
         self.ensemble_threshold, self.ensemble_top_k = ensemble_threshold, ensemble_top_k
         self.first_token_timeout_s = first_token_timeout_s
         self.health = ExpertHealth(self.experts, share=share)
@@ -150,17 +153,7 @@ class Orchestrator:
         t = time.perf_counter()
         g.decision = await self.route(job)
         g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
-        if job.chat or (job.chat is None and all(e in CHAT_EXPERTS for e in g.decision["experts"])):
-            ctx = min(self.contexts[e] for e in g.decision["experts"])
-            job.ids, cut = fit_prompt(self.tok.chat([{"role": "user", "content": job.route_text}]), ctx,
-                                      truncate=job.truncate, want=job.max_tokens, head=2, tail=2)
-            job.truncated = job.truncated or cut
-            room = ctx - len(job.ids)
-            if room < 1:
-                raise InvalidRequest(f"prompt has {len(job.ids)} tokens as a chat turn, over the context; "
-                                     "shorten it", param="prompt")
-            job.max_tokens = min(job.max_tokens, room)
-            job.params["max_new_tokens"] = min(job.params["max_new_tokens"], room)
+        self.set_prompts(job, g.decision["experts"])
         if job.max_tokens == 0:
             g.finish_reason = "length"
             yield g, ""
@@ -183,6 +176,28 @@ class Orchestrator:
                     return
         finally:
             await source.aclose()
+
+    def set_prompts(self, job: Job, names: list[str]) -> None:
+        """Give each routed expert its prompt: ``job.ids``, or for a chat expert (every expert when
+        ``job.chat`` is True, none when False) ``route_text`` as a chat user turn,
+        ``<|bos|><|user|>text<|end|><|assistant|>``, whose answer ends at ``<|end|>``.
+        ``job.ids`` becomes the first expert's prompt."""
+        chat = [n for n in names if (n in self.chat_experts if job.chat is None else job.chat)]
+        job.prompts = dict.fromkeys(names, job.ids)
+        if chat:
+            ctx = min(self.contexts[n] for n in names)
+            turn, cut = fit_prompt(self.tok.chat([{"role": "user", "content": job.route_text}]), ctx,
+                                   truncate=job.truncate, want=job.max_tokens, head=2, tail=2)
+            room = ctx - len(turn)
+            if room < 1:
+                raise InvalidRequest(f"prompt has {len(turn)} tokens as a chat turn, over the context; "
+                                     "shorten it, or send it with chat: false", param="prompt")
+            job.prompts.update(dict.fromkeys(chat, turn))
+            job.truncated = job.truncated or cut
+            job.max_tokens = min(job.max_tokens, room)
+            job.params["max_new_tokens"] = min(job.params["max_new_tokens"], room)
+            job.params["stop_ids"] = tuple(dict.fromkeys((*job.params.get("stop_ids", ()), self.tok.end_id)))
+        job.ids = job.prompts[names[0]]
 
     async def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
         """Token chunks from the chosen expert(s); a dead replica marks its expert down (503s)."""
@@ -216,9 +231,9 @@ class Orchestrator:
 
     async def _single(self, name: str, job: Job) -> AsyncIterator[dict[str, Any]]:
         if job.one_message:  # nothing to watch token by token: one message
-            yield await self.experts[name].generate_all.remote(job.ids, job.params)
+            yield await self.experts[name].generate_all.remote(job.prompts[name], job.params)
             return
-        stream = self.experts[name].options(stream=True).generate.remote(job.ids, job.params)
+        stream = self.experts[name].options(stream=True).generate.remote(job.prompts[name], job.params)
         try:
             async for chunk in stream:
                 yield chunk
@@ -228,8 +243,8 @@ class Orchestrator:
     async def _ensemble(self, names: list[str], weights: list[float], job: Job) -> AsyncIterator[dict[str, Any]]:
         """Branch-Train-Merge decoding: each step samples from sum_i w_i * p_i(next token)."""
         handles = [self.experts[n] for n in names]
-        opened = await asyncio.gather(*(h.open.remote(job.ids, job.params) for h in handles),
-                                      return_exceptions=True)
+        opened = await asyncio.gather(*(h.open.remote(job.prompts[n], job.params)
+                                        for n, h in zip(names, handles)), return_exceptions=True)
         sessions = [(h, s) for h, s in zip(handles, opened) if isinstance(s, str)]
         try:
             failed = [s for s in opened if not isinstance(s, str)]

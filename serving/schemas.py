@@ -185,8 +185,10 @@ class GenerateRequest(SamplingFields):
     max_tokens: int | None = Field(64, ge=0)
     expert: str | None = Field(None, min_length=1, max_length=64,
                                description="an expert's name; None lets the router choose")
-    chat: bool | None = Field(None, description="send the prompt as a chat user turn; None: when the "
-                                                "answering expert was trained on dialogues (conversation)")
+    chat: bool | None = Field(
+        None, description="true: send the prompt as a chat user turn, <|user|>prompt<|end|><|assistant|>, "
+        "whose answer ends at <|end|>; false: as text to continue; None: as a chat turn to each expert it "
+        "is routed to that was instruction-tuned or trained on dialogues (conversation), as text to the others")
     stop: list[StopText] | None = None
 
 

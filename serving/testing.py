@@ -27,8 +27,9 @@ TEXTS = (
 
 
 def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset: str = "tiny",
-                  max_seq_len: int = 128, seed: int = 0) -> Path:
-    """Write ``experts/<domain>/`` (random tiny LMs), ``router/`` and a shared tokenizer under ``path``."""
+                  max_seq_len: int = 128, seed: int = 0, instruct: Sequence[str] = ()) -> Path:
+    """Write ``experts/<domain>/`` (random tiny LMs), ``router/`` and a shared tokenizer under ``path``;
+    the checkpoints of the ``instruct`` experts say they were instruction-tuned."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok_file = path / TOKENIZER
@@ -37,7 +38,8 @@ def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset:
     cfg = ModelConfig.preset(preset, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i)
-        save_lm(path / "experts" / name, Transformer(cfg).eval(), cfg, tokenizer_file=tok_file)
+        meta = {"instruct": {"fraction": 0.3, "steps": 1}} if name in instruct else {}
+        save_lm(path / "experts" / name, Transformer(cfg).eval(), cfg, tokenizer_file=tok_file, meta=meta)
     torch.manual_seed(seed + 100)
     rcfg = RouterConfig.preset("tiny", vocab_size=tok.vocab_size)
     router = RouterModel(rcfg).eval()

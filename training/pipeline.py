@@ -78,6 +78,35 @@ def _lm_task(cfg: RunConfig, corpus: Any, name: str, out_dir: str, model_cfg: Mo
                   meta={"domains": list(domains), "run": cfg.name}, init_from=init_from)
 
 
+INSTRUCT_DIR = "instruct"
+
+
+def with_instruct(task: LMTask, loop: LoopConfig, spec: TrainSpec, run_dir: Path,
+                  domains: tuple[str, ...]) -> LMTask:
+    """``task`` with the instruction stage: the last ``spec.instruct_fraction`` of its steps train on
+    the instruction items of ``domains`` (written by :func:`write_instruct_items`)."""
+    steps = round(spec.instruct_fraction * loop.max_steps)
+    if steps < 1:
+        return task
+    return dataclasses.replace(task, instruct_paths=tuple(str(run_dir / INSTRUCT_DIR / f"{d}.npz") for d in domains),
+                               instruct_from=(loop.max_steps - steps) * loop.grad_accum,
+                               instruct_batches=steps * loop.grad_accum, instruct_replay=spec.instruct_replay)
+
+
+def write_instruct_items(cfg: RunConfig, corpus: Any, run_dir: Path) -> None:
+    """Encode each domain's instruction items once per run (``<run>/instruct/<domain>.npz``)."""
+    from training.data.instruct import train_items
+    from training.data.sft import encode_items, write_items
+
+    tok = corpus.tokenizer()
+    for d in cfg.experts:
+        path = run_dir / INSTRUCT_DIR / f"{d}.npz"
+        if not path.is_file():
+            items = train_items(corpus, d, cfg.seed)
+            write_items(path, encode_items(tok, items, cfg.train.seq_len + 1))
+            log.info("instruction items for %s: %d", d, len(items))
+
+
 def budget_steps(spec: TrainSpec, n_experts: int) -> tuple[int, int]:
     """(seed steps, steps per expert) that split the experts' budget of ``n_experts x spec.steps``."""
     if spec.seed_fraction == 0:
@@ -111,8 +140,9 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
     for d in cfg.experts:
         seed = cfg.seed + DOMAINS.index(d)
         task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed, init_from=init)
-        experts.append(Job(task, loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device),
-                           "expert", active, after=("seed",) if seed_steps else ()))
+        loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
+        experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
+                           after=("seed",) if seed_steps else ()))
     per_step = cfg.train.tokens_per_step  # the same for every model of the run
     budget = (seed_steps + len(cfg.experts) * branch_steps) * per_step * expert_cfg.flops_per_token(cfg.train.seq_len)
     if cfg.merge.enabled:
@@ -129,7 +159,8 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
                 continue
             steps = max(1, round(budget / (per_step * mcfg.flops_per_token(cfg.train.seq_len))))
             task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
-            jobs.append(Job(task, loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device),
+            loop = loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device)
+            jobs.append(Job(with_instruct(task, loop, cfg.train, run_dir, cfg.experts), loop,
                             "baseline", mcfg.num_params(active=True),
                             {"compute_budget_flops": budget}))
     return jobs + experts
@@ -163,6 +194,8 @@ def prepare(cfg: RunConfig) -> tuple[Path, Any]:
     t0 = time.perf_counter()
     corpus = build_corpora(cfg.data.size, cfg.data.cache_dir)
     log.info("corpora %s ready in %.1fs at %s", cfg.data.size, time.perf_counter() - t0, corpus.root)
+    if cfg.train.instruct_fraction > 0:
+        write_instruct_items(cfg, corpus, run_dir)
     return run_dir, corpus
 
 

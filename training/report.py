@@ -25,12 +25,12 @@ from router.domains import DOMAINS
 from training.loop import read_metrics
 from training.report_render import markdown, plots
 from training.router_report import report_rows as router_rows
+from training.task_scores import distinct_2, generate_ids, task_section
 from training.scoring import (ReportContext, beats_dense, build_context, external_rows, mixed_rows,
                               model_dirs, own_best, ratios_to)
 
 log = logging.getLogger(__name__)
 
-QA_DOMAINS = ("math", "reasoning")
 MAX_DOC_TOKENS = 512  # a test document is scored on its first MAX_DOC_TOKENS ids (<|bos|> text <|eos|>)
 MAX_TOKENS_PER_DOMAIN = 8192  # cap on the scored test tokens per domain (keeps the report fast)
 THREADS_ENV = "HMOE_REPORT_THREADS"  # torch threads for the report (default: the CPUs idle when it starts)
@@ -71,38 +71,6 @@ def natural_section(ctx: ReportContext, extra_rows: Iterable[Callable]) -> dict[
 
 
 # ---- generation checks --------------------------------------------------------------------------
-def distinct_2(ids: list[int]) -> float:
-    """Unique bigrams / bigrams of a generated sequence (1.0 = no repetition)."""
-    grams = list(zip(ids, ids[1:]))
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def _generate(model: torch.nn.Module, prompts: list[list[int]], params: Any) -> list[list[int]]:
-    from experts.generate import generate
-
-    outs: list[list[int]] = [[] for _ in prompts]
-    for step in generate(model, prompts, params):
-        for i, t in enumerate(step):
-            if t is not None:
-                outs[i].append(t)
-    return outs
-
-
-def exact_match(model: torch.nn.Module, tok: Any, items: list[tuple[str, str]], max_new: int) -> dict:
-    """Greedy answers to ``question\\n`` compared with the reference answer (stripped)."""
-    from experts.sampling import SamplingParams
-
-    if not items:
-        return {"n": 0, "correct": 0, "accuracy": None, "examples": []}
-    room = model.cfg.max_seq_len - max_new
-    prompts = [([tok.bos_id] + tok.encode(q + "\n"))[-room:] for q, _ in items]
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_ids=(tok.eos_id,))
-    answers = [tok.decode(o).strip() for o in _generate(model, prompts, params)]
-    correct = [a == ref.strip() for a, (_, ref) in zip(answers, items)]
-    ex = [{"question": q[:200], "answer": ref, "output": a} for (q, ref), a in list(zip(items, answers))[:3]]
-    return {"n": len(items), "correct": sum(correct), "accuracy": sum(correct) / len(items), "examples": ex}
-
-
 def samples(model: torch.nn.Module, tok: Any, prompts: list[str], max_new: int, seed: int = 0) -> dict:
     """A few sampled continuations of test prompts and their mean distinct-2 ratio."""
     from experts.sampling import SamplingParams
@@ -112,28 +80,21 @@ def samples(model: torch.nn.Module, tok: Any, prompts: list[str], max_new: int, 
     room = model.cfg.max_seq_len - max_new
     ids = [([tok.bos_id] + tok.encode(p))[-room:] for p in prompts]
     params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=max_new, stop_ids=(tok.eos_id,), seed=seed)
-    outs = _generate(model, ids, params)
+    outs = generate_ids(model, ids, params)
     d2 = [distinct_2(o) for o in outs]
     return {"distinct_2": round(sum(d2) / len(d2), 4),
             "samples": [{"prompt": p[:200], "continuation": tok.decode(o), "distinct_2": round(d, 4)}
                         for p, o, d in zip(prompts, outs, d2)]}
 
 
-def generation_checks(models: dict[str, torch.nn.Module], ctx: ReportContext, n_items: int,
-                      n_samples: int, max_new: int) -> dict[str, Any]:
-    from training.data import qa_items
-
+def generation_checks(models: dict[str, torch.nn.Module], ctx: ReportContext, n_samples: int,
+                      max_new: int) -> dict[str, Any]:
+    """Sampled continuations of each expert's own test prompts (raw text, no chat format)."""
     out: dict[str, Any] = {}
     for name, model in models.items():
-        if name not in DOMAINS:
-            continue
-        entry: dict[str, Any] = {}
-        if name in QA_DOMAINS and n_items:
-            entry["exact_match"] = exact_match(model, ctx.tokenizer, qa_items(ctx.corpus, name, "test")[:n_items],
-                                               max_new)
-        prompts = [r["prompt"] for r in ctx.corpus.docs(name, "test") if r.get("prompt", "").strip()][:n_samples]
-        entry["sampling"] = samples(model, ctx.tokenizer, prompts, max_new)
-        out[name] = entry
+        if name in DOMAINS:
+            prompts = [r["prompt"] for r in ctx.corpus.docs(name, "test") if r.get("prompt", "").strip()][:n_samples]
+            out[name] = {"sampling": samples(model, ctx.tokenizer, prompts, max_new)}
     return out
 
 
@@ -288,8 +249,10 @@ def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, b
         nctx = build_context(run_dir, corpus, models, budget, max_doc_tokens, dev, texts=natural, name="natural")
         rep["natural"] = natural_section(nctx, extra_rows)
     lap("natural")
-    rep["generation"] = generation_checks(models, ctx, rc.gen_items, rc.samples, rc.max_new_tokens)
+    rep["generation"] = generation_checks(models, ctx, rc.samples, rc.max_new_tokens)
     lap("generation")
+    rep["tasks"] = task_section(models, corpus, ctx.tokenizer, rc.gen_items, rc.max_new_tokens)
+    lap("tasks")
     with atomic_dir(run_dir / "report") as tmp:
         (tmp / "report.json").write_text(json.dumps(rep, indent=2))
         plots(rep, tmp)

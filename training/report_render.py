@@ -47,17 +47,62 @@ def markdown(rep: dict[str, Any]) -> str:
                   + ", ".join(f"{n} {f:.4g} FLOPs ({sc['ratio_to_experts'][n]:.3f}x)" for n, f in sc["flops"].items())
                   + (f". Compute-matched within {100 * sc['tolerance']:.0f}%." if sc["matched"] else
                      f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%).")]
-    lines += ["", "## Generation", ""]
+    lines += _tasks_markdown(rep.get("tasks"))
+    lines += ["", "## Raw continuations", ""]
     for name, g in rep["generation"].items():
-        em = g.get("exact_match")
-        if em:
-            lines.append(f"- {name}: greedy exact match {em['correct']}/{em['n']}")
         lines.append(f"- {name}: sampled distinct-2 {g['sampling']['distinct_2']}")
     if rep.get("timing_s"):
         lines += ["", "Report timing (s, wall clock on a possibly shared CPU): "
                   + ", ".join(f"{k} {v}" for k, v in rep["timing_s"].items())]
     lines += ["", "![matrix](matrix_ppl.png)", "", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
+
+
+def task_headline(domain: str, s: dict) -> str:
+    """The one figure of a model's task scores on ``domain`` (as the README table shows it)."""
+    if not s.get("n"):
+        return "-"
+    if domain == "code":
+        ex = s.get("codeio_exec_accuracy")
+        return f"parse {_pct(s['parse_rate'])}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
+    if domain == "conversation":
+        return f"distinct-2 {s['distinct_2']:.2f}, loops {_pct(s['loop_share'])}"
+    arith = {f: v for f, v in s["by_family"].items() if f.startswith("arithmetic_")}
+    head = f"EM {_pct(s['exact_match'])}"
+    if arith:
+        n = sum(v["n"] for v in arith.values())
+        head += f"; 2-3 digit +-x {_pct(sum(v['exact_match'] * v['n'] for v in arith.values()) / n)}"
+    return head
+
+
+def _tasks_markdown(tasks: dict | None) -> list[str]:
+    if not tasks:
+        return []
+    others = sorted({n for d, by in tasks.items() for n in by if n != d})  # generalists, merged
+    cols = ["own expert", *others]
+    lines = ["", "## Task scores on held-out items", "",
+             "Each item is asked as a chat user turn and answered greedily (conversation: sampled at "
+             "temperature 0.8) until the end of the turn. Math and reasoning: exact match of the extracted final "
+             "answer; knowledge: exact match on trained facts asked in a held-out phrasing; code: completions "
+             "that parse, and codeio functions that return the reference output when run in a subprocess; "
+             "conversation: distinct-2 and the share of replies with a repeated word 4-gram.", "",
+             "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for d, by in tasks.items():
+        lines.append(f"| {d} | " + " | ".join(task_headline(d, by[n]) if n in by else "-" for n in [d, *others])
+                     + " |")
+    for d, by in tasks.items():
+        fams = by.get(d, next(iter(by.values()))).get("by_family")
+        if fams:
+            lines += ["", f"{d} exact match by family: " + ", ".join(
+                f"{f} " + "/".join(_pct(by[n]["by_family"].get(f, {}).get("exact_match")) for n in by)
+                for f in fams) + f" ({' / '.join(by)})"]
+    lines += ["", "| domain | model | question | reference | output |", "|---|---|---|---|---|"]
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", "\\n")[:120]  # noqa: E731
+    for d, by in tasks.items():
+        for n, s in by.items():
+            for ex in s.get("examples", [])[:3]:
+                lines.append(f"| {d} | {n} | {cell(ex['question'])} | {cell(ex['answer'])} | `{cell(ex['output'])}` |")
+    return lines + [""]
 
 
 def _natural_markdown(nat: dict | None) -> list[str]:

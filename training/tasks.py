@@ -20,6 +20,7 @@ from torch import nn
 
 from experts.checkpoint import CheckpointError, load_lm, save_lm
 from experts.config import ModelConfig
+from training.data.sft import IGNORE
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x (B, T), y (B, T)) int64
 
@@ -89,8 +90,16 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy; logits (B, T, V), targets (B, T)."""
+    """Next-token cross-entropy; logits (B, T, V), targets (B, T). Targets equal to ``IGNORE`` (the
+    prompt of an instruction item) are left out of the loss and of the mean."""
     logits_NV, y_N = logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+    keep_N = y_N != IGNORE
+    if not bool(keep_N.all()):
+        if reduction != "mean":
+            raise ValueError("lm_loss: targets with IGNORE need reduction='mean'")
+        if not bool(keep_N.any()):
+            return logits_NV.sum() * 0.0
+        logits_NV, y_N = logits_NV[keep_N], y_N[keep_N]
     if reduction == "mean" and logits.requires_grad:
         return SoftmaxCrossEntropy.apply(logits_NV, y_N)
     return F.cross_entropy(logits_NV, y_N, reduction=reduction)
@@ -114,6 +123,12 @@ class LMTask:
     init_from: str | None = None  # a finished LM checkpoint (same config) to start from
     merge_from: tuple[str, ...] = ()  # finished dense experts to merge into this MoE (training.merge)
     trainable: str = "all"  # "routers": only a merged model's MoE gates learn
+    # the instruction stage: after ``instruct_from`` batches, batches come from these encoded
+    # instruction items (training.data.sft), ``instruct_batches`` of them in all
+    instruct_paths: tuple[str, ...] = ()
+    instruct_from: int = 0
+    instruct_batches: int = 0
+    instruct_replay: float = 0.0  # share of the instruction stage's batches that are pretraining batches
     _val: list[Batch] | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
@@ -137,10 +152,19 @@ class LMTask:
                                   f"start from a checkpoint of the same model ({cfg} vs {self.model_cfg})")
         return model.train()
 
-    def train_batches(self) -> MixedBatches:
+    def train_batches(self) -> MixedBatches | Any:
         from training.data.packing import TokenBatches
-        return MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i)
-                             for i, p in enumerate(self.train_paths)])
+        pretrain = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i)
+                                 for i, p in enumerate(self.train_paths)])
+        if not self.instruct_paths:
+            return pretrain
+        from training.data.sft import InstructBatches, ReplayBatches, StagedBatches
+        per = max(1, round(self.instruct_batches * (1 - self.instruct_replay) / len(self.instruct_paths)))
+        instruct = MixedBatches([InstructBatches(p, self.batch_size, self.seq_len, seed=self.seed + 500 + 1000 * i,
+                                                 total=per) for i, p in enumerate(self.instruct_paths)])
+        if self.instruct_replay:  # the same pretraining stream continues between the instruction batches
+            instruct = ReplayBatches(instruct, pretrain, self.instruct_replay)
+        return StagedBatches(pretrain, instruct, self.instruct_from)
 
     def val_batches(self) -> list[Batch]:
         if self._val is None:  # the same windows every evaluation; spread over all val splits
@@ -178,5 +202,9 @@ class LMTask:
         if self.merge_from:
             extra = {"init_from": "merge", "merged_from": [Path(d).name for d in self.merge_from],
                      "trainable": self.trainable}
+        if self.instruct_paths:
+            extra["instruct"] = {"domains": [Path(p).stem for p in self.instruct_paths],
+                                 "from_batch": self.instruct_from, "batches": self.instruct_batches,
+                                 "replay": self.instruct_replay}
         save_lm(path, model, self.model_cfg, tokenizer_file=self.tokenizer_file,
                 meta={**self.meta, **extra, **meta})

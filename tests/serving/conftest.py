@@ -17,7 +17,7 @@ MAX_TOKENS_CAP = 64
 
 @pytest.fixture(scope="package")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    return make_tiny_run(tmp_path_factory.mktemp("run"))
+    return make_tiny_run(tmp_path_factory.mktemp("run"), instruct=("reasoning",))  # an instruction-tuned one
 
 
 @pytest.fixture(scope="package")

@@ -148,13 +148,16 @@ def test_concurrent_requests_share_decode_batches(client):
 
 
 def test_generate_sends_a_chat_expert_the_prompt_as_a_user_turn(client):
-    """`chat` auto: the conversation expert gets <|user|>prompt<|end|><|assistant|>, others the raw prompt."""
+    """`chat` auto: the conversation expert and an instruction-tuned one (reasoning: its meta.json says
+    so) get <|user|>prompt<|end|><|assistant|>, others the raw prompt."""
     base = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
     conv = client.post("/generate", json={**base, "expert": "conversation"}).json()
+    tuned = client.post("/generate", json={**base, "expert": "reasoning"}).json()
     code = client.post("/generate", json={**base, "expert": "code"}).json()
     raw = client.post("/generate", json={**base, "expert": "conversation", "chat": False}).json()
     forced = client.post("/generate", json={**base, "expert": "code", "chat": True}).json()
     assert conv["prompt_tokens"] == raw["prompt_tokens"] + 3  # <|user|>, <|end|>, <|assistant|>
+    assert tuned["prompt_tokens"] == conv["prompt_tokens"]
     assert code["prompt_tokens"] == raw["prompt_tokens"]
     assert forced["prompt_tokens"] == conv["prompt_tokens"]
 

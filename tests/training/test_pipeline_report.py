@@ -22,6 +22,7 @@ def tiny_run(ray_local, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_run_config("tiny", {"run_dir": str(run_dir), "train.steps": 12, "train.eval_every": 6,
                                    "train.ckpt_every": 6, "router.enabled": False, "train.seed_fraction": 0.25,
+                                   "train.instruct_fraction": 0.34, "report.gen_items": 2,
                                    "baselines.enabled": True, "experts": "math,reasoning,code"})
     summary = run_pipeline(cfg)
     return run_dir, cfg, summary
@@ -34,13 +35,23 @@ def test_run_has_checkpoints_and_report(tiny_run):
     for d in cfg.experts:
         meta = read_meta(run_dir / "experts" / d, kind="lm")
         assert meta["train"]["steps"] == 9 and meta["init_from"] == "seed"
+        # the last 3 of the 9 steps are the instruction stage, on the expert's own domain
+        assert meta["instruct"] == {"domains": [d], "from_batch": 6, "batches": 3, "replay": 0.5}
+    assert read_meta(run_dir / "baselines" / "dense", kind="lm")["instruct"]["domains"] == list(cfg.experts)
+    assert "instruct" not in read_meta(run_dir / "seed", kind="lm")
     rep = json.loads((run_dir / "report" / "report.json").read_text())
     assert set(rep["matrix"]) == {*cfg.experts, "seed", "baseline-dense", "baseline-moe"}  # a row per model
     for row in rep["matrix"].values():  # a column per domain, finite numbers
         assert set(row) == {"math", "reasoning", "conversation", "knowledge", "code"}
         assert all(c["ppl"] > 1 and 0 < c["bpb"] < 20 for c in row.values())
     assert {"math", "reasoning"} <= set(rep["generation"])
-    assert rep["generation"]["math"]["exact_match"]["n"] > 0
+    # task scores: each expert on its own domain's held-out items, and every generalist
+    assert set(rep["tasks"]) == {"math", "reasoning", "conversation", "knowledge", "code"}
+    assert set(rep["tasks"]["math"]) == {"math", "baseline-dense", "baseline-moe"}
+    math = rep["tasks"]["math"]["math"]
+    assert math["n"] > 0 and 0 <= math["exact_match"] <= 1 and "arithmetic_+" in math["by_family"]
+    assert set(rep["tasks"]["conversation"]) == {"baseline-dense", "baseline-moe"}  # no conversation expert
+    assert 0 <= rep["tasks"]["code"]["code"]["parse_rate"] <= 1
     for f in ("report.md", "matrix_ppl.png", "loss_curves.png"):
         assert (run_dir / "report" / f).stat().st_size > 0
     assert rep["compute"]["math"]["tokens"] == 9 * cfg.train.tokens_per_step
@@ -53,6 +64,7 @@ def test_run_has_checkpoints_and_report(tiny_run):
     assert set(rep["ratios"]) >= {"baseline-moe/dense", "seed/dense"}
     md = (run_dir / "report" / "report.md").read_text()
     assert "compute-matched: training FLOPs within 2%" in md and "no row scores those tokens" in md
+    assert "## Task scores on held-out items" in md
 
 
 def test_rerun_skips_finished_and_extra_rows(tiny_run):

@@ -332,19 +332,31 @@ def stdlib(budget: int, seed: int) -> Iterator[Record]:
                          prompt=_signature_prompt(text))
 
 
-def codeio(budget: int, seed: int) -> Iterator[Record]:
-    """Functions from reasoning-gym's codeio.jsonl.gz, with their task description as a docstring."""
+def _codeio_raw() -> list[dict]:
     import reasoning_gym
 
     path = Path(reasoning_gym.__file__).parent / "data" / "codeio.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for i, row in _shuffled(list(enumerate(rows)), seed):
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _code_digest(code: str) -> str:
+    return hashlib.sha256(code.strip().encode()).hexdigest()[:16]
+
+
+def codeio_rows() -> dict[str, dict]:
+    """reasoning-gym's codeio rows by the digest in their ``codeio:<digest>`` document key: the task
+    description, the program (``code_sample``) and its input generator."""
+    return {_code_digest(r["code_sample"]): r for r in _codeio_raw() if r.get("code_sample", "").strip()}
+
+
+def codeio(budget: int, seed: int) -> Iterator[Record]:
+    """Functions from reasoning-gym's codeio.jsonl.gz, with their task description as a docstring."""
+    for i, row in _shuffled(list(enumerate(_codeio_raw())), seed):
         desc, code = row.get("task_description", "").strip(), row.get("code_sample", "").strip()
         if code:
             text = f'"""{desc}"""\n\n{code}\n' if desc else code + "\n"
-            digest = hashlib.sha256(code.encode()).hexdigest()[:16]
-            yield record(f"codeio:{digest}", text, source="reasoning_gym/codeio",
+            yield record(f"codeio:{_code_digest(code)}", text, source="reasoning_gym/codeio",
                          prompt=_signature_prompt(code, desc))
 
 

@@ -1,0 +1,148 @@
+"""Instruction items and batches: the loss sees only answers, and no held-out task item is trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.instruct import (ARITH_OPS, arithmetic_eval_items, arithmetic_items, arith_split,
+                                    fact_eval_items, task_items, train_items)
+from training.data.sft import IGNORE, InstructBatches, ReplayBatches, StagedBatches, encode_items, write_items
+from training.tasks import lm_loss
+
+DOMAINS = ("math", "reasoning", "conversation", "knowledge", "code")
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_corpus, tmp_path_factory):
+    tok = tiny_corpus.tokenizer()
+    path = tmp_path_factory.mktemp("sft") / "conversation.npz"
+    items = train_items(tiny_corpus, "conversation")
+    write_items(path, encode_items(tok, items, 65))
+    return tok, path
+
+
+def test_instruction_targets_are_the_answers_only(encoded):
+    tok, path = encoded
+    x, y = next(InstructBatches(path, batch_size=4, seq_len=64, seed=3))
+    assert x.shape == y.shape == (4, 64)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        trained = [t != IGNORE for t in row_y]
+        assert any(trained) and not all(trained)
+        assert all(row_y[i] in (IGNORE, row_x[i + 1]) for i in range(len(row_y) - 1))
+        # the user's words and the chat markup are never targets: between a <|user|> and the next
+        # <|assistant|>, nothing is trained
+        in_user = False
+        for i, t in enumerate(row_x[1:]):
+            in_user = (in_user or t == tok.user_id) and t != tok.assistant_id
+            if in_user or t in (tok.user_id, tok.assistant_id, tok.bos_id):
+                assert row_y[i] == IGNORE
+            elif t != tok.end_id:
+                assert row_y[i] == t  # an answer token
+
+
+def test_masked_loss_is_the_mean_over_answer_tokens_and_prompt_logits_get_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    y = torch.tensor([[IGNORE, 3, 4, IGNORE, IGNORE], [1, IGNORE, IGNORE, IGNORE, 7]])
+    loss = lm_loss(logits, y)
+    keep = y != IGNORE
+    ref = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[~keep].abs().sum() == 0 and logits.grad[keep].abs().sum() > 0
+
+
+def test_instruct_batches_resume_exactly_and_stage_after_the_switch(encoded):
+    _, path = encoded
+    a = InstructBatches(path, 2, 32, seed=1, total=10)
+    first = [next(a) for _ in range(3)]
+    b = InstructBatches(path, 2, 32, seed=1, total=10)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(next(a)[0], next(b)[0])
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+        def __next__(self):
+            self.n += 1
+            return ("pretrain", self.n)
+        def state_dict(self):
+            return {"n": self.n}
+        def load_state_dict(self, s):
+            self.n = s["n"]
+
+    staged = StagedBatches(Counter(), InstructBatches(path, 2, 32, seed=1, total=10), switch=2)
+    kinds = [next(staged)[0] for _ in range(3)]
+    assert kinds[:2] == ["pretrain", "pretrain"] and torch.equal(kinds[2], first[0][0])
+
+
+class _Counter:
+    def __init__(self, name):
+        self.name, self.n = name, 0
+
+    def __next__(self):
+        self.n += 1
+        return (self.name, self.n)
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def test_replay_spreads_the_pretraining_share_evenly_and_resumes():
+    r = ReplayBatches(_Counter("sft"), _Counter("pre"), 0.25)
+    got = [next(r) for _ in range(8)]
+    assert [g[0] for g in got].count("pre") == 2 and got[3] == ("pre", 1) and got[7] == ("pre", 2)
+    again = ReplayBatches(_Counter("sft"), _Counter("pre"), 0.25)
+    again.load_state_dict(r.state_dict())
+    assert next(again) == next(r)
+    with pytest.raises(ValueError, match="replay"):
+        ReplayBatches(_Counter("a"), _Counter("b"), 1.0)
+
+
+def test_curriculum_starts_with_small_operands_and_reaches_all(tmp_path, tiny_corpus):
+    items = arithmetic_items(400, seed=0)
+    write_items(tmp_path / "a.npz", encode_items(tiny_corpus.tokenizer(), items, 64))
+    b = InstructBatches(tmp_path / "a.npz", 1, 32, seed=0, total=8, ramp=0.5)
+    assert b._eligible() == sum(it["level"] == 1 for it in items)  # batch 0: 1-digit operands only
+    b.step = 4
+    assert b._eligible() == len(items)
+
+
+def test_no_held_out_task_item_is_in_any_training_or_instruction_set(tiny_corpus):
+    for d in DOMAINS:
+        trained = train_items(tiny_corpus, d)
+        asked = {m["content"] for it in trained for m in it["messages"] if m["role"] == "user"}
+        train_keys = {it["key"] for it in trained}
+        train_text = {r["text"] for r in tiny_corpus.docs(d, "train")}
+        for it in task_items(tiny_corpus, d, per_family=50):
+            assert it["messages"][0]["content"] not in asked, (d, it["key"])
+            if d != "knowledge":  # knowledge asks trained facts, in a held-out phrasing
+                assert it["key"] not in train_keys
+        held = [r for r in tiny_corpus.docs(d, "test")]
+        assert not {r["text"] for r in held} & train_text
+    # arithmetic: no held-out operand pair in the curriculum, in any phrasing
+    held = {it["key"].split(":")[1] for it in arithmetic_eval_items(300)}
+    seen = {it["key"].split(":")[1] for it in arithmetic_items(20_000, seed=1)}
+    assert held and not held & seen
+    assert all(arith_split(*_parse(k)) == "test" for k in held)
+    assert {it["family"] for it in arithmetic_eval_items(300)} == {f"arithmetic_{op}" for op in ARITH_OPS}
+
+
+def _parse(expr: str) -> tuple[int, str, int]:
+    for op in ("+", "*"):
+        if op in expr:
+            a, b = expr.split(op)
+            return int(a), op, int(b)
+    a, b = expr.split("-", 1)
+    return int(a), "-", int(b)
+
+
+def test_knowledge_eval_asks_trained_facts_in_a_phrasing_never_trained(tiny_corpus):
+    items = fact_eval_items(tiny_corpus)
+    trained = {it["answer"] for it in train_items(tiny_corpus, "knowledge")}
+    assert items and all(it["answer"] in trained for it in items)
