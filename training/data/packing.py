@@ -50,7 +50,31 @@ def load_tokens(path: str | Path) -> np.memmap:
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
 
 
-class TokenBatches:
+class SeededBatches:
+    """A batch iterator whose batch ``k`` depends only on ``(seed, k)``: its state is the counter."""
+
+    path: str
+    seed: int
+    batch_size: int
+    seq_len: int
+    step: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "seed": self.seed, "step": self.step,
+                "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("seed", "batch_size", "seq_len"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"{type(self).__name__} state has {k}={state[k]!r}, this iterator "
+                                 f"{getattr(self, k)!r}")
+        self.step = int(state["step"])
+
+
+class TokenBatches(SeededBatches):
     """Random windows of one packed split: yields ``(x, y)`` int64 tensors of shape (B, T).
 
     Batch ``k`` depends only on ``(seed, k)``, so ``state_dict()`` is the step counter and a
@@ -66,9 +90,6 @@ class TokenBatches:
         self.path, self.batch_size, self.seq_len, self.seed = str(path), batch_size, seq_len, seed
         self.step = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
@@ -77,12 +98,3 @@ class TokenBatches:
         w = torch.from_numpy(windows)
         return w[:, :-1], w[:, 1:]  # (B, T), (B, T)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "seed": self.seed, "step": self.step,
-                "batch_size": self.batch_size, "seq_len": self.seq_len}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "batch_size", "seq_len"):
-            if state[k] != getattr(self, k):
-                raise ValueError(f"TokenBatches state has {k}={state[k]!r}, this iterator {getattr(self, k)!r}")
-        self.step = int(state["step"])

@@ -21,6 +21,7 @@ import torch
 
 from experts.atomic import atomic_write_bytes
 from experts.tokenizer import Tokenizer
+from training.data.packing import SeededBatches
 
 IGNORE = -100  # target id of a position the loss skips
 
@@ -69,7 +70,7 @@ def load_items(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-class InstructBatches:
+class InstructBatches(SeededBatches):
     """Random rows of packed instruction items: ``(x, y)`` with ``y == IGNORE`` off the answers.
 
     Batch ``k`` depends only on ``(seed, k)``, so ``state_dict()`` is the batch counter. With a
@@ -89,9 +90,6 @@ class InstructBatches:
         self.max_level = int(self.levels.max())
         self._order = np.argsort(self.levels, kind="stable")  # items by level, for the curriculum
         self._count_upto = np.searchsorted(self.levels[self._order], np.arange(self.max_level + 1), side="right")
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
 
     def _eligible(self) -> int:
         """How many items (a prefix of ``_order``) batch ``step`` may draw from."""
@@ -117,16 +115,6 @@ class InstructBatches:
         self.step += 1
         y = np.where(keep[:, 1:], tokens[:, 1:], IGNORE)
         return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(y)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "seed": self.seed, "step": self.step,
-                "batch_size": self.batch_size, "seq_len": self.seq_len}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "batch_size", "seq_len"):
-            if state[k] != getattr(self, k):
-                raise ValueError(f"InstructBatches state has {k}={state[k]!r}, this iterator {getattr(self, k)!r}")
-        self.step = int(state["step"])
 
 
 class StagedBatches:
