@@ -9,12 +9,14 @@ Conventions:
 - A stop id is returned as the last token of its request (``finish_reason == "stop"``).
 - A request also finishes with ``"length"`` when its context is full (it cannot feed the token).
 - ``generate`` seeds row ``i`` with ``params.seed + i`` so identical prompts in one batch differ.
+- A ``tool`` (``experts.calculator.Calculator``) sees each request's generated ids after every token
+  and may return ids to feed next instead of sampling them (one per step, through the same forward).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -49,13 +51,16 @@ class _Request:
     finish_reason: str | None = None
     reported: bool = False  # for max_new_tokens == 0: the empty result was returned once
     tokens: list[int] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)  # ids a tool wrote, fed before sampling resumes
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def choose(self) -> int:
-        """The next id: the precomputed argmax when greedy without a penalty, else ``sample``."""
+        """The next id: a tool's, else the precomputed argmax when greedy without a penalty, else ``sample``."""
+        if self.forced:
+            return self.forced.pop(0)
         p = self.params
         if p.greedy and p.repetition_penalty == 1.0:
             return self.next_argmax
@@ -95,11 +100,12 @@ class Engine:
     """Continuous batching: requests join at any time; ``step()`` decodes every running slot at once."""
 
     def __init__(self, model: Transformer, *, max_batch: int, max_len: int | None = None,
-                 logprobs: bool = True):
+                 logprobs: bool = True, tool: Callable[[list[int]], list[int]] | None = None):
         """``logprobs=False`` skips the per-step logsumexp (``StepOut.logprob`` is None): a caller
-        that never reads them (the server scores prompts separately) saves ~10% of a batch-8 step."""
+        that never reads them (the server scores prompts separately) saves ~10% of a batch-8 step.
+        ``tool`` maps a request's generated ids to ids to feed next (``experts.calculator``)."""
         self.model, self.cfg = model, model.cfg
-        self.logprobs = logprobs
+        self.logprobs, self.tool = logprobs, tool
         if model.training:
             log.warning("Engine got a model in training mode; dropout will perturb generation")
         p = next(model.parameters())
@@ -193,6 +199,8 @@ class Engine:
             outs[slot], r.reported = out, out.finished
             if not out.finished:
                 cont.append((slot, out.token))
+                if self.tool is not None and not r.forced:
+                    r.forced = [t for t in self.tool(r.tokens) if t not in r.params.stop_ids]
         if cont:
             slots = [s for s, _ in cont]
             self._forward(slots, torch.tensor([[t] for _, t in cont], device=self.device))
@@ -265,19 +273,23 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
 
 def generate(model: Transformer, prompts: list[list[int]],
              params: SamplingParams | Sequence[SamplingParams], *,
-             use_cache: bool = True) -> Iterator[list[int | None]]:
+             use_cache: bool = True, tool: Callable[[list[int]], list[int]] | None = None
+             ) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of every prompt (None once a row has finished).
 
-    ``use_cache=False`` re-runs the full forward each step (reference path for parity / benchmarks).
+    ``use_cache=False`` re-runs the full forward each step (reference path for parity / benchmarks;
+    it takes no ``tool``).
     """
     cfg = model.cfg
     rows = _per_row(params, len(prompts))
     prompts = [check_prompt(p, cfg.vocab_size, cfg.max_seq_len) for p in prompts]
     if not use_cache:
+        if tool is not None:
+            raise ValueError("generate(use_cache=False) is the reference path and takes no tool")
         yield from _generate_no_cache(model, prompts, rows)
         return
     max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max(r.max_new_tokens for r in rows))
-    engine = Engine(model, max_batch=len(prompts), max_len=max_len)
+    engine = Engine(model, max_batch=len(prompts), max_len=max_len, tool=tool)
     slots = engine.add_many(prompts, rows)
     while engine.has_work:
         outs = engine.step()

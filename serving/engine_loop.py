@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,14 +290,19 @@ def prefill_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]
 
 def load_engine(ckpt_dir: str, *, max_batch: int, torch_threads: int = 1, device: str = "cpu",
                 decode_weights: str = "fp32") -> Engine:
-    """An expert checkpoint as a serving engine (no decode log-probs: the API scores prompts instead)."""
-    from experts.checkpoint import load_lm
+    """An expert checkpoint as a serving engine (no decode log-probs: the API scores prompts instead),
+    with the calculator if the checkpoint's meta lists it (``experts.calculator.tool_for``)."""
+    from experts.calculator import tool_for
+    from experts.checkpoint import TOKENIZER, load_lm
     from experts.device import resolve_device, set_threads
     from experts.quant import prepare_decode
+    from experts.tokenizer import Tokenizer
 
     threads = set_threads(torch_threads)
-    model, cfg, _ = load_lm(ckpt_dir, device=resolve_device(device))
+    model, cfg, meta = load_lm(ckpt_dir, device=resolve_device(device))
+    tok_file = Path(ckpt_dir) / TOKENIZER
+    tool = tool_for(meta, Tokenizer.load(tok_file)) if tok_file.is_file() else None
     prepare_decode(model, decode_weights)  # fp32: transposed projections (exact, faster GEMMs)
-    log.info("engine for %s: %d params, %s weights, %d threads, %d slots", ckpt_dir, cfg.num_params(),
-             decode_weights, threads, max_batch)
-    return Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False)
+    log.info("engine for %s: %d params, %s weights, %d threads, %d slots%s", ckpt_dir, cfg.num_params(),
+             decode_weights, threads, max_batch, ", calculator" if tool else "")
+    return Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False, tool=tool)

@@ -27,9 +27,11 @@ TEXTS = (
 
 
 def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset: str = "tiny",
-                  max_seq_len: int = 128, seed: int = 0, instruct: Sequence[str] = ()) -> Path:
+                  max_seq_len: int = 128, seed: int = 0, instruct: Sequence[str] = (),
+                  tools: Sequence[str] = ()) -> Path:
     """Write ``experts/<domain>/`` (random tiny LMs), ``router/`` and a shared tokenizer under ``path``;
-    the checkpoints of the ``instruct`` experts say they were instruction-tuned."""
+    the checkpoints of the ``instruct`` experts say they were instruction-tuned, those of ``tools``
+    that they call the calculator."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok_file = path / TOKENIZER
@@ -39,6 +41,8 @@ def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset:
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i)
         meta = {"instruct": {"fraction": 0.3, "steps": 1}} if name in instruct else {}
+        if name in tools:
+            meta["tools"] = ["calculator"]
         save_lm(path / "experts" / name, Transformer(cfg).eval(), cfg, tokenizer_file=tok_file, meta=meta)
     torch.manual_seed(seed + 100)
     rcfg = RouterConfig.preset("tiny", vocab_size=tok.vocab_size)

@@ -222,7 +222,8 @@ def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, b
     def lap(name: str) -> None:
         timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 2)
 
-    models = {n: load_lm(p, device=dev)[0].eval() for n, p in names.items()}
+    loaded = {n: load_lm(p, device=dev) for n, p in names.items()}
+    models = {n: m.eval() for n, (m, _, _) in loaded.items()}
     ctx = build_context(run_dir, corpus, models, budget, max_doc_tokens, dev)
     lap("load")
     matrix = {n: ctx.score(n) for n in models}
@@ -251,7 +252,8 @@ def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, b
     lap("natural")
     rep["generation"] = generation_checks(models, ctx, rc.samples, rc.max_new_tokens)
     lap("generation")
-    rep["tasks"] = task_section(models, corpus, ctx.tokenizer, rc.gen_items, rc.max_new_tokens)
+    rep["tasks"] = task_section(models, corpus, ctx.tokenizer, rc.gen_items, rc.max_new_tokens,
+                                {n: meta for n, (_, _, meta) in loaded.items()})
     lap("tasks")
     with atomic_dir(run_dir / "report") as tmp:
         (tmp / "report.json").write_text(json.dumps(rep, indent=2))

@@ -67,6 +67,13 @@ def task_headline(domain: str, s: dict) -> str:
         return f"parse {_pct(s['parse_rate'])}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
     if domain == "conversation":
         return f"distinct-2 {s['distinct_2']:.2f}, loops {_pct(s['loop_share'])}"
+    head = _exact_match_headline(s)
+    if s.get("without_tool"):
+        head += f" (model alone: {_exact_match_headline(s['without_tool'])})"
+    return head
+
+
+def _exact_match_headline(s: dict) -> str:
     arith = {f: v for f, v in s["by_family"].items() if f.startswith("arithmetic_")}
     head = f"EM {_pct(s['exact_match'])}"
     if arith:
@@ -83,7 +90,8 @@ def _tasks_markdown(tasks: dict | None) -> list[str]:
     lines = ["", "## Task scores on held-out items", "",
              "Each item is asked as a chat user turn and answered greedily (conversation: sampled at "
              "temperature 0.8) until the end of the turn. Math and reasoning: exact match of the extracted final "
-             "answer; knowledge: exact match on trained facts asked in a held-out phrasing; code: completions "
+             "answer (with the calculator for models trained to call it, and in parentheses the model alone); "
+             "knowledge: exact match on trained facts asked in a held-out phrasing; code: completions "
              "that parse, and codeio functions that return the reference output when run in a subprocess; "
              "conversation: distinct-2 and the share of replies with a repeated word 4-gram.", "",
              "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

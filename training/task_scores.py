@@ -34,11 +34,12 @@ def _is_number(s: str) -> bool:
 
 def extract_answer(output: str, reference: str) -> str:
     """The final answer in ``output``: the value after ``####`` if there is one; else, for a numeric
-    reference, the first number; else the first line."""
+    reference, the first number after the last ``=`` (``345 + 278 = 623``), or the first number when
+    there is no ``=``; else the first line."""
     if "####" in output:
         return output.rsplit("####", 1)[1].strip().split("\n")[0].strip()
     if _is_number(reference):
-        m = _NUMBER.search(output.replace(",", ""))
+        m = _NUMBER.search(output.rsplit("=", 1)[-1].replace(",", ""))
         return m.group(0) if m else ""
     return output.strip().split("\n")[0].strip()
 
@@ -67,12 +68,12 @@ def has_loop(text: str, n: int = 4) -> bool:
     return len(set(grams)) < len(grams)
 
 
-def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any) -> list[list[int]]:
-    """The generated ids of every prompt (``experts.generate``, batched)."""
+def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any, tool: Any = None) -> list[list[int]]:
+    """The generated ids of every prompt (``experts.generate``, batched, with the model's ``tool``)."""
     from experts.generate import generate
 
     outs: list[list[int]] = [[] for _ in prompts]
-    for step in generate(model, prompts, params):
+    for step in generate(model, prompts, params, tool=tool):
         for i, t in enumerate(step):
             if t is not None:
                 outs[i].append(t)
@@ -80,7 +81,7 @@ def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any) 
 
 
 def answer(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int, *,
-           temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+           temperature: float = 0.0, seed: int = 0, tool: Any = None) -> list[list[int]]:
     """Each item's first user turn as a chat prompt, answered until ``<|end|>`` (token ids)."""
     from experts.sampling import SamplingParams
 
@@ -88,7 +89,7 @@ def answer(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int, *,
     prompts = [tok.chat(it["messages"][:1])[-room:] for it in items]
     params = SamplingParams(temperature=temperature, top_k=50 if temperature else 0, max_new_tokens=max_new,
                             stop_ids=(tok.end_id, tok.eos_id), seed=seed)
-    return [[t for t in o if t not in (tok.end_id, tok.eos_id)] for o in generate_ids(model, prompts, params)]
+    return [[t for t in o if t not in (tok.end_id, tok.eos_id)] for o in generate_ids(model, prompts, params, tool)]
 
 
 def _examples(items: list[dict], texts: list[str], keys: list[bool] | None = None) -> list[dict]:
@@ -140,30 +141,39 @@ def conversation_scores(items: list[dict], ids: list[list[int]], texts: list[str
             "examples": _examples(items, texts)}
 
 
-def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dict], max_new: int) -> dict[str, Any]:
-    """One model's task scores on one domain's held-out items."""
+def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dict], max_new: int,
+                  tool: Any = None) -> dict[str, Any]:
+    """One model's task scores on one domain's held-out items, generated with its ``tool`` as served.
+    With a tool, exact-match scores also give ``without_tool``: the same items, the model alone."""
     if not items:
         return {"n": 0}
     if domain == "conversation":
-        ids = answer(model, tok, items, max_new, temperature=0.8)
+        ids = answer(model, tok, items, max_new, temperature=0.8, tool=tool)
         return conversation_scores(items, ids, [tok.decode(o) for o in ids])
-    texts = [tok.decode(o) for o in answer(model, tok, items, 2 * max_new if domain == "code" else max_new)]
+    texts = [tok.decode(o) for o in answer(model, tok, items, 2 * max_new if domain == "code" else max_new, tool=tool)]
     if domain == "code":
         return code_scores(items, texts)
-    return exact_match_scores(items, texts)
+    scores = exact_match_scores(items, texts)
+    if tool is not None:
+        alone = exact_match_scores(items, [tok.decode(o) for o in answer(model, tok, items, max_new)])
+        scores["without_tool"] = {k: alone[k] for k in ("exact_match", "by_family")}
+    return scores
 
 
 def task_section(models: dict[str, torch.nn.Module], corpus: Any, tok: Any, per_family: int,
-                 max_new: int) -> dict[str, Any]:
-    """Per domain, the task scores of its own expert and of every generalist (dense, token-MoE, merged)."""
+                 max_new: int, metas: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Per domain, the task scores of its own expert and of every generalist (dense, token-MoE, merged);
+    a model whose checkpoint ``metas`` list the calculator answers with it (``experts.calculator``)."""
+    from experts.calculator import tool_for
     from router.domains import DOMAINS
 
     generalists = [n for n in models if n not in DOMAINS and n != "seed"]
+    tools = {n: tool_for((metas or {}).get(n), tok) for n in models}
     out: dict[str, Any] = {}
     for d in corpus.domains:
         names = ([d] if d in models else []) + generalists
         if not names or not per_family:
             continue
         items = task_items(corpus, d, per_family)
-        out[d] = {n: domain_scores(models[n], tok, d, items, max_new) for n in names}
+        out[d] = {n: domain_scores(models[n], tok, d, items, max_new, tools[n]) for n in names}
     return out

@@ -206,5 +206,7 @@ class LMTask:
             extra["instruct"] = {"domains": [Path(p).stem for p in self.instruct_paths],
                                  "from_batch": self.instruct_from, "batches": self.instruct_batches,
                                  "replay": self.instruct_replay}
+            if "math" in extra["instruct"]["domains"]:  # its math items write `expr = ` for the calculator
+                extra["tools"] = ["calculator"]
         save_lm(path, model, self.model_cfg, tokenizer_file=self.tokenizer_file,
                 meta={**self.meta, **extra, **meta})

@@ -146,3 +146,30 @@ def test_knowledge_eval_asks_trained_facts_in_a_phrasing_never_trained(tiny_corp
     items = fact_eval_items(tiny_corpus)
     trained = {it["answer"] for it in train_items(tiny_corpus, "knowledge")}
     assert items and all(it["answer"] in trained for it in items)
+
+
+def test_math_replies_that_call_the_calculator_agree_with_it_and_with_the_reference(tiny_corpus):
+    from experts.calculator import trailing_call
+    from training.task_scores import is_correct
+
+    items = train_items(tiny_corpus, "math")
+    calls = [it for it in items if " = " in it["messages"][1]["content"] and "####" not in it["messages"][1]["content"]
+             and trailing_call(it["messages"][1]["content"].rsplit("=", 1)[0] + "= ")]
+    arith = [it for it in calls if it["family"].startswith("arithmetic_")]
+    assert len(arith) == sum(it["family"].startswith("arithmetic_") for it in items)  # every one
+    assert len(calls) > len(arith)  # and reasoning-gym expression families (basic_arithmetic, ...)
+    for it in calls:
+        reply = it["messages"][1]["content"]
+        value = trailing_call(reply.rsplit("=", 1)[0] + "= ")
+        assert reply.endswith(" = " + value) and is_correct(reply, it["answer"]), it
+
+
+@pytest.mark.parametrize("output, reference, ok", [
+    ("345 + 278 = 623", "623", True), ("623", "623", True), ("345 + 278 = 622", "623", False),
+    ("steps\n#### 20", "20", True), ("-516 * 346 / 173 = -1032", "-1032", True),
+    ("x = 0.95547315436", "0.955473154362", True), ("Paris.", "Paris", True),
+])
+def test_answers_are_extracted_after_the_last_equals_sign(output, reference, ok):
+    from training.task_scores import is_correct
+
+    assert is_correct(output, reference) is ok

@@ -84,7 +84,7 @@ class FakeExpert:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("run"), experts=EXPERTS, instruct=("math",))
+    return make_tiny_run(tmp_path_factory.mktemp("run"), experts=EXPERTS, instruct=("math",), tools=("math",))
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,11 @@ def test_an_ensemble_gives_each_expert_its_own_prompt(run, tok):
     assert body["routing"]["experts"] == ["math", "code"] and body["text"] == "42"
     assert ingress.experts["math"].calls[0][0] == tok.chat([{"role": "user", "content": PROMPT}])
     assert ingress.experts["code"].calls[0][0] == [tok.bos_id, *tok.encode(PROMPT, specials=False)]
+
+
+def test_an_expert_whose_checkpoint_lists_the_calculator_is_served_with_it(run):
+    from experts.calculator import Calculator
+    from serving.engine_loop import load_engine
+
+    assert isinstance(load_engine(str(run / "experts" / "math"), max_batch=1).tool, Calculator)
+    assert load_engine(str(run / "experts" / "code"), max_batch=1).tool is None

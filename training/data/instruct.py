@@ -7,6 +7,11 @@ An item is ``{key, family, level, messages, answer}``: ``messages`` is a chat (`
 Training items come from each domain's *train* split; the held-out task items
 (:func:`task_items`) come from the *test* split, except for two sets built to be held out:
 
+Where a math item's question writes an arithmetic expression (the arithmetic curriculum, and
+reasoning-gym families such as ``basic_arithmetic`` or ``products``), the reply is the expression and
+its value, ``345 + 278 = 623``: the model learns to write the calculator's call
+(``experts.calculator``), and the calculator writes the value when the model generates.
+
 - **arithmetic**: ``a op b`` for + - x on 1- to 4-digit operands, in several user phrasings. Which
   operand pairs are held out is a hash of the expression (:data:`ARITH_TEST`), so no phrasing of a
   held-out pair is ever trained on.
@@ -22,8 +27,10 @@ import random
 import re
 import textwrap
 from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from experts.calculator import evaluate, expression_in
 from training.data.splits import split_of
 
 Item = dict[str, Any]
@@ -77,18 +84,37 @@ def arithmetic_items(n: int, seed: int, *, split: str = "train", digits: tuple[i
         w = rng.choice(_OP_WORDS[op][:1])
         question = phrasing.format(a=a, op=sym, b=b, w=w)
         value = str(_arith_value(a, op, b))
-        out.append(item(f"arith:{a}{op}{b}:{phrasing}", f"arithmetic_{op}", _qa(question, value), value,
+        reply = f"{a} {sym} {b} = {value}"  # the calculator's call, then its value (experts.calculator)
+        out.append(item(f"arith:{a}{op}{b}:{phrasing}", f"arithmetic_{op}", _qa(question, reply), value,
                         level=max(da, db)))
     return out
 
 
 # ---- per-domain items from corpus records ------------------------------------------------------
+def _same_number(a: str, b: str) -> bool:
+    try:
+        x, y = Decimal(a), Decimal(b)
+    except InvalidOperation:
+        return False
+    return abs(x - y) <= Decimal("1e-9") * max(Decimal(1), abs(y))
+
+
+def calculator_reply(question: str, answer: str) -> str | None:
+    """``<expression> = <value>`` when ``question`` writes an arithmetic expression whose value (by
+    ``experts.calculator``) is ``answer``: the reply that has the calculator do the arithmetic."""
+    expr = expression_in(question)
+    value = evaluate(expr) if expr else None
+    return f"{expr} = {value}" if value is not None and _same_number(value, answer) else None
+
+
 def _rg_items(records: list[dict]) -> Iterator[Item]:
     for r in records:
         if not r.get("question"):
             continue
         family = r["source"].split("/", 1)[-1]
         body = r["text"][len(r["question"]):].lstrip("\n")  # the answer, or worked steps + '#### answer'
+        if body == r["answer"]:
+            body = calculator_reply(r["question"], body) or body
         yield item(r["key"], family, _qa(r["question"], body), r["answer"])
 
 
