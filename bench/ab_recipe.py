@@ -75,7 +75,7 @@ def run_one(size: str, variant: str, domain: str, steps: int | None, eval_batche
     from training.tasks import LMTask
 
     cfg = _settings(size, steps)
-    corpus = load_corpora(cfg.data.cache_dir, cfg.data.size)
+    corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
     model_cfg = cfg.model.build(vocab_size=corpus.tokenizer().vocab_size, **{**BASE_MODEL, **model_over})
     seed = cfg.seed + DOMAINS.index(domain)
     task = LMTask(name=domain, out_dir=f"experts/{domain}", model_cfg=model_cfg,

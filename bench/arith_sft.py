@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     cfg = load_run_config(str(args.run_dir / "run.yaml"))
-    corpus = load_corpora(cfg.data.cache_dir, cfg.data.size)
+    corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
     tok = corpus.tokenizer()
     expert = args.run_dir / "experts" / "math"
     _, mcfg, _ = load_lm(expert)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv or [])  # bench.run_all calls main() without arguments
     logging.basicConfig(level=logging.WARNING)
     cfg = load_run_config(args.preset, {"train.steps": args.steps, "router.enabled": False})
-    corpus = build_corpora(cfg.data.size, cfg.data.cache_dir)
+    corpus = build_corpora(cfg.data.size, cfg.data.cache_dir, spec=cfg.data.corpus_spec())
     jobs = plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         t = _run(jobs, Path(tmp), cfg.resources.num_cpus)

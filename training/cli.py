@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from training.data.cli import add_data_subparser
 
@@ -58,6 +59,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=float, help="CPUs per training task (torch threads)")
     p.add_argument("--num-gpus", type=float, help="GPUs per training task")
     p.add_argument("--cache-dir", help="corpus cache (default $HMOE_DATA_DIR or .hmoe/data)")
+    p.add_argument("--spec", help="a corpus spec YAML (local files, hub data sets) instead of the preset's "
+                                  "built-in corpus; experts default to its domains")
     p.add_argument("--no-router", action="store_true", help="do not train the router")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--ray-address", help="Ray cluster to join ('auto': the latest `ray start` on this "
@@ -70,7 +73,8 @@ def _overrides(args: argparse.Namespace) -> dict:
           "experts": args.experts,
           "baselines.enabled": args.baselines, "seed": args.seed, "device": args.device,
           "resources.num_cpus": args.num_cpus, "resources.num_gpus": args.num_gpus,
-          "data.cache_dir": args.cache_dir}
+          "data.cache_dir": args.cache_dir,
+          "data.spec": str(Path(args.spec).resolve()) if args.spec else None}
     if args.no_router:
         ov["router.enabled"] = False
     return ov
@@ -89,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = run_pipeline(cfg, ray_address=args.ray_address, report=not args.no_report)
     print(f"trained {len(summary['models'])} models in {time.perf_counter() - t0:.1f}s -> {summary['run_dir']}")
     if not args.no_report:
-        print((__import__("pathlib").Path(summary["run_dir"]) / "report" / "report.md").read_text())
+        print((Path(summary["run_dir"]) / "report" / "report.md").read_text())
     return 0
 
 

@@ -84,11 +84,16 @@ INSTRUCT_DIR = "instruct"
 def with_instruct(task: LMTask, loop: LoopConfig, spec: TrainSpec, run_dir: Path,
                   domains: tuple[str, ...]) -> LMTask:
     """``task`` with the instruction stage: the last ``spec.instruct_fraction`` of its steps train on
-    the instruction items of ``domains`` (written by :func:`write_instruct_items`)."""
+    the instruction items of ``domains`` (written by :func:`write_instruct_items`; a domain whose
+    corpus gave no items is left out, and with none left there is no instruction stage)."""
+    from training.data.sft import count_items
+
     steps = round(spec.instruct_fraction * loop.max_steps)
-    if steps < 1:
+    paths = [run_dir / INSTRUCT_DIR / f"{d}.npz" for d in domains]
+    paths = [p for p in paths if not p.is_file() or count_items(p)]
+    if steps < 1 or not paths:
         return task
-    return dataclasses.replace(task, instruct_paths=tuple(str(run_dir / INSTRUCT_DIR / f"{d}.npz") for d in domains),
+    return dataclasses.replace(task, instruct_paths=tuple(str(p) for p in paths),
                                instruct_from=(loop.max_steps - steps) * loop.grad_accum,
                                instruct_batches=steps * loop.grad_accum, instruct_replay=spec.instruct_replay)
 
@@ -105,6 +110,9 @@ def write_instruct_items(cfg: RunConfig, corpus: Any, run_dir: Path) -> None:
             items = train_items(corpus, d, cfg.seed)
             write_items(path, encode_items(tok, items, cfg.train.seq_len + 1))
             log.info("instruction items for %s: %d", d, len(items))
+            if not items:
+                log.warning("the %s corpus gives no instruction items: its models skip that domain's "
+                            "instruction stage", d)
 
 
 def budget_steps(spec: TrainSpec, n_experts: int) -> tuple[int, int]:
@@ -192,8 +200,8 @@ def prepare(cfg: RunConfig) -> tuple[Path, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "run.yaml", cfg.model_copy(update={"run_dir": str(run_dir)}).to_yaml())
     t0 = time.perf_counter()
-    corpus = build_corpora(cfg.data.size, cfg.data.cache_dir)
-    log.info("corpora %s ready in %.1fs at %s", cfg.data.size, time.perf_counter() - t0, corpus.root)
+    corpus = build_corpora(cfg.data.size, cfg.data.cache_dir, spec=cfg.data.corpus_spec())
+    log.info("corpora %s ready in %.1fs at %s", corpus.name, time.perf_counter() - t0, corpus.root)
     if cfg.train.instruct_fraction > 0:
         write_instruct_items(cfg, corpus, run_dir)
     return run_dir, corpus

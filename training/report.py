@@ -197,7 +197,7 @@ def write_report(run_dir: str | Path, *, corpus: Any = None, run_cfg: Any = None
         run_cfg = load_run_config(str(run_dir / "run.yaml"))
     if corpus is None:
         from training.data import load_corpora
-        corpus = load_corpora(run_cfg.data.cache_dir, run_cfg.data.size)
+        corpus = load_corpora(run_cfg.data.cache_dir, run_cfg.data.corpus_name())
     dev = resolve_device(device if device != "auto" else run_cfg.device)
     names = model_dirs(run_dir)
     if not names:

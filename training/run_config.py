@@ -57,6 +57,35 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     size: str = "tiny"  # training.data.build_corpora(size, cache_dir)
     cache_dir: str | None = None  # None: $HMOE_DATA_DIR, else .hmoe/data
+    spec: str | None = None  # a corpus spec YAML (training.data.spec.CorpusSpec) instead of the built-in `size`
+
+    @model_validator(mode="after")
+    def _spec_loads(self) -> "DataSpec":
+        self.corpus_spec()  # a missing or invalid spec file fails here, naming it
+        return self
+
+    def corpus_spec(self) -> Any:
+        """The user's ``CorpusSpec``, or None for the built-in corpus of ``size``."""
+        if self.spec is None:
+            return None
+        from training.data.spec import CorpusSpec
+
+        path = Path(self.spec)
+        if not path.is_file():
+            raise ValueError(f"data.spec: {path} does not exist; pass a corpus spec YAML file")
+        try:
+            return CorpusSpec.from_yaml(path)
+        except (ValidationError, yaml.YAMLError) as e:
+            raise ValueError(f"data.spec: {path} is not a valid corpus spec: {e}") from None
+
+    def corpus_name(self) -> str:
+        """The corpus's directory in the cache (``training.data.build.corpus_dir_name``)."""
+        spec = self.corpus_spec()
+        if spec is None:
+            return self.size
+        from training.data.build import corpus_dir_name
+
+        return corpus_dir_name(spec)
 
 
 class TrainSpec(_Strict):
@@ -177,6 +206,20 @@ class RunConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"experts {list(v)} has duplicates")
         return tuple(v)
+
+    @model_validator(mode="after")
+    def _experts_in_corpus(self) -> "RunConfig":
+        spec = self.data.corpus_spec()
+        if spec is None:
+            return self
+        have = [d.domain for d in spec.domains]
+        if "experts" not in self.model_fields_set:  # default: one expert per domain of the spec
+            object.__setattr__(self, "experts", tuple(d for d in DOMAINS if d in have))
+        missing = [d for d in self.experts if d not in have]
+        if missing:
+            raise ValueError(f"experts {missing} have no domain in the corpus spec {self.data.spec} "
+                             f"(it has {have}); pass --experts {','.join(have)}")
+        return self
 
     @model_validator(mode="after")
     def _seq_fits(self) -> "RunConfig":

@@ -29,7 +29,7 @@ from experts.atomic import atomic_write_json, atomic_write_text, sha256_file
 from experts.tokenizer import Tokenizer
 from training.data.packing import pack
 from training.data.sources import BUILTINS, Record, SourceUnavailable, _take, load_builtin
-from training.data.spec import CorpusSpec, DomainSpec, SourceSpec, default_spec
+from training.data.spec import SIZE_BYTES, CorpusSpec, DomainSpec, SourceSpec, default_spec
 from training.data.splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -199,15 +199,26 @@ def _tokenizer_sample(splits: dict[str, dict[str, list[Record]]], per_domain: in
         yield from (r["text"] for r in _take(iter(docs), int(per_domain * (weights or {}).get(domain, 1.0))))
 
 
+def corpus_dir_name(spec: CorpusSpec) -> str:
+    """Where a spec's corpora live under the cache: a built-in spec under its size (``quick``), any
+    other under its name and content hash (``mydata-3f2a9c01d4e5``), so two specs never share a
+    directory, even with the same name."""
+    if spec.name in SIZE_BYTES and _spec_hash(spec) == _spec_hash(default_spec(spec.name)):
+        return spec.name
+    return f"{spec.name}-{_spec_hash(spec)[:12]}"
+
+
 def build_corpora(size: str = "quick", cache_dir: str | Path | None = None, *,
                   spec: CorpusSpec | None = None, force: bool = False, progress: bool = True) -> CorpusSet:
-    """Build (or reuse, if already built from the same spec) the corpora under ``cache_dir/<name>``."""
+    """Build (or reuse, if already built from the same spec) the corpora under
+    ``cache_dir/<corpus_dir_name(spec)>``; without a spec, the built-in one of ``size``."""
     spec = spec or default_spec(size)
-    root = cache_root(cache_dir) / spec.name
+    name = corpus_dir_name(spec)
+    root = cache_root(cache_dir) / name
     if not force and (root / "manifest.json").is_file():
         if json.loads((root / "manifest.json").read_text()).get("spec_sha256") == _spec_hash(spec):
             logger.info("reusing corpora at %s", root)
-            return load_corpora(cache_dir, spec.name)
+            return load_corpora(cache_dir, name)
     t0 = time.time()
     splits, summaries = {}, {}
     bar = tqdm(spec.domains, desc=f"corpora[{spec.name}]", disable=not progress)
@@ -230,7 +241,7 @@ def build_corpora(size: str = "quick", cache_dir: str | Path | None = None, *,
         "versions": _versions(), "domains": list(domains),
         "tokenizer": {"vocab_size": tok.vocab_size, "sha256": sha256_file(root / "tokenizer.json")},
         "build_seconds": round(time.time() - t0, 1)})
-    return CorpusSet(root, spec.name, domains)
+    return CorpusSet(root, name, domains)
 
 
 def _write_domain_manifest(root: Path, domain: str, splits: dict[str, list[Record]], sources: list[dict]) -> None:
@@ -249,7 +260,8 @@ def _write_domain_manifest(root: Path, domain: str, splits: dict[str, list[Recor
 
 
 def load_corpora(cache_dir: str | Path | None = None, size: str = "quick") -> CorpusSet:
-    """Open corpora built earlier by :func:`build_corpora`."""
+    """Open corpora built earlier by :func:`build_corpora`; ``size`` is the directory name
+    (:func:`corpus_dir_name`: the size for the built-in corpora)."""
     root = cache_root(cache_dir) / size
     if not (root / "manifest.json").is_file():
         raise DataError(f"{root}: no corpora built; run `hmoe data build --size {size}`")

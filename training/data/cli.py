@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from training.data.build import DataError, build_corpora, cache_root, load_corpora, verify
+from training.data.build import DataError, build_corpora, cache_root, corpus_dir_name, load_corpora, verify
 from training.data.spec import SIZE_BYTES, CorpusSpec
 
 
@@ -21,6 +21,7 @@ def add_data_subparser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     show = sub.add_parser("show", help="per-domain counts and sizes")
     show.add_argument("--size", choices=list(SIZE_BYTES), default="quick")
+    show.add_argument("--spec", help="the corpus spec YAML it was built from")
     show.add_argument("--cache-dir")
     show.add_argument("--verify", action="store_true", help="also check every file's SHA-256")
     data.set_defaults(func=run_data)
@@ -36,7 +37,8 @@ def run_data(args: argparse.Namespace) -> int:
             corpus = build_corpora(args.size, args.cache_dir, spec=spec, force=args.force)
             print(f"built {corpus.root} in {time.time() - t0:.1f}s")
         else:
-            corpus = load_corpora(args.cache_dir, args.size)
+            spec = CorpusSpec.from_yaml(args.spec) if args.spec else None
+            corpus = load_corpora(args.cache_dir, corpus_dir_name(spec) if spec else args.size)
             if args.verify:
                 verify(corpus)
                 print("verified: every file matches its manifest")

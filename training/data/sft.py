@@ -70,6 +70,11 @@ def load_items(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def count_items(path: str | Path) -> int:
+    """How many items an instruction file holds."""
+    return len(load_items(path)["levels"])
+
+
 class InstructBatches(SeededBatches):
     """Random rows of packed instruction items: ``(x, y)`` with ``y == IGNORE`` off the answers.
 
