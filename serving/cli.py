@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from serving import procs
 from serving.config import AppArgs
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,6 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
 
 
 def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
-    from ray import serve
-
     from experts.checkpoint import CheckpointError
 
     try:
@@ -185,16 +184,57 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
         print(f"error: could not start serving on {ns.host}:{ns.port}: {str(e).splitlines()[-1]}; "
               "is the port free? (--port to choose another)", file=sys.stderr)
         return 1
-    print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}", flush=True)
-    print("try:\n" + curl_example(url, app_args.api_key), flush=True)
-    print("Ctrl-C stops it.", flush=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # before saying so: Ray's own handler aborts
+    ours = procs.descendants()  # Ray's processes, listed while the tree is whole
+    gcs = [p for p in ours if p.name.startswith("gcs_server")]
+    code = 0
     try:
-        while True:
-            time.sleep(3600)
+        print(f"hmoe is serving {', '.join(app_args.experts)} from {app_args.run_dir} at {url}", flush=True)
+        print("try:\n" + curl_example(url, app_args.api_key), flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        while not gcs or any(procs.alive(p) for p in gcs):
+            time.sleep(RAY_POLL_S)
+        print("error: Ray stopped under hmoe serve (its GCS exited, e.g. after `ray stop`); "
+              "stopping the rest", file=sys.stderr, flush=True)
+        code = 1
     except KeyboardInterrupt:
-        serve.shutdown()
-    return 0
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
+    _shutdown(ours, serve_too=code == 0, ray_up=not gcs or any(procs.alive(p) for p in gcs))
+    return code
+
+
+RAY_POLL_S = 1.0
+SHUTDOWN_S = 20.0
+
+
+def _shutdown(ours: list[Any], *, serve_too: bool, ray_up: bool = True) -> None:
+    """Stop Serve and Ray (bounded: Ray may be half gone; skipped when its GCS is gone), then any
+    process of ``ours`` still alive, so that no process and no port outlives ``hmoe serve``."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    def graceful() -> None:
+        try:
+            if serve_too:
+                serve.shutdown()
+            ray.shutdown()
+        except Exception as e:  # Ray already gone: the processes are stopped below
+            log.info("shutdown: %s", e)
+
+    t = threading.Thread(target=graceful, daemon=True)
+    if ray_up:
+        t.start()
+        t.join(SHUTDOWN_S)
+    left = procs.stop(ours)
+    if left:
+        print(f"warning: could not stop {', '.join(f'{p.name} ({p.pid})' for p in left)}", file=sys.stderr)
+    if t.is_alive() or not ray_up:  # Ray's shutdown hangs on a dead cluster; its exit hooks would too
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if serve_too else 1)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -65,3 +68,29 @@ def running_app(args, *, num_cpus: float, wait_ready_s: float, proxy: str | None
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+HMOE = str(Path(sys.executable).with_name("hmoe"))
+
+
+@contextlib.contextmanager
+def serve_subprocess(run_dir: str | Path, port: int, *flags: str) -> Iterator[subprocess.Popen]:
+    """``hmoe serve run_dir --port port *flags`` started as a user starts it (its own local Ray);
+    yields the process once it prints that it is serving; killed at the end if still running."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
+    proc = subprocess.Popen([HMOE, "serve", str(run_dir), "--port", str(port), *flags],
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # the CLI prints its URL once /readyz answers 200
+            lines.append(line)
+            if line.startswith("hmoe is serving"):
+                break
+        else:
+            raise RuntimeError("hmoe serve exited before serving:\n" + "".join(lines[-40:]))
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,10 +1,10 @@
 """The reliability suite: one real Serve app on loopback for the package, a summary JSON at the end.
 
 Every test module here sets ``pytestmark = pytest.mark.reliability``, so ``make reliability`` (``pytest -m
-reliability tests``) runs them all. Tests also marked ``reliability_full`` are long (load, kills,
-training retries) and are skipped by ``make test`` unless ``-m reliability`` is given or
-``HMOE_RELIABILITY=1`` is set; the rest (a bounded fuzz run, the checkpoint-kill fault test, the
-static checks) run in ``make test`` as well.
+reliability tests``) runs them all at full size. ``make test`` runs them too, CI-sized where a test
+has a size (the load and fault tests read :func:`full_enabled`: a short concurrent load, one killed
+replica, one killed training task); tests marked ``reliability_full`` (the long fuzz run) only run
+when ``-m reliability`` is given or ``HMOE_RELIABILITY=1`` is set.
 """
 
 from __future__ import annotations

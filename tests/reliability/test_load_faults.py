@@ -1,4 +1,8 @@
-"""Load and faults against the real app: 64 clients for 60 s, a SIGKILLed expert replica, killed training.
+"""Load and faults against the real app: concurrent clients, a SIGKILLed expert replica, killed training.
+
+``make reliability`` runs them full size (64 clients for 60 s; 24 clients for 60 s around the kill;
+both ways of killing a 60-step training task); ``make test`` runs the same tests CI-sized
+(:data:`CI`: 8 clients for 12 s, 8 clients for 30 s around the kill, a SIGKILLed 30-step task).
 
 Every request loop here is bounded in count and time and stops by itself; all traffic is on
 loopback. Replica PIDs come from Ray's actor table; memory is VmRSS from /proc.
@@ -18,13 +22,31 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import API_KEY, EXPERTS, SUMMARY, count_errors
+from .conftest import API_KEY, EXPERTS, SUMMARY, count_errors, full_enabled
 
-pytestmark = [pytest.mark.reliability, pytest.mark.reliability_full, pytest.mark.ray]
+pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 
-CLIENTS = 64
-LOAD_S = 60.0
-WARMUP_S = 10.0
+
+@dataclass(frozen=True)
+class Size:
+    clients: int  # the load test's concurrent clients
+    load_s: float
+    warmup_s: float  # memory baseline taken after this
+    kill_clients: int  # clients during the replica kill
+    kill_s: float
+    train_steps: int  # the killed training task's steps
+    kills: tuple[str, ...]  # ways of killing it
+
+
+FULL = Size(64, 60.0, 10.0, 24, 60.0, 60, ("hard-exit", "sigkill"))
+CI = Size(8, 12.0, 4.0, 8, 30.0, 30, ("sigkill",))
+
+
+@pytest.fixture(scope="module")
+def size(request: pytest.FixtureRequest) -> Size:
+    return FULL if full_enabled(request.config) else CI
+
+
 REQUEST_TIMEOUT_S = 30.0  # a request that takes longer than this counts as a hang
 FAIL_FAST_S = 20.0  # every request to a killed expert is answered (200 after the restart, or 503) within this
 RECOVERY_LIMIT_S = 120.0
@@ -136,19 +158,20 @@ def _pct(xs: list[float], q: float) -> float:
     return round(1000.0 * xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else float("nan")
 
 
-# ---- 64 clients for 60 s -----------------------------------------------------------------------
-def test_load_64_clients_memory_stable(server):
+# ---- concurrent clients: no errors, bounded memory ----------------------------------------------
+def test_load_concurrent_clients_memory_stable(server, size):
     tally = Tally()
+    label = f"load_{size.clients}x{size.load_s:g}s"
     pids = replica_pids()
     assert {f"Expert-{e}" for e in EXPERTS} <= set(pids), pids
     baseline: dict[str, int] = {}
 
     async def tick(t: float) -> None:
-        if t >= WARMUP_S and not baseline:
+        if t >= size.warmup_s and not baseline:
             baseline.update({name: rss_kb(pid) for name, pid in pids.items()})
 
-    asyncio.run(run_load(server, clients=CLIENTS, seconds=LOAD_S, models=["auto", *EXPERTS], tally=tally,
-                         on_tick=tick))
+    asyncio.run(run_load(server, clients=size.clients, seconds=size.load_s, models=["auto", *EXPERTS],
+                         tally=tally, on_tick=tick))
     final = {name: rss_kb(pid) for name, pid in pids.items()}
     assert replica_pids() == pids, "a replica restarted during the load run"
     growth = {n: round(100.0 * (final[n] - baseline[n]) / baseline[n], 2) for n in pids}
@@ -156,21 +179,21 @@ def test_load_64_clients_memory_stable(server):
     ok = sum(v for k, v in tally.statuses.items() if k.endswith(" 200"))
     backpressure = sum(v for k, v in tally.statuses.items() if k.endswith(" 503"))
     SUMMARY["requests_served"] += ok
-    SUMMARY["latency_ms"]["load_64x60s"] = {"requests": len(lat), "ok": ok, "backpressure_503": backpressure,
-                                            "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99),
-                                            "rps": round(len(lat) / LOAD_S, 1)}
-    SUMMARY["memory_growth"]["load_64x60s_pct"] = growth
-    SUMMARY["memory_growth"]["load_64x60s_rss_kb"] = {n: [baseline[n], final[n]] for n in pids}
+    SUMMARY["latency_ms"][label] = {"requests": len(lat), "ok": ok, "backpressure_503": backpressure,
+                                    "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99),
+                                    "rps": round(len(lat) / size.load_s, 1)}
+    SUMMARY["memory_growth"][f"{label}_pct"] = growth
+    SUMMARY["memory_growth"][f"{label}_rss_kb"] = {n: [baseline[n], final[n]] for n in pids}
     for k, v in tally.statuses.items():
         count_errors(SUMMARY["errors_by_class"], f"load {k}", v) if not k.endswith(" 200") else None
-    print("load:", SUMMARY["latency_ms"]["load_64x60s"], "rss growth %:", growth)
+    print("load:", SUMMARY["latency_ms"][label], "rss growth %:", growth)
     assert tally.bad == [], tally.bad[:10]
     assert ok > 0.5 * len(lat), tally.statuses
     assert all(g < 10.0 for g in growth.values()), growth
 
 
 # ---- kill one expert replica during load -------------------------------------------------------
-def test_sigkill_expert_replica_during_load(server):
+def test_sigkill_expert_replica_during_load(server, size):
     victim, others = "math", [e for e in EXPERTS if e != "math"]
     pids = replica_pids()
     old_pid = pids[f"Expert-{victim}"]
@@ -186,9 +209,8 @@ def test_sigkill_expert_replica_during_load(server):
             if back:
                 state["recovered"] = min(e[0] for e in back)
 
-    clients = 24
+    clients, seconds = size.kill_clients, size.kill_s
     models = [victim if i % 3 == 0 else others[i % len(others)] for i in range(clients)]
-    seconds = 60.0
     asyncio.run(run_load(server, clients=clients, seconds=seconds, models=models, tally=tally, on_tick=tick))
     assert "killed" in state
     killed = state["killed"]
@@ -264,17 +286,19 @@ def _worker_pid(title: str) -> int | None:
 
 
 @pytest.mark.parametrize("how", ["hard-exit", "sigkill"])
-def test_killed_training_task_retried_and_resumes(server, tmp_path, how):
+def test_killed_training_task_retried_and_resumes(server, size, tmp_path, how):
     import ray
 
+    if how not in size.kills:
+        pytest.skip(f"{how}: only in the full-size run (make reliability)")
     from tests.training.conftest import lm_task
     from training.loop import read_metrics
     from training.ray_jobs import submit_train
 
     rng = random.Random(7)
     name = f"rk{uuid.uuid4().hex[:8]}"
-    steps = 60
-    kill_at = rng.randint(8, 50)
+    steps = size.train_steps
+    kill_at = rng.randint(8, steps - 10)
     fail_at = f"{name}:{kill_at}:exit" if how == "hard-exit" else None
     run_dir = tmp_path / "run"
     task = lm_task(_splits(tmp_path / "data", name), name, f"experts/{name}")

