@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from experts.atomic import atomic_write_json
+from experts.calculator import Calculator
 from experts.checkpoint import load_lm
 from training.data import load_corpora
 from training.data.instruct import arithmetic_eval_items, arithmetic_items
@@ -55,10 +56,13 @@ def main() -> None:
         train(task, loop, tmp)
         model = load_lm(Path(tmp) / "model")[0].eval()
     items = arithmetic_eval_items(args.items)
-    outs = [tok.decode(o) for o in answer(model, tok, items, 12)]
+    outs = [tok.decode(o) for o in answer(model, tok, items, 24, tool=Calculator(tok))]
     by: dict[str, list[bool]] = {}
     for it, o in zip(items, outs):
         by.setdefault(it["family"], []).append(is_correct(o, it["answer"]))
+        # the calculator's call is right when the model copied the question's expression
+        by.setdefault("call copied", []).append(o.split(" =")[0].strip() == it["key"].split(":")[1].replace(
+            "+", " + ").replace("*", " * ").replace("-", " - ", 1) if " = " in o else False)
     res = {"run_dir": str(args.run_dir), "steps": args.steps, "tokens": args.steps * t.tokens_per_step,
            "train_s": round(time.perf_counter() - t0), "exact_match": {k: sum(v) / len(v) for k, v in sorted(by.items())},
            "n": {k: len(v) for k, v in sorted(by.items())},

@@ -104,6 +104,22 @@ def expression_in(question: str) -> str | None:
     return max(found, key=len) if found else None
 
 
+def _same_number(a: str, b: str) -> bool:
+    try:
+        x, y = Decimal(a), Decimal(b)
+    except InvalidOperation:
+        return False
+    return abs(x - y) <= Decimal("1e-9") * max(Decimal(1), abs(y))
+
+
+def calculator_reply(question: str, answer: str) -> str | None:
+    """``<expression> = <value>`` when ``question`` writes an arithmetic expression whose value is
+    ``answer`` (to 1e-9): the reply that has the calculator do the arithmetic."""
+    expr = expression_in(question)
+    value = evaluate(expr) if expr else None
+    return f"{expr} = {value}" if value is not None and _same_number(value, answer) else None
+
+
 class Calculator:
     """The engine's tool: given the ids a request has generated, the ids to feed next (or none)."""
 

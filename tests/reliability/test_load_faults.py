@@ -2,7 +2,8 @@
 
 ``make reliability`` runs them full size (64 clients for 60 s; 24 clients for 60 s around the kill;
 both ways of killing a 60-step training task); ``make test`` runs the same tests CI-sized
-(:data:`CI`: 8 clients for 12 s, 8 clients for 30 s around the kill, a SIGKILLed 30-step task).
+(:data:`CI`: 8 clients for 12 s, 8 clients around the kill until 5 s after the replica is back, a
+SIGKILLed 30-step task).
 
 Every request loop here is bounded in count and time and stops by itself; all traffic is on
 loopback. Replica PIDs come from Ray's actor table; memory is VmRSS from /proc.
@@ -33,13 +34,14 @@ class Size:
     load_s: float
     warmup_s: float  # memory baseline taken after this
     kill_clients: int  # clients during the replica kill
-    kill_s: float
+    kill_s: float  # load around the kill; CI-sized, it ends sooner: 5 s after the replica is back
+    until_recovered: bool
     train_steps: int  # the killed training task's steps
     kills: tuple[str, ...]  # ways of killing it
 
 
-FULL = Size(64, 60.0, 10.0, 24, 60.0, 60, ("hard-exit", "sigkill"))
-CI = Size(8, 12.0, 4.0, 8, 30.0, 30, ("sigkill",))
+FULL = Size(64, 60.0, 10.0, 24, 60.0, False, 60, ("hard-exit", "sigkill"))
+CI = Size(8, 12.0, 4.0, 8, 120.0, True, 30, ("sigkill",))
 
 
 @pytest.fixture(scope="module")
@@ -130,23 +132,25 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, target: str, ta
 
 
 async def run_load(url: str, *, clients: int, seconds: float, models: list[str], tally: Tally,
-                   on_tick=None, max_requests: int = 100_000) -> None:
-    """``clients`` coroutines post requests back to back until ``seconds`` pass (or the cap)."""
+                   on_tick=None, max_requests: int = 100_000, done=None) -> None:
+    """``clients`` coroutines post requests back to back until ``seconds`` pass (or the cap, or
+    ``done(t)`` says so)."""
     t0 = time.perf_counter()
     sent = [0]
+    over = lambda: time.perf_counter() - t0 >= seconds or (done is not None and done(time.perf_counter() - t0))  # noqa: E731
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"},
                                  limits=limits) as client:
         async def worker(i: int) -> None:
             rng = random.Random(i)
             model = models[i % len(models)]
-            while time.perf_counter() - t0 < seconds and sent[0] < max_requests:
+            while not over() and sent[0] < max_requests:
                 sent[0] += 1
                 path, body = _request(rng, model)
                 await _one(client, path, body, model, tally, t0)
 
         async def ticker() -> None:
-            while on_tick is not None and time.perf_counter() - t0 < seconds:
+            while on_tick is not None and not over():
                 await on_tick(time.perf_counter() - t0)
                 await asyncio.sleep(0.25)
 
@@ -211,7 +215,9 @@ def test_sigkill_expert_replica_during_load(server, size):
 
     clients, seconds = size.kill_clients, size.kill_s
     models = [victim if i % 3 == 0 else others[i % len(others)] for i in range(clients)]
-    asyncio.run(run_load(server, clients=clients, seconds=seconds, models=models, tally=tally, on_tick=tick))
+    done = (lambda t: t > state.get("recovered", float("inf")) + 5.0) if size.until_recovered else None
+    asyncio.run(run_load(server, clients=clients, seconds=seconds, models=models, tally=tally, on_tick=tick,
+                         done=done))
     assert "killed" in state
     killed = state["killed"]
     after = [e for e in tally.events if e[1] == victim and e[0] > killed]

@@ -182,8 +182,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
+TEXT_FORMAT = 2  # raised when the sources' document text changes (2: arithmetic answers as `expr = value`)
+
+
 def _spec_hash(spec: CorpusSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    """The spec's identity, with :data:`TEXT_FORMAT`: a cached corpus of an older format is rebuilt."""
+    body = {**spec.model_dump(mode="json"), "text_format": TEXT_FORMAT}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _write_jsonl(path: Path, records: list[Record]) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from experts.calculator import calculator_reply
+
 logger = logging.getLogger(__name__)
 Record = dict[str, str]
 
@@ -88,8 +90,8 @@ def _rg_record(name: str, seed: int, i: int, item: dict, template: int | None) -
         body = cot if cot.endswith(f"#### {a}") else f"{cot}\n#### {a}".strip()
         text = f"{q}\n{body}"
         split_key = f"gsm_symbolic:template:{template}"  # whole templates go to one split
-    else:
-        text, split_key = f"{q}\n{a}", None
+    else:  # an arithmetic question's answer is its expression and value, as the calculator's call
+        text, split_key = f"{q}\n{calculator_reply(q, a) or a}", None
     return record(f"{name}:{seed}:{i}", text, source=f"reasoning_gym/{name}", split_key=split_key,
                   prompt=q, question=q, answer=a)
 
