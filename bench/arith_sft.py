@@ -3,7 +3,8 @@
 Continues a run's math expert on the arithmetic curriculum only (``training.data.instruct``: + - x
 on 1- to 4-digit operands, small operands first) for ``--steps`` steps of the run's recipe, through
 ``training.loop.train``, then asks the held-out 2- and 3-digit pairs in the plain phrasings, greedy,
-and prints the exact match per operation as one JSON line (also written to ``--out``).
+with the calculator (``experts.calculator``), and prints the exact match per operation and the share
+of replies whose call copies the question's expression, as one JSON line (also written to ``--out``).
 
     .venv/bin/python -m bench.arith_sft runs/standard --steps 1200 --out /tmp/arith.json
 """
@@ -66,7 +67,9 @@ def main() -> None:
     res = {"run_dir": str(args.run_dir), "steps": args.steps, "tokens": args.steps * t.tokens_per_step,
            "train_s": round(time.perf_counter() - t0), "exact_match": {k: sum(v) / len(v) for k, v in sorted(by.items())},
            "n": {k: len(v) for k, v in sorted(by.items())},
-           "examples": [[it["messages"][0]["content"], it["answer"], o] for it, o in list(zip(items, outs))[:6]]}
+           "examples": [[it["messages"][0]["content"], it["answer"], o] for it, o in list(zip(items, outs))[:6]],
+           "wrong": [[it["messages"][0]["content"], it["answer"], o] for it, o in zip(items, outs)
+                     if not is_correct(o, it["answer"])][:6]}
     print(json.dumps(res))
     if args.out:
         atomic_write_json(args.out, res)

@@ -173,3 +173,16 @@ def test_answers_are_extracted_after_the_last_equals_sign(output, reference, ok)
     from training.task_scores import is_correct
 
     assert is_correct(output, reference) is ok
+
+
+def test_items_are_drawn_in_proportion_to_their_weight(tiny_corpus, tmp_path):
+    tok = tiny_corpus.tokenizer()
+    light = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}]}] * 10
+    heavy = [{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+              "weight": 4.0}] * 10
+    write_items(tmp_path / "w.npz", encode_items(tok, light + heavy, 64))
+    batches = InstructBatches(tmp_path / "w.npz", batch_size=8, seq_len=63, seed=0)
+    ys = torch.cat([next(batches)[1] for _ in range(20)])
+    x_id, y_id = tok.encode("x")[0], tok.encode("y")[0]
+    ratio = int((ys == y_id).sum()) / int((ys == x_id).sum())
+    assert 3.0 < ratio < 5.3, ratio

@@ -41,6 +41,11 @@ ARITH_PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {
                    "Calculate {a} {op} {b}.", "What's {a} {w} {b}?", "How much is {a} {op} {b}?",
                    "{a} {op} {b}", "Work out {a} {op} {b}.", "Please compute {a} {op} {b}.")
 PLAIN_PHRASINGS = ARITH_PHRASINGS[:3]
+# An arithmetic item is drawn this many times as often as another math item: with twice as many of
+# them, 8 in 9 math draws and about 2/3 of the math instruction tokens. Copying the question's
+# expression into the calculator's call is learnt abruptly after ~20k examples (``bench.arith_sft``:
+# 60 batches of arithmetic alone, 2% copied; 150 batches, 100%); an even mix gave ~7k in `standard`.
+ARITH_WEIGHT = 4.0
 
 
 def item(key: str, family: str, messages: list[dict[str, str]], answer: str = "", level: int = 0) -> Item:
@@ -84,8 +89,8 @@ def arithmetic_items(n: int, seed: int, *, split: str = "train", digits: tuple[i
         question = phrasing.format(a=a, op=sym, b=b, w=w)
         value = str(_arith_value(a, op, b))
         reply = f"{a} {sym} {b} = {value}"  # the calculator's call, then its value (experts.calculator)
-        out.append(item(f"arith:{a}{op}{b}:{phrasing}", f"arithmetic_{op}", _qa(question, reply), value,
-                        level=max(da, db)))
+        it = item(f"arith:{a}{op}{b}:{phrasing}", f"arithmetic_{op}", _qa(question, reply), value, level=max(da, db))
+        out.append({**it, "weight": ARITH_WEIGHT})
     return out
 
 

@@ -5,7 +5,10 @@ the assistant turns' tokens and their closing ``<|end|>`` are trained on (the ta
 position is :data:`IGNORE`). Rows of ``seq_len + 1`` tokens are filled with whole items drawn at
 random (the last one cut at the row's end), so short items share a row instead of padding it.
 
-Stored once per run (``<run>/instruct/<domain>.npz``: ids, mask, offsets, levels), by
+Items are drawn in proportion to their ``weight`` (default 1), so a family of short items can get
+the share of the tokens it needs.
+
+Stored once per run (``<run>/instruct/<domain>.npz``: ids, mask, offsets, levels, weights), by
 :func:`write_items`, so every task that trains on a domain reads the same encoding.
 """
 
@@ -50,7 +53,8 @@ def encode_items(tok: Tokenizer, items: Sequence[dict[str, Any]], max_len: int) 
     ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1]))
     mask = np.fromiter((m for e in encoded for m in answer_mask(e, tok)), dtype=bool, count=int(offsets[-1]))
     levels = np.array([int(it.get("level", 0)) for it in items], dtype=np.int16)
-    return {"ids": ids, "mask": mask, "offsets": offsets, "levels": levels}
+    weights = np.array([float(it.get("weight", 1.0)) for it in items], dtype=np.float64)
+    return {"ids": ids, "mask": mask, "offsets": offsets, "levels": levels, "weights": weights}
 
 
 def write_items(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
@@ -90,11 +94,13 @@ class InstructBatches(SeededBatches):
         self.ids, self.mask, self.offsets, self.levels = arr["ids"], arr["mask"], arr["offsets"], arr["levels"]
         if len(self.levels) == 0:
             raise ValueError(f"{path}: no instruction items")
+        weights = arr.get("weights", np.ones(len(self.levels)))
         self.path, self.batch_size, self.seq_len, self.seed = str(path), batch_size, seq_len, seed
         self.total, self.ramp, self.step = total, ramp, 0
         self.max_level = int(self.levels.max())
         self._order = np.argsort(self.levels, kind="stable")  # items by level, for the curriculum
         self._count_upto = np.searchsorted(self.levels[self._order], np.arange(self.max_level + 1), side="right")
+        self._cum_weight = np.cumsum(weights[self._order])  # draws are weighted: a search in this
 
     def _eligible(self) -> int:
         """How many items (a prefix of ``_order``) batch ``step`` may draw from."""
@@ -106,12 +112,13 @@ class InstructBatches(SeededBatches):
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.step])
         n, width = self._eligible(), self.seq_len + 1
+        total_w = self._cum_weight[n - 1]
         tokens = np.zeros((self.batch_size, width), dtype=np.int64)
         keep = np.zeros((self.batch_size, width), dtype=bool)
         for row in range(self.batch_size):
             filled = 0
             while filled < width:
-                i = self._order[rng.integers(0, n)]
+                i = self._order[min(n - 1, int(np.searchsorted(self._cum_weight, rng.random() * total_w, side="right")))]
                 a, b = self.offsets[i], self.offsets[i + 1]
                 take = min(b - a, width - filled)
                 tokens[row, filled:filled + take] = self.ids[a:a + take]
