@@ -35,17 +35,22 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=150, help="held-out items asked")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--init", type=Path, help="checkpoint to continue (default: the run's math expert)")
+    ap.add_argument("--train-tool-outputs", action="store_true",
+                    help="also train on the values the calculator writes (default: left out of the loss)")
     args = ap.parse_args()
     cfg = load_run_config(str(args.run_dir / "run.yaml"))
     corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
     tok = corpus.tokenizer()
-    expert = args.run_dir / "experts" / "math"
+    expert = args.init or args.run_dir / "experts" / "math"
     _, mcfg, _ = load_lm(expert)
     t = cfg.train
     from training.tasks import LMTask
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_items(Path(tmp) / "arith.npz", encode_items(tok, arithmetic_items(60_000, seed=7), t.seq_len + 1))
+        write_items(Path(tmp) / "arith.npz", encode_items(
+            tok, arithmetic_items(60_000, seed=7), t.seq_len + 1,
+            tool=None if args.train_tool_outputs else Calculator(tok)))
         task = LMTask(name="arith", out_dir="model", model_cfg=mcfg, train_paths=[str(corpus.tokens_path("math", "train"))],
                       val_paths=[str(corpus.tokens_path("math", "val"))], batch_size=t.batch_size, seq_len=t.seq_len,
                       init_from=str(expert), instruct_paths=(str(Path(tmp) / "arith.npz"),), instruct_from=0,
@@ -64,7 +69,8 @@ def main() -> None:
         # the calculator's call is right when the model copied the question's expression
         by.setdefault("call copied", []).append(o.split(" =")[0].strip() == it["key"].split(":")[1].replace(
             "+", " + ").replace("*", " * ").replace("-", " - ", 1) if " = " in o else False)
-    res = {"run_dir": str(args.run_dir), "steps": args.steps, "tokens": args.steps * t.tokens_per_step,
+    res = {"run_dir": str(args.run_dir), "init": str(expert), "tool_outputs_trained": args.train_tool_outputs,
+           "steps": args.steps, "tokens": args.steps * t.tokens_per_step,
            "train_s": round(time.perf_counter() - t0), "exact_match": {k: sum(v) / len(v) for k, v in sorted(by.items())},
            "n": {k: len(v) for k, v in sorted(by.items())},
            "examples": [[it["messages"][0]["content"], it["answer"], o] for it, o in list(zip(items, outs))[:6]],

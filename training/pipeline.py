@@ -99,7 +99,9 @@ def with_instruct(task: LMTask, loop: LoopConfig, spec: TrainSpec, run_dir: Path
 
 
 def write_instruct_items(cfg: RunConfig, corpus: Any, run_dir: Path) -> None:
-    """Encode each domain's instruction items once per run (``<run>/instruct/<domain>.npz``)."""
+    """Encode each domain's instruction items once per run (``<run>/instruct/<domain>.npz``); the
+    values the calculator writes into math replies are not trained on (``sft.untrain_tool_outputs``)."""
+    from experts.calculator import Calculator
     from training.data.instruct import train_items
     from training.data.sft import encode_items, write_items
 
@@ -108,7 +110,8 @@ def write_instruct_items(cfg: RunConfig, corpus: Any, run_dir: Path) -> None:
         path = run_dir / INSTRUCT_DIR / f"{d}.npz"
         if not path.is_file():
             items = train_items(corpus, d, cfg.seed)
-            write_items(path, encode_items(tok, items, cfg.train.seq_len + 1))
+            write_items(path, encode_items(tok, items, cfg.train.seq_len + 1,
+                                           tool=Calculator(tok) if d == "math" else None))
             log.info("instruction items for %s: %d", d, len(items))
             if not items:
                 log.warning("the %s corpus gives no instruction items: its models skip that domain's "

@@ -186,3 +186,18 @@ def test_items_are_drawn_in_proportion_to_their_weight(tiny_corpus, tmp_path):
     x_id, y_id = tok.encode("x")[0], tok.encode("y")[0]
     ratio = int((ys == y_id).sum()) / int((ys == x_id).sum())
     assert 3.0 < ratio < 5.3, ratio
+
+
+def test_values_the_calculator_writes_are_not_trained_on(tiny_corpus):
+    from experts.calculator import Calculator
+
+    tok = tiny_corpus.tokenizer()
+    items = [{"messages": [{"role": "user", "content": "What is 345 + 278?"},
+                           {"role": "assistant", "content": "345 + 278 = 623"}]}]
+    plain = encode_items(tok, items, 64)
+    masked = encode_items(tok, items, 64, tool=Calculator(tok))
+    ids = plain["ids"].tolist()
+    trained = lambda m: tok.decode([t for t, k in zip(ids, m) if k])  # noqa: E731
+    assert trained(plain["mask"]) == "345 + 278 = 623"
+    assert trained(masked["mask"]) == "345 + 278 = "  # the call and the end of turn; not the value
+    assert masked["mask"].sum() == plain["mask"].sum() - len(tok.encode("623"))

@@ -42,10 +42,11 @@ ARITH_PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {
                    "{a} {op} {b}", "Work out {a} {op} {b}.", "Please compute {a} {op} {b}.")
 PLAIN_PHRASINGS = ARITH_PHRASINGS[:3]
 # An arithmetic item is drawn this many times as often as another math item: with twice as many of
-# them, 8 in 9 math draws and about 2/3 of the math instruction tokens. Copying the question's
-# expression into the calculator's call is learnt abruptly after ~20k examples (``bench.arith_sft``:
-# 60 batches of arithmetic alone, 2% copied; 150 batches, 100%); an even mix gave ~7k in `standard`.
-ARITH_WEIGHT = 4.0
+# them, 24 in 25 math draws and about 6/7 of the math instruction tokens. Copying the question's
+# expression into the calculator's call is learnt abruptly (``bench.arith_sft`` from the standard
+# seed, values left out of the loss: 60 batches of arithmetic alone, 0% copied; 120 batches, 100%;
+# with the values trained on, 65%), and `standard` gives the math expert 70 instruction batches.
+ARITH_WEIGHT = 12.0
 
 
 def item(key: str, family: str, messages: list[dict[str, str]], answer: str = "", level: int = 0) -> Item:

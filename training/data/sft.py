@@ -41,9 +41,27 @@ def answer_mask(ids: Sequence[int], tok: Tokenizer) -> list[bool]:
     return mask
 
 
-def encode_items(tok: Tokenizer, items: Sequence[dict[str, Any]], max_len: int) -> dict[str, np.ndarray]:
+def untrain_tool_outputs(ids: Sequence[int], mask: list[bool], tool: Any) -> list[bool]:
+    """``mask`` with the tokens a ``tool`` writes at generation (``experts.calculator``: the value
+    after ``345 + 278 = ``) left out of the loss, as a tool's output is: the model learns to make the
+    call, and its gradient is not spent on values it is never asked to produce."""
+    out, start = list(mask), None
+    for i, m in enumerate(mask):
+        if not m:
+            start = None
+            continue
+        start = i if start is None else start
+        forced = tool(list(ids[start:i + 1]))
+        if forced and list(ids[i + 1:i + 1 + len(forced)]) == forced:
+            out[i + 1:i + 1 + len(forced)] = [False] * len(forced)
+    return out
+
+
+def encode_items(tok: Tokenizer, items: Sequence[dict[str, Any]], max_len: int, *,
+                 tool: Any = None) -> dict[str, np.ndarray]:
     """Ids, answer mask, offsets and curriculum levels of the ``items`` that fit in ``max_len`` tokens
-    (a longer one is left out: cut, it would lose its answer)."""
+    (a longer one is left out: cut, it would lose its answer); with a ``tool``, what it would write
+    is not trained on (:func:`untrain_tool_outputs`)."""
     encoded = tok.chat_batch([it["messages"] for it in items])
     fits = [len(e) <= max_len for e in encoded]
     encoded = [e for e, f in zip(encoded, fits) if f]
@@ -51,7 +69,10 @@ def encode_items(tok: Tokenizer, items: Sequence[dict[str, Any]], max_len: int) 
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1]))
-    mask = np.fromiter((m for e in encoded for m in answer_mask(e, tok)), dtype=bool, count=int(offsets[-1]))
+    masks = (answer_mask(e, tok) for e in encoded)
+    if tool is not None:
+        masks = (untrain_tool_outputs(e, m, tool) for e, m in zip(encoded, masks))
+    mask = np.fromiter((m for ms in masks for m in ms), dtype=bool, count=int(offsets[-1]))
     levels = np.array([int(it.get("level", 0)) for it in items], dtype=np.int16)
     weights = np.array([float(it.get("weight", 1.0)) for it in items], dtype=np.float64)
     return {"ids": ids, "mask": mask, "offsets": offsets, "levels": levels, "weights": weights}
