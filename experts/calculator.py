@@ -87,8 +87,13 @@ def trailing_call(text: str) -> str | None:
     """The value to write next when ``text`` ends with ``<expression> =`` (one optional space), else None."""
     if not text.rstrip(" ").endswith("=") or text.rstrip(" ").endswith(("==", "<=", ">=", "!=")):
         return None
-    m = _TRAILING.search(text[-(MAX_EXPR_CHARS + 4):])
-    if m is None:
+    window = text[-(MAX_EXPR_CHARS + 4):]
+    m = _TRAILING.search(window)
+    if m is None or (m.start() == 0 and len(window) < len(text)):  # it may go on before the window
+        return None
+    start = m.start() + len(m["expr"]) - len(m["expr"].lstrip())
+    before = window[start - 1:start] if start else ""
+    if before.isalnum() or before in (".", "_"):  # part of a name or a longer number (x12 + 3 =)
         return None
     return evaluate(m["expr"])
 

@@ -35,7 +35,8 @@ def test_evaluate_refuses_anything_but_arithmetic(expr):
 @pytest.mark.parametrize("text, value", [
     ("345 + 278 = ", "623"), ("So 345 + 278 =", "623"), ("What is 3 + 4? 3 + 4 = ", "7"),
     ("x = ", None), ("a == ", None), ("2 + 2 = 4", None), ("3x + 2 = ", None), ("5 girls x 3 boys/girl = ", None),
-    ("345 + 278", None), ("12 =", None),
+    ("345 + 278", None), ("12 =", None), ("x12 + 3 = ", None), ("v1.5 + 2 = ", None),
+    ("1 + " * 50 + "1 = ", None),  # longer than a call may be: not a suffix of it either
 ])
 def test_a_call_is_an_expression_and_equals_sign_at_the_end(text, value):
     assert trailing_call(text) == value
