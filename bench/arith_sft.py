@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from experts.atomic import atomic_write_json
-from experts.calculator import Calculator
+from experts.calculator import Calculator, expression_in
 from experts.checkpoint import load_lm
 from training.data import load_corpora
 from training.data.instruct import arithmetic_eval_items, arithmetic_items
@@ -67,8 +67,7 @@ def main() -> None:
     for it, o in zip(items, outs):
         by.setdefault(it["family"], []).append(is_correct(o, it["answer"]))
         # the calculator's call is right when the model copied the question's expression
-        by.setdefault("call copied", []).append(o.split(" =")[0].strip() == it["key"].split(":")[1].replace(
-            "+", " + ").replace("*", " * ").replace("-", " - ", 1) if " = " in o else False)
+        by.setdefault("call copied", []).append(o.split(" =")[0].strip() == expression_in(it["messages"][0]["content"]))
     res = {"run_dir": str(args.run_dir), "init": str(expert), "tool_outputs_trained": args.train_tool_outputs,
            "steps": args.steps, "tokens": args.steps * t.tokens_per_step,
            "train_s": round(time.perf_counter() - t0), "exact_match": {k: sum(v) / len(v) for k, v in sorted(by.items())},

@@ -91,25 +91,26 @@ def trailing_call(text: str) -> str | None:
     m = _TRAILING.search(window)
     if m is None or (m.start() == 0 and len(window) < len(text)):  # it may go on before the window
         return None
-    start = m.start() + len(m["expr"]) - len(m["expr"].lstrip())
-    before = window[start - 1:start] if start else ""
-    if before.isalnum() or before in (".", "_"):  # part of a name or a longer number (x12 + 3 =)
-        return None
-    return evaluate(m["expr"])
+    return evaluate(m["expr"]) if _stands_alone(window, m) else None
+
+
+def _stands_alone(text: str, m: re.Match) -> bool:
+    """The match does not continue a name or a longer number before it (``x12 + 3``, ``v1.5 + 2``)."""
+    start = m.start() + len(m.group(0)) - len(m.group(0).lstrip())
+    before = text[start - 1:start] if start else ""
+    return not (before.isalnum() or before in (".", "_"))
 
 
 def expression_in(question: str) -> str | None:
     """The longest arithmetic expression written in ``question`` (for building training answers)."""
-    found = []
-    for m in _EXPR.finditer(question):
-        start = m.start() + len(m.group(0)) - len(m.group(0).lstrip())
-        if not _WORD_NEXT.match(question, m.end()) and not question[start - 1:start].isalnum():
-            found.append(m.group(0).strip())
+    found = [m.group(0).strip() for m in _EXPR.finditer(question)
+             if _stands_alone(question, m) and not _WORD_NEXT.match(question, m.end())]
     found = [f for f in found if evaluate(f) is not None]
     return max(found, key=len) if found else None
 
 
-def _same_number(a: str, b: str) -> bool:
+def same_number(a: str, b: str) -> bool:
+    """``a`` and ``b`` are numbers within 1e-9 (relative to ``b``, at least 1e-9 absolute)."""
     try:
         x, y = Decimal(a), Decimal(b)
     except InvalidOperation:
@@ -122,7 +123,7 @@ def calculator_reply(question: str, answer: str) -> str | None:
     ``answer`` (to 1e-9): the reply that has the calculator do the arithmetic."""
     expr = expression_in(question)
     value = evaluate(expr) if expr else None
-    return f"{expr} = {value}" if value is not None and _same_number(value, answer) else None
+    return f"{expr} = {value}" if value is not None and same_number(value, answer) else None
 
 
 class Calculator:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from experts.calculator import same_number
 from training.data.instruct import parses, task_items
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -51,7 +52,7 @@ def _norm(s: str) -> str:
 def is_correct(output: str, reference: str) -> bool:
     got, ref = extract_answer(output, reference), extract_answer(reference, reference)
     if _is_number(ref) and _is_number(got) and "/" not in ref + got:
-        return abs(float(got) - float(ref)) <= 1e-9 * max(1.0, abs(float(ref)))
+        return same_number(got, ref)
     return _norm(got) == _norm(ref)
 
 
@@ -144,7 +145,7 @@ def conversation_scores(items: list[dict], ids: list[list[int]], texts: list[str
 def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dict], max_new: int,
                   tool: Any = None) -> dict[str, Any]:
     """One model's task scores on one domain's held-out items, generated with its ``tool`` as served.
-    With a tool, exact-match scores also give ``without_tool``: the same items, the model alone."""
+    With a tool, math scores also give ``without_tool``: the same items, the model alone."""
     if not items:
         return {"n": 0}
     if domain == "conversation":
@@ -154,7 +155,7 @@ def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dic
     if domain == "code":
         return code_scores(items, texts)
     scores = exact_match_scores(items, texts)
-    if tool is not None:
+    if tool is not None and domain == "math":
         alone = exact_match_scores(items, [tok.decode(o) for o in answer(model, tok, items, max_new)])
         scores["without_tool"] = {k: alone[k] for k in ("exact_match", "by_family")}
     return scores

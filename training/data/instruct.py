@@ -9,8 +9,9 @@ Training items come from each domain's *train* split; the held-out task items
 
 Where a math item's question writes an arithmetic expression (the arithmetic curriculum, and
 reasoning-gym families such as ``basic_arithmetic`` or ``products``), the reply is the expression and
-its value, ``345 + 278 = 623``: the model learns to write the calculator's call
-(``experts.calculator``), and the calculator writes the value when the model generates.
+its value, ``345 + 278 = 623`` (the math corpus is written so: ``training.data.sources``): the model
+learns to write the calculator's call (``experts.calculator``), and the calculator writes the value
+when the model generates.
 
 - **arithmetic**: ``a op b`` for + - x on 1- to 4-digit operands, in several user phrasings. Which
   operand pairs are held out is a hash of the expression (:data:`ARITH_TEST`), so no phrasing of a
@@ -29,7 +30,6 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
-from experts.calculator import calculator_reply
 from training.data.splits import split_of
 
 Item = dict[str, Any]
@@ -45,7 +45,7 @@ PLAIN_PHRASINGS = ARITH_PHRASINGS[:3]
 # them, 24 in 25 math draws and about 6/7 of the math instruction tokens. Copying the question's
 # expression into the calculator's call is learnt abruptly (``bench.arith_sft`` from the standard
 # seed, values left out of the loss: 60 batches of arithmetic alone, 0% copied; 120 batches, 100%;
-# with the values trained on, 65%), and `standard` gives the math expert 70 instruction batches.
+# with the values trained on, 65%), and `standard` gives the math expert 101 instruction batches.
 ARITH_WEIGHT = 12.0
 
 
@@ -102,8 +102,6 @@ def _rg_items(records: list[dict]) -> Iterator[Item]:
             continue
         family = r["source"].split("/", 1)[-1]
         body = r["text"][len(r["question"]):].lstrip("\n")  # the answer, `expr = value`, or worked steps
-        if body == r["answer"]:  # (a corpus built before replies wrote the calculator's call)
-            body = calculator_reply(r["question"], body) or body
         yield item(r["key"], family, _qa(r["question"], body), r["answer"])
 
 
@@ -224,8 +222,7 @@ def domain_items(domain: str, records: list[dict], seed: int = 0) -> list[Item]:
 
 def train_items(corpus: Any, domain: str, seed: int = 0) -> list[Item]:
     """A domain's instruction training items: its train split, plus (math) the arithmetic curriculum,
-    twice as many items as the domain's others (copying the question's expression into the
-    calculator's call is learnt late: ~150 batches of it, measured with ``bench.arith_sft``)."""
+    twice as many items as the domain's others, each drawn :data:`ARITH_WEIGHT` times as often."""
     items = domain_items(domain, corpus.docs(domain, "train"), seed)
     if domain == "math":
         items += arithmetic_items(max(20_000, 2 * len(items)), seed + 1)
