@@ -8,10 +8,14 @@ so export is a rename of the weights plus a ``config.json`` and the tokenizer fi
 here imports ``transformers``: the output is plain files that ``AutoModelForCausalLM`` and
 ``AutoTokenizer`` read.
 
-The token-level MoE variant has a shared expert and softmax-then-top-k gating with
-renormalisation; no transformers architecture matches that exactly (Mixtral has no shared
-expert, Qwen2-MoE gates its shared expert with a sigmoid), so exporting it raises
-``ExportError`` rather than writing a model that computes something else.
+An MoE model without shared experts (the Branch-Train-MiX merge, ``training.merge``) computes
+what Mixtral does: softmax over every expert's router logit, top-k, the k weights renormalised to
+sum to 1, SwiGLU experts. It exports as ``MixtralForCausalLM``, or with qk_norm as
+``Qwen3MoeForCausalLM`` (``norm_topk_prob: true``), in the per-expert weight layout of their
+published checkpoints. The token-level MoE generalist has a shared expert added unweighted; no
+transformers architecture matches that exactly (Mixtral has none, Qwen2-MoE gates its shared
+expert with a sigmoid), so exporting it raises ``ExportError`` rather than writing a model that
+computes something else.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ _LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# a routed expert's SwiGLU (after "feed_forward.experts.E."): Mixtral's names, then Qwen3-MoE's
+_EXPERT_NAMES = {"w1.weight": ("w1.weight", "gate_proj.weight"), "w2.weight": ("w2.weight", "down_proj.weight"),
+                 "w3.weight": ("w3.weight", "up_proj.weight")}
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
@@ -43,18 +50,26 @@ class ExportError(ValueError):
     """The checkpoint cannot be exported in the requested format."""
 
 
-def hf_name(name: str) -> str:
-    """Map one hmoe parameter name to its ``LlamaForCausalLM`` name."""
+def hf_name(name: str, *, qwen3: bool = False) -> str:
+    """Map one hmoe parameter name to its ``LlamaForCausalLM`` name (of the matching Mixtral or
+    Qwen3-MoE block for a routed-expert MoE layer)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     prefix, layer, rest = name.split(".", 2)
+    block = "mlp" if qwen3 else "block_sparse_moe"
+    if prefix == "layers" and rest == "feed_forward.gate.weight":
+        return f"model.layers.{layer}.{block}.gate.weight"
+    if prefix == "layers" and rest.startswith("feed_forward.experts."):
+        e, w = rest.removeprefix("feed_forward.experts.").split(".", 1)
+        if w in _EXPERT_NAMES:
+            return f"model.layers.{layer}.{block}.experts.{e}.{_EXPERT_NAMES[w][qwen3]}"
     if prefix != "layers" or rest not in _LAYER_NAMES:
         raise ExportError(f"parameter {name!r} has no LlamaForCausalLM equivalent")
     return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
 
 
 def hf_state_dict(model) -> dict:
-    """The ``LlamaForCausalLM`` state dict of a dense hmoe ``Transformer`` (tied lm_head omitted)."""
+    """The transformers state dict of an hmoe ``Transformer`` (tied lm_head omitted)."""
     cfg = model.cfg
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     out = {}
@@ -67,20 +82,31 @@ def hf_state_dict(model) -> dict:
             for proj, part in zip("qkv", t.split([q, kv, kv])):  # rows: (H + 2 Hkv) * Dh
                 out[f"model.layers.{layer}.self_attn.{proj}_proj.weight"] = part.contiguous()
             continue
-        out[hf_name(name)] = t
+        out[hf_name(name, qwen3=cfg.qk_norm)] = t
     return out
 
 
 def hf_config(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
-    """The ``config.json`` of a ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with qk_norm) shaped as ``cfg``."""
-    qwen3 = getattr(cfg, "qk_norm", False)
-    arch = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
-            "sliding_window": None, "max_window_layers": cfg.n_layers} if qwen3 else \
-        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
+    """The ``config.json`` shaped as ``cfg``: ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with qk_norm;
+    for routed experts without shared ones ``MixtralForCausalLM``, or ``Qwen3MoeForCausalLM`` with qk_norm."""
+    qwen3, moe = cfg.qk_norm, cfg.ffn == "moe"
+    if moe:
+        m = cfg.moe
+        arch = ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": m.n_experts,
+                 "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                 "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None,
+                 "max_window_layers": cfg.n_layers} if qwen3 else
+                {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": m.n_experts,
+                 "sliding_window": None})
+        arch |= {"num_experts_per_tok": m.top_k, "output_router_logits": False, "router_aux_loss_coef": 0.0}
+    else:
+        arch = ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                 "sliding_window": None, "max_window_layers": cfg.n_layers} if qwen3 else
+                {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False})
     return {
         **arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "intermediate_size": cfg.expert_hidden_dim if moe else cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -111,10 +137,12 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` (atomically) so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it."""
     ckpt = Path(ckpt_dir)
     model, cfg, _ = load_lm(ckpt)
-    if cfg.ffn != "dense":
+    if cfg.ffn == "moe" and cfg.moe.n_shared:
         raise ExportError(
-            f"{ckpt}: ffn={cfg.ffn!r}; only dense experts export to LlamaForCausalLM. The token-level "
-            "MoE (shared expert + renormalised top-k gating) matches no transformers architecture exactly")
+            f"{ckpt}: an MoE with {cfg.moe.n_shared} shared expert(s) added unweighted to the renormalised "
+            "top-k experts matches no transformers architecture exactly (Mixtral has no shared expert, "
+            "Qwen2-MoE gates it with a sigmoid); only dense models and MoEs without shared experts "
+            "(hmoe merge) export")
     if not (ckpt / TOKENIZER).is_file():
         raise ExportError(f"{ckpt / TOKENIZER}: missing; the export needs the checkpoint's tokenizer")
     tensors = hf_state_dict(model)

@@ -86,7 +86,7 @@ def describe(routing: dict[str, Any]) -> str:
     probs = routing.get("expert_probs") or {}
     top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(probs.items(), key=lambda kv: -kv[1])[:3])
     who = " + ".join(routing.get("experts") or [routing.get("expert", "?")])
-    return f"[{who} | group {routing.get('group', '?')} | {routing.get('mode', '?')} | {top}]"
+    return f"[{who} | group {routing.get('group') or 'all domains'} | {routing.get('mode', '?')} | {top}]"
 
 
 def ask(client: httpx.Client, state: ChatState, prompt: str, out: TextIO) -> None:

@@ -301,7 +301,9 @@ def _port(text: str) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--experts", default=None, help="comma-separated subset of the experts to serve")
+    p.add_argument("--experts", default=None,
+                   help="comma-separated models to serve: domain experts, and merged or baseline-dense by name "
+                        "(default: the trained experts, and the merged model when the run has one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $HMOE_API_KEY)")
     p.add_argument("--max-tokens-cap", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=None, help="decode slots per expert replica")

@@ -11,7 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from router.domains import DOMAINS, check_domain
+from router.domains import DOMAINS
+from training.scoring import MODEL_NAMES, model_dir
+
+MERGED = "merged"  # the Branch-Train-MiX model: served when the run has one, chosen by name only
 
 
 class DeploymentResources(BaseModel):
@@ -33,8 +36,12 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = Field(..., description="run directory with experts/<domain>/ and router/")
-    experts: list[str] = Field(default_factory=lambda: list(DOMAINS), min_length=1,
-                               description="experts to serve (a subset of the five domains)")
+    experts: list[str] | None = Field(
+        None, min_length=1,
+        description="models to serve: domain experts (the router chooses among them), and any other LM "
+                    "of the run by name (merged, baseline-dense, baseline-moe), which answers when a request names it "
+                    "(or every request, when no domain expert is served). Default: the run's trained domain experts, and its merged model "
+                    "when it has one")
     expert: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.3))
     router: DeploymentResources = Field(default_factory=lambda: DeploymentResources(num_cpus=0.1),
                                         description="the Router deployment (router_placement: deployment)")
@@ -71,10 +78,11 @@ class AppArgs(BaseModel):
 
     @field_validator("experts")
     @classmethod
-    def _known_experts(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_domain(name)
-        if len(set(v)) != len(v):
+    def _known_experts(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or ():
+            if name not in MODEL_NAMES:
+                raise ValueError(f"unknown expert {name!r}; choose from {list(MODEL_NAMES)}")
+        if v is not None and len(set(v)) != len(v):
             raise ValueError(f"experts={v} lists an expert twice")
         return v
 
@@ -83,11 +91,14 @@ class AppArgs(BaseModel):
         if not Path(self.run_dir).is_dir():
             raise ValueError(f"run_dir={self.run_dir!r} is not a directory; train a run first "
                              "(hmoe up --preset quick, or hmoe train)")
+        if self.experts is None:
+            trained = [n for n in (*DOMAINS, MERGED) if (model_dir(self.run_dir, n) / "meta.json").is_file()]
+            self.experts = trained or list(DOMAINS)  # none trained: the checkpoint check names what is missing
         return self
 
     # ---- the fixed registry: names -> checkpoint directories (never from a request) ----------
     def expert_dir(self, name: str) -> Path:
-        return Path(self.run_dir) / "experts" / check_domain(name)
+        return model_dir(self.run_dir, name)
 
     @property
     def router_dir(self) -> Path:

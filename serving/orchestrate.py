@@ -125,10 +125,11 @@ class Orchestrator:
     # ---- routing ------------------------------------------------------------------------------
     async def route(self, job: Job) -> dict[str, Any]:
         """The routing decision restricted to served experts, following the request's mode."""
-        if job.model != "auto":
-            probs = {d: float(d == job.model) for d in DOMAINS}
-            groups = {g: float(g == GROUP_OF[job.model]) for g in GROUP_NAMES}
-            return {"group": GROUP_OF[job.model], "group_probs": groups, "expert_probs": probs,
+        if job.model != "auto":  # a domain expert, or a model outside the domains (merged: no group)
+            probs = {d: float(d == job.model) for d in DOMAINS} if job.model in DOMAINS else {job.model: 1.0}
+            group = GROUP_OF.get(job.model)
+            groups = {g: float(g == group) for g in GROUP_NAMES} if group else {}
+            return {"group": group, "group_probs": groups, "expert_probs": probs,
                     "experts": [job.model], "weights": [1.0], "mode": "explicit"}
         full = await self.route_text(job.route_text)
         served = {d: p for d, p in full["expert_probs"].items() if d in self.experts}

@@ -193,7 +193,7 @@ class GenerateRequest(SamplingFields):
 
 
 class Routing(BaseModel):
-    group: str
+    group: str | None  # None for a model outside the domain hierarchy (merged)
     expert: str
     experts: list[str]
     weights: list[float]

@@ -31,22 +31,31 @@ TEXTS = (
 
 def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset: str = "tiny",
                   max_seq_len: int = 128, seed: int = 0, instruct: Sequence[str] = (),
-                  tools: Sequence[str] = ()) -> Path:
+                  tools: Sequence[str] = (), merged: bool = False) -> Path:
     """Write ``experts/<domain>/`` (random tiny LMs), ``router/`` and a shared tokenizer under ``path``;
     the checkpoints of the ``instruct`` experts say they were instruction-tuned, those of ``tools``
-    that they call the calculator."""
+    that they call the calculator. ``merged``: also ``merged/``, the experts merged into one MoE
+    (``training.merge``, top-2, not fine-tuned)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok_file = path / TOKENIZER
     tok = Tokenizer.train(TEXTS, vocab_size=400, min_frequency=1)
     tok.save(tok_file)
     cfg = ModelConfig.preset(preset, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
+    models = []
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i)
         meta = {"instruct": {"fraction": 0.3, "steps": 1}} if name in instruct else {}
         if name in tools:
             meta["tools"] = ["calculator"]
-        save_lm(path / "experts" / name, Transformer(cfg).eval(), cfg, tokenizer_file=tok_file, meta=meta)
+        models.append(Transformer(cfg).eval())
+        save_lm(path / "experts" / name, models[-1], cfg, tokenizer_file=tok_file, meta=meta)
+    if merged:
+        from training.merge import merge_models
+
+        moe = merge_models(models, top_k=min(2, len(models))).eval()
+        save_lm(path / "merged", moe, moe.cfg, tokenizer_file=tok_file,
+                meta={"init_from": "merge", "merged_from": list(experts)})
     torch.manual_seed(seed + 100)
     rcfg = RouterConfig.preset("tiny", vocab_size=tok.vocab_size)
     router = RouterModel(rcfg).eval()

@@ -1,8 +1,8 @@
 """The training layer's subcommands of ``hmoe`` (the command itself is ``serving.command``).
 
 ``hmoe data build|show`` (corpora), ``hmoe train`` (the whole run through Ray; also the
-entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``, and ``hmoe export``,
-which writes a dense expert as a Hugging Face model directory.
+entrypoint of ``ray job submit ... -- hmoe train``), ``hmoe report RUN_DIR``, ``hmoe merge``, and
+``hmoe export``, which writes a run's model as a Hugging Face model directory.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from training.data.cli import add_data_subparser
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a trained dense expert for transformers (LlamaForCausalLM)")
+    p = sub.add_parser("export", help="export a trained expert, or the merged model, for transformers "
+                                      "(Llama/Qwen3; the merged model as Mixtral/Qwen3-MoE)")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--expert", required=True, help="the expert to export, e.g. math")
+    p.add_argument("--expert", required=True,
+                   help="the model to export: a domain expert (e.g. math), merged, baseline-dense or seed")
     p.set_defaults(func=run_export)
 
 
@@ -29,10 +31,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     from experts.checkpoint import CheckpointError
     from experts.export import ExportError, export_hf
-    from router.domains import check_domain
+    from training.scoring import model_dir
 
     try:
-        ckpt = Path(args.run_dir) / "experts" / check_domain(args.expert)
+        ckpt = model_dir(args.run_dir, args.expert)
         out = export_hf(ckpt, args.out)
     except (ExportError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,6 +56,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", help="comma-separated subset of the five domains, e.g. math,code")
     p.add_argument("--baselines", action="store_true", default=None,
                    help="also train dense and token-MoE generalists at equal compute")
+    p.add_argument("--merge", action="store_true", default=None,
+                   help="also merge the experts into one token-level MoE and fine-tune it (Branch-Train-MiX); "
+                        "the generalists then get the merged system's compute")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--num-cpus", type=float, help="CPUs per training task (torch threads)")
@@ -71,7 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     ov = {"run_dir": args.run_dir, "train.steps": args.steps, "train.seed_fraction": args.seed_fraction,
           "experts": args.experts,
-          "baselines.enabled": args.baselines, "seed": args.seed, "device": args.device,
+          "baselines.enabled": args.baselines, "merge.enabled": args.merge, "seed": args.seed, "device": args.device,
           "resources.num_cpus": args.num_cpus, "resources.num_gpus": args.num_gpus,
           "data.cache_dir": args.cache_dir,
           "data.spec": str(Path(args.spec).resolve()) if args.spec else None}

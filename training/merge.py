@@ -66,3 +66,42 @@ def freeze_all_but_routers(model: torch.nn.Module) -> int:
         p.requires_grad_(name.endswith("feed_forward.gate.weight"))
         n += p.numel() if p.requires_grad else 0
     return n
+
+
+@torch.no_grad()
+def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts: Sequence[str],
+                   device: torch.device | str = "cpu") -> dict:
+    """How the merged model's token-level routers spread each domain's tokens over the experts.
+
+    ``docs``: domain -> token ids of its test documents; ``experts``: the domain each routed expert
+    came from (``merged_from``). Per layer and domain, ``top_k[layer][domain][expert]`` is the share
+    of the domain's tokens whose top-k includes that expert, and ``own[layer][domain]`` the share
+    sent to the domain's own expert (chance: ``top_k / n_experts``)."""
+    ffns = [layer.feed_forward for layer in model.layers]
+    picked: list[list[torch.Tensor]] = [[] for _ in ffns]
+
+    def keep(i: int):
+        def hook(mod, inp, _out):
+            x = inp[0]
+            picked[i].append(mod.route(x.reshape(-1, x.shape[-1]))[3].cpu())  # (N, K) experts chosen
+        return hook
+
+    handles = [f.register_forward_hook(keep(i)) for i, f in enumerate(ffns)]
+    top_k: list[dict[str, dict[str, float]]] = [{} for _ in ffns]
+    try:
+        for d, seqs in docs.items():
+            for p in picked:
+                p.clear()
+            for ids in seqs:
+                model(torch.tensor([ids[: model.cfg.max_seq_len]], device=device))
+            for i, p in enumerate(picked):
+                chosen = torch.cat(p) if p else torch.zeros(0, model.cfg.moe.top_k, dtype=torch.long)
+                hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
+                top_k[i][d] = {e: round(float(h) / max(1, len(chosen)), 4) for e, h in zip(experts, hits)}
+    finally:
+        for h in handles:
+            h.remove()
+    own = [{d: shares[d].get(d) for d in shares} for shares in top_k]
+    k = model.cfg.moe.top_k
+    return {"experts": list(experts), "top_k": k, "chance": round(k / len(experts), 4), "top_k_share": top_k,
+            "own": own}

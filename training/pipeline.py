@@ -179,7 +179,8 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
 
 def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Path) -> Job:
     """Branch-Train-MiX: the finished experts merged into one MoE (``training.merge``), fine-tuned on
-    the mixed corpus for ``merge.steps``; it waits for every expert."""
+    the mixed corpus for ``merge.steps``, the last ``train.instruct_fraction`` of them on every
+    domain's instruction items as the experts' own last stage was; it waits for every expert."""
     from training.merge import merged_config
 
     mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k)
@@ -187,6 +188,7 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     task = dataclasses.replace(task, merge_from=tuple(str(run_dir / "experts" / d) for d in cfg.experts),
                                trainable=cfg.merge.train)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
+    task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts)
     return Job(task, loop, "merged", mcfg.num_params(active=True), after=tuple(cfg.experts))
 
 

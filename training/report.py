@@ -245,6 +245,12 @@ def _write_report(run_dir: Path, corpus: Any, names: dict[str, Path], rc: Any, b
            "compute": compute_used(run_dir, names), "curves": loss_curves(run_dir)}
     rep["system_compute"] = system_compute(rep["compute"])
     rep.update(ctx.sections)
+    if "merged" in models:
+        from training.merge import routing_shares
+        origin = loaded["merged"][2].get("merged_from") or list(ctx.domains)
+        rep["merged_routing"] = routing_shares(models["merged"], {d: ctx.docs[d].ids for d in ctx.domains},
+                                               origin, dev)
+    lap("merged_routing")
     natural = natural_texts()
     if natural:
         nctx = build_context(run_dir, corpus, models, budget, max_doc_tokens, dev, texts=natural, name="natural")

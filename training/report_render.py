@@ -47,6 +47,7 @@ def markdown(rep: dict[str, Any]) -> str:
                   + ", ".join(f"{n} {f:.4g} FLOPs ({sc['ratio_to_experts'][n]:.3f}x)" for n, f in sc["flops"].items())
                   + (f". Compute-matched within {100 * sc['tolerance']:.0f}%." if sc["matched"] else
                      f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%).")]
+    lines += _merged_markdown(rep.get("merged_routing"), doms)
     lines += _tasks_markdown(rep.get("tasks"))
     lines += ["", "## Raw continuations", ""]
     for name, g in rep["generation"].items():
@@ -55,7 +56,22 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += ["", "Report timing (s, wall clock on a possibly shared CPU): "
                   + ", ".join(f"{k} {v}" for k, v in rep["timing_s"].items())]
     lines += ["", "![matrix](matrix_ppl.png)", "", "![loss curves](loss_curves.png)", ""]
+    if rep.get("merged_routing"):
+        lines += ["![merged routing](merged_routing.png)", ""]
     return "\n".join(lines)
+
+
+def _merged_markdown(mr: dict | None, doms: list[str]) -> list[str]:
+    if not mr:
+        return []
+    doms = [d for d in doms if d in mr["experts"]]
+    lines = ["", "## Merged model: where each layer's router sends a domain's tokens", "",
+             f"Share of each domain's test tokens whose top-{mr['top_k']} includes the expert branched on that "
+             f"domain (chance {_pct(mr['chance'])}).", "", "| layer | " + " | ".join(doms) + " |",
+             "|---" * (len(doms) + 1) + "|"]
+    for i, own in enumerate(mr["own"]):
+        lines.append(f"| {i} | " + " | ".join(_pct(own.get(d)) for d in doms) + " |")
+    return lines + [""]
 
 
 def task_headline(domain: str, s: dict) -> str:
@@ -194,4 +210,25 @@ def plots(rep: dict[str, Any], out: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    if rep.get("merged_routing"):
+        _merged_plot(plt, rep["merged_routing"], out / "merged_routing.png")
+
+
+def _merged_plot(plt: Any, mr: dict, path: Path) -> None:
+    """Grouped bars: per layer, the share of each domain's tokens routed to that domain's expert."""
+    doms = [d for d in mr["own"][0] if d in mr["experts"]] if mr["own"] else []
+    fig, ax = plt.subplots(figsize=(1.6 * len(mr["own"]) + 3, 4))
+    width = 0.8 / max(1, len(doms))
+    for j, d in enumerate(doms):
+        ax.bar([i + j * width for i in range(len(mr["own"]))], [own.get(d) or 0 for own in mr["own"]],
+               width, label=d)
+    ax.axhline(mr["chance"], color="k", linestyle="--", linewidth=1, label=f"chance (top-{mr['top_k']})")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(mr["own"]))], [f"layer {i}" for i in range(len(mr["own"]))])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"share of the domain's tokens in its expert's top-{mr['top_k']}")
+    ax.set_title("merged model: tokens routed to their own domain's expert")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -131,17 +131,25 @@ class ReportContext:
 
 
 # ---- the documents and the rows ------------------------------------------------------------------
+MODEL_NAMES = (*DOMAINS, "seed", "merged", "baseline-dense", "baseline-moe")  # the LMs a run can hold
+
+
+def model_dir(run_dir: str | Path, name: str) -> Path:
+    """Where a run keeps the LM called ``name`` (one of ``MODEL_NAMES``): ``experts/<domain>``,
+    ``seed``, ``merged`` (Branch-Train-MiX) or ``baselines/<dense|moe>``."""
+    run_dir = Path(run_dir)
+    if name in DOMAINS:
+        return run_dir / "experts" / name
+    if name in ("seed", "merged"):
+        return run_dir / name
+    if name in ("baseline-dense", "baseline-moe"):
+        return run_dir / "baselines" / name.removeprefix("baseline-")
+    raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
 def model_dirs(run_dir: Path) -> dict[str, Path]:
     """Row name -> finished LM checkpoint: experts in domain order, the seed, the merged model, the baselines."""
-    out = {d: run_dir / "experts" / d for d in DOMAINS if (run_dir / "experts" / d / "meta.json").exists()}
-    for name in ("seed", "merged"):
-        if (run_dir / name / "meta.json").exists():
-            out[name] = run_dir / name
-    for kind in ("dense", "moe"):
-        p = run_dir / "baselines" / kind
-        if (p / "meta.json").exists():
-            out[f"baseline-{kind}"] = p
-    return out
+    return {n: model_dir(run_dir, n) for n in MODEL_NAMES if (model_dir(run_dir, n) / "meta.json").exists()}
 
 
 def select_docs(texts: Iterable[str], tokenizer: Any, *, budget: int | None, max_doc_tokens: int,

@@ -1,4 +1,4 @@
-"""Exported dense experts load in transformers as Llama and give the same logits."""
+"""Exported models load in transformers (Llama, Qwen3, Mixtral, Qwen3-MoE) and give the same logits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experts.checkpoint import save_lm
-from experts.config import ModelConfig
+from experts.config import ModelConfig, MoEConfig
 from experts.export import ExportError, export_hf, hf_name
 from experts.model import Transformer
 from experts.tokenizer import Tokenizer
@@ -55,9 +55,9 @@ def test_logits_match_transformers_llama(tmp_path, tokenizer_file, overrides):
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
-def test_moe_export_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
-    _, ckpt = _checkpoint(tmp_path, tokenizer_file, ffn="moe")
-    with pytest.raises(ExportError, match="only dense experts"):
+def test_shared_expert_moe_export_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
+    _, ckpt = _checkpoint(tmp_path, tokenizer_file, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, n_shared=1))
+    with pytest.raises(ExportError, match="shared expert.*matches no transformers architecture"):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -73,6 +73,27 @@ def test_qk_norm_exports_as_qwen3_with_matching_logits(tmp_path, tokenizer_file,
     out = export_hf(ckpt, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen3ForCausalLM"
+    batch = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(batch).logits
+        got = hf(input_ids=batch).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize(("qk_norm", "arch"), [(False, "MixtralForCausalLM"), (True, "Qwen3MoeForCausalLM")])
+def test_routed_expert_moe_exports_with_matching_logits(tmp_path, tokenizer_file, qk_norm, arch):
+    """A merged model (routed experts, no shared one: ``hmoe merge``) is a Mixtral, or with qk_norm a
+    Qwen3-MoE: same softmax-top-k-renormalise gating; trained-looking router weights so top-k varies."""
+    model, ckpt = _checkpoint(tmp_path, tokenizer_file, ffn="moe", qk_norm=qk_norm, tie_embeddings=False,
+                              moe=MoEConfig(n_experts=5, top_k=2, n_shared=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("feed_forward.gate.weight"):
+                p.normal_(0, 0.5)
+    save_lm(tmp_path / "ckpt", model, model.cfg, tokenizer_file=tokenizer_file)
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == arch
     batch = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(batch).logits

@@ -17,12 +17,13 @@ MAX_TOKENS_CAP = 64
 
 @pytest.fixture(scope="package")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    return make_tiny_run(tmp_path_factory.mktemp("run"), instruct=("reasoning",))  # an instruction-tuned one
+    # an instruction-tuned expert, and the five merged into one MoE (served by default, by name only)
+    return make_tiny_run(tmp_path_factory.mktemp("run"), instruct=("reasoning",), merged=True)
 
 
 @pytest.fixture(scope="package")
 def server(tiny_run):
-    """Base URL of a running hmoe app (five tiny experts, the tiny router, an API key).
+    """Base URL of a running hmoe app (five tiny experts, their merged MoE, the tiny router, an API key).
 
     Package-scoped: Serve and Ray are shut down after tests/serving, so the replicas' CPUs are
     free again for the Ray training tasks of other packages.

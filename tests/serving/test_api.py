@@ -31,7 +31,31 @@ def test_health_and_models(server, client):
     assert httpx.get(f"{server}/healthz").status_code == 200  # no key needed
     assert httpx.get(f"{server}/readyz").status_code == 200
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert ids == ["auto", "math", "reasoning", "conversation", "knowledge", "code"]
+    assert ids == ["auto", "math", "reasoning", "conversation", "knowledge", "code", "merged"]
+
+
+def test_the_merged_model_answers_by_name_through_the_openai_client(server, client):
+    """The Branch-Train-MiX model is one more served model: chosen by name (never by the router),
+    it answers, streams and reports usage like an expert; its routing names no group."""
+    import openai
+    oc = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    chat = oc.chat.completions.create(model="merged", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                      max_tokens=6, temperature=0)
+    assert chat.model == "merged" and chat.usage.completion_tokens >= 1
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    chunks = list(oc.completions.create(model="merged", prompt="Once upon", max_tokens=6, stream=True,
+                                        temperature=0, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices)  # text arrived in chunks
+    r = client.post("/generate", json={"prompt": "Once upon", "expert": "merged", "max_tokens": 4,
+                                       "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-hmoe-expert"] == "merged"
+    routing = r.json()["routing"]
+    assert routing["experts"] == ["merged"] and routing["group"] is None and routing["mode"] == "explicit"
+    for _ in range(5):  # the router never picks it
+        auto = client.post("/generate", json={"prompt": "def add(a, b):", "max_tokens": 1}).json()
+        assert auto["routing"]["expert"] != "merged"
 
 
 @pytest.mark.parametrize("model", ["auto", "code"])

@@ -10,7 +10,7 @@ from experts.config import ModelConfig
 from experts.generate import generate
 from experts.model import Transformer
 from experts.sampling import SamplingParams
-from training.merge import freeze_all_but_routers, merge_models
+from training.merge import freeze_all_but_routers, merge_models, routing_shares
 
 CFG = ModelConfig.preset("tiny", max_seq_len=32, qk_norm=True)
 
@@ -89,3 +89,22 @@ def test_experts_of_different_shapes_are_refused():
         merge_models([_model(0), other], top_k=1)
     with pytest.raises(CheckpointError, match="dense"):
         merge_models([merge_models([_model(0)], top_k=1)], top_k=1)
+
+
+def test_routing_shares_count_each_layers_top_k_per_domain():
+    """Layer 0 sends every token to expert 1, layer 1 follows its (trained-looking) router: shares
+    are exact where the choice is forced, and every layer's shares sum to top_k per domain."""
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1).eval()
+    merged.layers[0].feed_forward.route = _always(1, 3)
+    with torch.no_grad():
+        for layer in merged.layers[1:]:
+            layer.feed_forward.gate.weight.normal_(0, 1.0)
+    docs = {"e0": [[1, 2, 3, 4], [5, 6]], "e1": [[7, 8, 9]]}
+    out = routing_shares(merged, docs, ["e0", "e1", "e2"])
+    assert out["top_k"] == 1 and out["chance"] == pytest.approx(1 / 3, abs=1e-3)
+    assert out["top_k_share"][0] == {"e0": {"e0": 0.0, "e1": 1.0, "e2": 0.0}, "e1": {"e0": 0.0, "e1": 1.0, "e2": 0.0}}
+    assert out["own"][0] == {"e0": 0.0, "e1": 1.0}
+    for layer in out["top_k_share"]:
+        for shares in layer.values():
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert all(not layer.feed_forward._forward_hooks for layer in merged.layers)  # hooks removed

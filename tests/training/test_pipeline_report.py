@@ -142,12 +142,15 @@ def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_g
 
     corpus = load_corpora(None, "tiny")
     ov = {"baselines.enabled": True, "merge.enabled": True, "merge.top_k": 2, "merge.steps": 7,
-          "merge.train": "routers", "train.seed_fraction": 0.3}
+          "merge.train": "routers", "train.seed_fraction": 0.3, "train.instruct_fraction": 0.5}
     cfg = load_run_config("tiny", ov)
     jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
     merged, expert, dense = jobs["merged"], jobs["math"], jobs["baseline-dense"]
     assert merged.after == cfg.experts and merged.loop.max_steps == 7 and merged.task.trainable == "routers"
     assert merged.task.model_cfg.moe.n_experts == 5 and merged.task.model_cfg.moe.top_k == 2
+    # its fine-tune ends, as the experts' training did, on every domain's instruction items
+    assert merged.task.instruct_batches == 4 and merged.task.instruct_from == 3
+    assert [p.rsplit("/", 1)[-1] for p in merged.task.instruct_paths] == [f"{d}.npz" for d in cfg.experts]
     assert [p.rsplit("/", 1)[-1] for p in merged.task.merge_from] == list(cfg.experts)
     per_step = cfg.train.tokens_per_step
     total = sum(j.loop.max_steps * per_step * j.task.flops_per_token() for n, j in jobs.items()
@@ -170,4 +173,9 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert "merged" in rep["matrix"] and "merged/dense" in rep["ratios"]
     sc = rep["system_compute"]
     assert sc["flops"]["merged"] == pytest.approx(sc["flops"]["experts"] + rep["compute"]["merged"]["flops"])
+    mr = rep["merged_routing"]  # per layer: each domain's tokens spread over the top-2 of five experts
+    assert mr["experts"] == list(cfg.experts) and len(mr["own"]) == cfg.model.build(vocab_size=10).n_layers
+    assert all(sum(s.values()) == pytest.approx(2.0, abs=1e-3) for layer in mr["top_k_share"] for s in layer.values())
+    assert (run_dir / "report" / "merged_routing.png").is_file()
+    assert "## Merged model" in (run_dir / "report" / "report.md").read_text()
     assert main(["merge", str(run_dir / "nope")]) == 2
