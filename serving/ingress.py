@@ -370,7 +370,7 @@ class Ingress:
         budget = min(cap if max_tokens is None else max_tokens, room)  # the context bounds generation
         params = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                       repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
-                      stop_ids=self.stop_ids, seed=req.seed)
+                      stop_ids=() if req.ignore_eos else self.stop_ids, seed=req.seed)
         SamplingParams(**params)  # ValueError -> 400
         return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream,
                    truncate=req.truncate_prompt_tokens, truncated=truncated)

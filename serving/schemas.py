@@ -37,6 +37,8 @@ class SamplingFields(BaseModel):
     stop: StopText | list[StopText] | None = Field(None)
     mode: Mode = Field("top1", description="top1: one expert; ensemble: mix the router's top-k; "
                                            "auto: ensemble only when the router is unsure")
+    ignore_eos: bool = Field(False, description="vLLM's field: keep generating past the end of the text "
+                                                "(a chat turn still ends at its end marker); for benchmarks")
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, le=1_000_000, description="keep only the last N prompt tokens (vLLM's field; <|bos|> "
         "stays first); -1: as many as fit with room to answer; None: a prompt over the context is refused")

@@ -53,6 +53,9 @@ def test_the_merged_model_answers_by_name_through_the_openai_client(server, clie
     assert r.headers["x-hmoe-expert"] == "merged"
     routing = r.json()["routing"]
     assert routing["experts"] == ["merged"] and routing["group"] is None and routing["mode"] == "explicit"
+    full = client.post("/v1/completions", json={"model": "merged", "prompt": "Once upon", "max_tokens": 12,
+                                                "temperature": 0, "ignore_eos": True}).json()
+    assert full["usage"]["completion_tokens"] == 12 and full["choices"][0]["finish_reason"] == "length"
     for _ in range(5):  # the router never picks it
         auto = client.post("/generate", json={"prompt": "def add(a, b):", "max_tokens": 1}).json()
         assert auto["routing"]["expert"] != "merged"
