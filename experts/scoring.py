@@ -24,6 +24,7 @@ class TokenScores:
     logprobs: torch.Tensor  # (n-1,) fp32 log p(ids[t] | context), on CPU
     top_ids: torch.Tensor | None = None  # (n-1, k) the k most likely ids at each position (``top`` > 0)
     top_logprobs: torch.Tensor | None = None  # (n-1, k) their log-probs
+    dists: torch.Tensor | None = None  # (n-1, V) the whole log-distribution at each position (``dists``)
 
 
 def chunk_spans(n: int, window: int) -> list[tuple[int, int]]:
@@ -40,11 +41,12 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: int | None = None,
-                   batch_size: int = 32, pad_id: int = 0, top: int = 0) -> list[TokenScores]:
+                   batch_size: int = 32, pad_id: int = 0, top: int = 0, dists: bool = False) -> list[TokenScores]:
     """Per-token log-probs of each sequence in ``seqs`` (see the module docstring).
 
     ``window`` defaults to the model's ``cfg.max_seq_len``; ``top`` > 0 also returns the ``top``
-    most likely ids and their log-probs at every position.
+    most likely ids and their log-probs at every position; ``dists`` the whole log-distribution
+    (what a mixture of models needs to score exactly: ``serving`` mixes experts' distributions).
     """
     window = int(window or model.cfg.max_seq_len)
     device = _device(model)
@@ -63,17 +65,20 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
         if top > 0:
             vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)  # (B, T-1, k)
             vals, idx = (vals - norm[..., None]).cpu(), idx.cpu()
+        full = (logits - norm[..., None]).cpu() if dists else None  # (B, T-1, V)
         for r, (i, s, e) in enumerate(batch):
             n = e - s - 1
-            parts[(i, s)] = (lp[r, :n], idx[r, :n], vals[r, :n]) if top > 0 else (lp[r, :n],)
+            parts[(i, s)] = ((lp[r, :n], idx[r, :n], vals[r, :n]) if top > 0 else (lp[r, :n], None, None)) \
+                + ((full[r, :n],) if dists else ())
     out = []
     for i, ids in enumerate(seqs):
         pieces = [parts[(i, s)] for s, _ in chunk_spans(len(ids), window)]
         if not pieces:
             empty = torch.zeros(0)
-            out.append(TokenScores(empty, torch.zeros(0, top, dtype=torch.long), torch.zeros(0, top))
-                       if top > 0 else TokenScores(empty))
+            out.append(TokenScores(empty, *((torch.zeros(0, top, dtype=torch.long), torch.zeros(0, top))
+                                            if top > 0 else (None, None)),
+                                   torch.zeros(0, model.cfg.vocab_size) if dists else None))
             continue
-        cat = [torch.cat(p) for p in zip(*pieces)]
+        cat = [None if p[0] is None else torch.cat(p) for p in zip(*pieces)]
         out.append(TokenScores(*cat))
     return out

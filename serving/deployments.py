@@ -50,9 +50,10 @@ class Expert:
             pass  # collect=True: exactly one chunk, at the end
         return chunk
 
-    async def score(self, ids: list[int], top: int = 0) -> dict[str, list]:
-        """Prompt log-probs for ``echo`` (the first token has none)."""
-        return await self.worker.score(ids, top)
+    async def score(self, ids: list[int], top: int = 0, dists: bool = False) -> dict[str, Any]:
+        """Prompt log-probs for ``echo`` (the first token has none); ``dists``: the whole
+        log-distribution at each position, which the ingress mixes for an ensemble."""
+        return await self.worker.score(ids, top, dists)
 
     # ---- ensemble session API: the ingress picks every token ----------------------------------
     async def open(self, prompt_ids: list[int], params: dict[str, Any]) -> str:

@@ -71,9 +71,10 @@ class EngineClient:
             if not finished:
                 cancel()  # the consumer left early: the engine side frees its slot
 
-    async def score(self, ids: Sequence[int], top: int) -> dict[str, list]:
-        """Per-token log-probs of ``ids`` and the ``top`` most likely ids at each position."""
-        return await self._ask("score", list(ids), top)
+    async def score(self, ids: Sequence[int], top: int, dists: bool = False) -> dict[str, Any]:
+        """Per-token log-probs of ``ids`` and the ``top`` most likely ids at each position (``dists``:
+        the whole log-distributions instead; see ``EngineLoop.cmd_score``)."""
+        return await self._ask("score", list(ids), top, dists)
 
     async def stats_dict(self) -> dict[str, Any]:
         return await self._ask("stats_dict")

@@ -235,9 +235,12 @@ class EngineLoop:
         return getattr(self, f"cmd_{name}") if name in COMMANDS else functools.partial(_refuse, name)
 
     @torch.inference_mode()
-    def cmd_score(self, ids: list[int], top: int) -> dict[str, list]:
-        """Per-token log-probs of ``ids`` and the ``top`` most likely ids at each position."""
-        s = token_logprobs(self.engine.model, [ids], top=max(0, top))[0]
+    def cmd_score(self, ids: list[int], top: int, dists: bool = False) -> dict[str, Any] | np.ndarray:
+        """Per-token log-probs of ``ids`` and the ``top`` most likely ids at each position; ``dists``:
+        instead, the whole log-distribution at each position, ``(len(ids) - 1, V)`` float32 (to mix)."""
+        s = token_logprobs(self.engine.model, [ids], top=0 if dists else max(0, top), dists=dists)[0]
+        if dists:
+            return s.dists.float().numpy()
         token_lp = [None, *s.logprobs.tolist()]
         if top <= 0:
             return {"token_logprobs": token_lp, "top": [None] * len(ids)}

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -33,7 +34,7 @@ from serving import schemas as S
 from serving.batching import TickBatcher
 from serving.deployments import RouteTable
 from serving.errors import InvalidRequest, ModelNotFound, NotReady, ServingError, install_handlers, to_serving_error
-from serving.orchestrate import Generation, Job, Orchestrator, fit_prompt
+from serving.orchestrate import Generation, Job, Orchestrator, fit_prompt, mixture_scores
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,11 @@ class Ingress:
         job, top = g.job, req.logprobs or 0
         seq = job.ids + g.tokens
         first = job.echo_from if req.echo else len(job.ids)
-        if len(seq) >= 2:
+        names = g.decision["experts"]
+        if len(seq) >= 2 and len(names) > 1:  # an ensemble: the mixture it decodes from scores the text
+            dists = await asyncio.gather(*(self.experts[n].score.remote(seq, 0, True) for n in names))
+            scored = mixture_scores(seq, [torch.from_numpy(d) for d in dists], g.decision["weights"], top)
+        elif len(seq) >= 2:
             scored = await self.experts[g.expert].score.remote(seq, top)
         else:
             scored = {"token_logprobs": [None], "top": [None]}

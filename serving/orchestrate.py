@@ -76,6 +76,20 @@ def fit_prompt(ids: list[int], ctx: int, *, truncate: int | None, want: int, hea
     return ids[:head] + ids[end - (limit - head - tail):end] + ids[end:], True
 
 
+def mixture_scores(seq: list[int], dists: list[torch.Tensor], weights: list[float], top: int) -> dict[str, list]:
+    """Log-probs of ``seq`` under the ensemble's distribution ``sum_i w_i p_i`` (what its decoding
+    samples from), from each expert's log-distributions ``(len(seq) - 1, V)``; the ``top`` most likely
+    ids of the mixture at each position. The shape of an expert's ``score``."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    mixed = torch.logsumexp(torch.stack(dists).float() + torch.log(w / w.sum())[:, None, None], dim=0)  # (T-1, V)
+    token_lp = [None, *mixed.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].tolist()]
+    if top <= 0:
+        return {"token_logprobs": token_lp, "top": [None] * len(seq)}
+    vals, idx = mixed.topk(min(top, mixed.shape[-1]), dim=-1)
+    return {"token_logprobs": token_lp,
+            "top": [None, *[[[t, v] for t, v in zip(i, vs)] for i, vs in zip(idx.tolist(), vals.tolist())]]}
+
+
 # a one-message answer arrives after the whole generation: allow this much per token on top of
 # the first-token deadline (10 tokens/s, far below any expert's speed even when it is loaded)
 ANSWER_S_PER_TOKEN = 0.1

@@ -62,3 +62,19 @@ def test_top_ids_are_the_most_likely_tokens_with_their_logprobs(model):
     assert (s.top_logprobs[:, 0] >= s.logprobs - 1e-6).all()
     empty = token_logprobs(model, [[3]], top=2)[0]
     assert empty.logprobs.shape == (0,) and empty.top_ids.shape == (0, 2)
+
+
+def test_whole_distributions_agree_with_the_token_and_top_scores(model):
+    """``dists`` returns each position's log-distribution: normalised, its entry at the next id is the
+    token's log-prob, its top-k are ``top``'s; across windows too (70 ids in 32-id windows)."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (70, 5, 1)]
+    with torch.no_grad():
+        full = token_logprobs(model, seqs, top=4, dists=True)
+    for ids, s in zip(seqs, full):
+        assert s.dists.shape == (len(ids) - 1, model.cfg.vocab_size)
+        if len(ids) < 2:
+            continue
+        torch.testing.assert_close(s.dists.logsumexp(-1), torch.zeros(len(ids) - 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(s.dists.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0], s.logprobs)
+        torch.testing.assert_close(s.dists.topk(4, dim=-1).values, s.top_logprobs)

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from experts.checkpoint import load_lm
 from experts.generate import Engine
@@ -147,6 +148,35 @@ def test_echo_logprobs_matches_engine_score(client, tiny_run):
     body = r0.json()
     assert body["choices"][0]["text"] == "The answer is" and body["usage"]["completion_tokens"] == 0
     assert all(v is not None for v in body["choices"][0]["logprobs"]["token_logprobs"])  # BOS precedes
+
+
+def test_ensemble_echo_logprobs_come_from_the_mixture_it_decodes_from(client, tiny_run):
+    """In ensemble mode a scored text gets log sum_i w_i p_i (the distribution the ensemble samples
+    from), not the top-1 expert's log-probs; its top alternatives are the mixture's."""
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    ids = [tok.bos_id, *tok.encode("Paris is the capital of France.")]
+    r = client.post("/v1/completions", json={"model": "auto", "mode": "ensemble", "prompt": [ids], "echo": True,
+                                             "max_tokens": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    routing, lp = body["hmoe"]["routing"], body["choices"][0]["logprobs"]
+    assert len(routing["experts"]) == 2
+    dists = []
+    for name in routing["experts"]:
+        model, _, _ = load_lm(tiny_run / "experts" / name)
+        with torch.no_grad():
+            dists.append(torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].float(), dim=-1))
+    w = torch.tensor(routing["weights"])
+    mixed = torch.logsumexp(torch.stack(dists) + torch.log(w)[:, None, None], dim=0)  # (T-1, V)
+    want = mixed.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    got = torch.tensor(lp["token_logprobs"][1:])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    top1 = [max(t.values()) for t in lp["top_logprobs"][1:]]
+    assert torch.allclose(torch.tensor(top1), mixed.max(dim=-1).values, atol=1e-4)
+    single = [client.post("/v1/completions", json={"model": n, "prompt": [ids], "echo": True, "max_tokens": 0,
+                                                   "logprobs": 0}).json()["choices"][0]["logprobs"]["token_logprobs"]
+              for n in routing["experts"]]
+    assert all(not torch.allclose(got, torch.tensor(s[1:]), atol=1e-3) for s in single)  # not one expert's
 
 
 def test_ensemble_mode(client):
