@@ -69,6 +69,26 @@ def evaluate_router(router: Router, examples: Sequence[tuple[str, str]], *, batc
     }
 
 
+@torch.no_grad()
+def misrouted(router: Router, examples: Sequence[tuple[str, str]], limit: int, *,
+              batch_size: int = 256) -> list[dict[str, Any]]:
+    """Up to ``limit`` wrongly routed examples ``{prompt, true, routed, p_routed}``, taken from each true
+    domain in turn (in example order), so that one domain's failures do not hide the others'."""
+    examples = [(p, d) for p, d in examples if p.strip()]
+    wrong: dict[str, list[dict[str, Any]]] = {d: [] for d in DOMAINS}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        _, e_probs = router.probs([p for p, _ in chunk])
+        conf, pred = e_probs.cpu().double().max(-1)
+        for (prompt, true), c, j in zip(chunk, conf.tolist(), pred.tolist()):
+            if DOMAINS[j] != true:
+                wrong[true].append({"prompt": prompt, "true": true, "routed": DOMAINS[j], "p_routed": round(c, 4)})
+    out: list[dict[str, Any]] = []
+    while len(out) < limit and any(wrong.values()):
+        out += [wrong[d].pop(0) for d in DOMAINS if wrong[d]][: limit - len(out)]
+    return out
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], path: str | Path, *, labels: Sequence[str] = DOMAINS,
                    title: str = "router confusion (rows: true, columns: predicted)") -> Path:
     """Write the confusion matrix as a PNG heat map with row-normalised shading and raw counts."""

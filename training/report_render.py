@@ -159,12 +159,40 @@ def _router_markdown(r: dict | None, doms: list[str]) -> list[str]:
                        ("routed_accuracy", "learned, openings of the scored documents"),
                        ("opening_likelihood_accuracy", "likelihood (BTM), openings of the scored documents"),
                        ("prompt_accuracy", "learned, test prompts"),
-                       ("probe_accuracy", "learned, hand-written probes (`router.probes.PROBES`)"),
-                       ("heldout_probe_accuracy", "learned, second hand-written probe set (`HELDOUT`, close to `PROBES`)")):
+                       ("probe_accuracy", "learned, hand-written probes (`router.probes.PROBES`; they shaped the "
+                                          "prompt views)"),
+                       ("heldout_probe_accuracy", "learned, second hand-written probe set (`HELDOUT`; close to `PROBES`, "
+                                                  "not independent)"),
+                       ("eval_prompt_accuracy", "learned, third-party evaluation-only prompts "
+                                                "(`training.data.eval_prompts`)")):
         acc = r.get(key)
         if acc:
             lines.append(f"| {label} (n={acc.get('n')}) | " + " | ".join(_pct(acc["by_domain"].get(d)) for d in doms)
                          + f" | {_pct(acc.get('all'))} |")
+    return lines + [""] + _eval_prompts_markdown(r.get("eval_prompts"), doms)
+
+
+def _eval_prompts_markdown(e: dict | None, doms: list[str]) -> list[str]:
+    """Group / expert accuracy, confusion and failure examples on the evaluation-only prompts."""
+    if not e:
+        return []
+    halves = "; ".join(f"{h} half (n={v['n']}): group {_pct(v['group_accuracy'])}, expert {_pct(v['expert_accuracy'])}"
+                       for h, v in e.get("halves", {}).items() if v)
+    lines = ["### Router on evaluation-only prompts", "",
+             "Prompts written by third parties, from packages that no training corpus reads (CHAMP, BIG-Bench "
+             "Hard exemplars, ChatterBot's corpus, boltons; see `training.data.eval_prompts`); never trained on. Its dev "
+             "half was used to choose changes to the router's prompt views; the test half is only reported. "
+             f"n={e['n']} (" + ", ".join(f"{d} {e['n_by_domain'].get(d, 0)}" for d in doms) + "): group accuracy "
+             f"**{_pct(e['group_accuracy'])}**, expert accuracy **{_pct(e['expert_accuracy'])}** "
+             f"(goal: group >= 90%, expert >= 80%). {halves}.", "",
+             "| true \\ routed | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+    for t in doms:
+        lines.append(f"| {t} | " + " | ".join(str(e["confusion"].get(t, {}).get(d, 0)) for d in doms) + " |")
+    lines += ["", "| true | routed | P(routed) | prompt |", "|---|---|---|---|"]
+    cell = lambda t: " ".join(str(t).split()).replace("|", "\\|")[:140]  # noqa: E731
+    lines += [f"| {f['true']} | {f['routed']} | {f['p_routed']:.2f} | {cell(f['prompt'])} |" for f in e["failures"]]
+    if e.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(e["skipped"])]
     return lines + [""]
 
 

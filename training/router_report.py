@@ -14,7 +14,9 @@ rows cost no extra forward pass. The routing accuracy on test-document openings
 (learned router, and the likelihood/BTM router from the same log-probs) and on test prompts goes
 to ``ctx.sections["router"]`` (the report's "Router" section); the full evaluation (accuracy,
 confusion, ECE, learned vs likelihood router on prompts) to ``<run_dir>/metrics/router_eval.json``
-with the confusion plot next to it.
+with the confusion plot next to it. The section also holds the router's figures on the
+evaluation-only prompts of ``training.data.eval_prompts`` (third-party prompts from sources no
+training data reads): group and expert accuracy, per domain, the confusion and failure examples.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import torch
 from experts.atomic import atomic_write_json
 from experts.checkpoint import load_lm
 from router.domains import DOMAINS
-from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, plot_confusion
+from router.evaluate import _mixture_nll, compare_with_likelihood, evaluate_router, misrouted, plot_confusion
 from router.policy import Decision, decide
 from router.prefix import prefix_text
 from router.probes import probe_examples
 from router.router import Router, load_router
 from training.data import router_examples
+from training.data.eval_prompts import HALVES, eval_prompt_examples
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ OPENINGS_CONFUSION_FILE = "router_confusion_openings.png"
 LIKELIHOOD_PER_DOMAIN = 20  # the prompt likelihood router runs every expert per prompt: keep it small
 LIKELIHOOD_TOKENS = 64  # ... on the first LIKELIHOOD_TOKENS tokens of each test prompt
 ROUTE_BATCH = 256
+EVAL_PROMPT_FAILURES = 10  # failure examples kept in the report
 
 
 def _load(ctx: Any) -> tuple[Router, dict[str, torch.nn.Module]] | None:
@@ -115,6 +119,9 @@ def report_rows(ctx: Any) -> dict[str, dict[str, Any]]:
         section["prompt_accuracy"] = summary.get("test", {}).get("accuracy")
         section["probe_accuracy"] = summary.get("probes", {}).get("accuracy")
         section["heldout_probe_accuracy"] = summary.get("probes_heldout", {}).get("accuracy")
+        section["eval_prompt_accuracy"] = summary.get("eval_prompts", {}).get("accuracy")
+        if "eval_prompts" in summary:
+            section["eval_prompts"] = eval_prompt_figures(summary["eval_prompts"])
         section["learned_vs_likelihood_prompts"] = summary.get("learned_vs_likelihood")
     except Exception as e:  # noqa: BLE001 - the rows above must not be lost to a summary failure
         log.warning("router summary failed: %s", e)
@@ -152,12 +159,15 @@ def router_summary(ctx: Any, router: Router | None = None, experts: dict | None 
         plot_confusion(summary["test"]["confusion"], out / CONFUSION_FILE)
     for key, heldout in (("probes", False), ("probes_heldout", True)):
         summary[key] = evaluate_router(router, probe_examples(heldout=heldout))
+    evalset = eval_prompt_summary(router)
+    if evalset:
+        summary["eval_prompts"] = evalset
     openings = opening_examples(ctx)
     if openings:
         summary["test_openings"] = evaluate_router(router, openings)
         plot_confusion(summary["test_openings"]["confusion"], out / OPENINGS_CONFUSION_FILE,
                        title="router on test-document openings (rows: true, columns: predicted)")
-    for key in ("test", "test_openings", "probes", "probes_heldout"):
+    for key in ("test", "test_openings", "probes", "probes_heldout", "eval_prompts"):
         if key in summary:
             s = summary[key]
             s["accuracy"] = {"n": s["n"], "all": s["expert_accuracy"], "by_domain": s["expert_accuracy_by_domain"]}
@@ -165,3 +175,37 @@ def router_summary(ctx: Any, router: Router | None = None, experts: dict | None 
                      s["expert_accuracy"], s["ece"])
     atomic_write_json(out / EVAL_FILE, summary)
     return summary
+
+
+def eval_prompt_summary(router: Router, examples: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """``evaluate_router`` on the evaluation-only prompts (default: every available domain of
+    ``training.data.eval_prompts``), plus ``n_by_domain``, ``failures``, the ``skipped`` domains and
+    (default set only) the figures of each half. Empty when no domain's source is installed."""
+    skipped: list[str] = []
+    halves: dict[str, Any] = {}
+    if examples is None:
+        examples, skipped = eval_prompt_examples()
+        for h in HALVES:
+            part = evaluate_router(router, eval_prompt_examples(half=h)[0]) if examples else None
+            halves[h] = part and {"n": part["n"], "group_accuracy": part["group_accuracy"],
+                                  "expert_accuracy": part["expert_accuracy"],
+                                  "by_domain": part["expert_accuracy_by_domain"]}
+    for reason in skipped:
+        log.info("evaluation-only prompts: %s", reason)
+    if not examples:
+        return {}
+    out = evaluate_router(router, examples)
+    out["n_by_domain"] = {d: sum(t == d for _, t in examples) for d in DOMAINS}
+    out["failures"] = misrouted(router, examples, EVAL_PROMPT_FAILURES)
+    out["skipped"], out["halves"] = skipped, halves
+    return out
+
+
+def eval_prompt_figures(s: dict[str, Any]) -> dict[str, Any]:
+    """The report's view of :func:`eval_prompt_summary`: accuracies, ``confusion[true][routed]`` counts
+    (non-zero only), failure examples."""
+    labels = s["labels"]
+    return {"n": s["n"], "n_by_domain": s["n_by_domain"], "group_accuracy": s["group_accuracy"],
+            "expert_accuracy": s["expert_accuracy"], "by_domain": s["expert_accuracy_by_domain"],
+            "confusion": {t: {r: c for r, c in zip(labels, row) if c} for t, row in zip(labels, s["confusion"])},
+            "halves": s.get("halves", {}), "failures": s["failures"], "skipped": s["skipped"]}

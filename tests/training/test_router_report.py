@@ -68,6 +68,14 @@ def test_routed_rows_match_a_single_expert_when_all_experts_are_equal(trained_ro
     # the out-of-distribution probes are always evaluated (12 and 15 per domain)
     assert saved["probes"]["n"] == 60 and saved["probes_heldout"]["n"] == 75
     assert section["heldout_probe_accuracy"]["all"] == saved["probes_heldout"]["expert_accuracy"]
+    # the evaluation-only prompts, when their packages are installed: figures, confusion, failures
+    if "eval_prompts" in saved:
+        ev = section["eval_prompts"]
+        assert ev["n"] == saved["eval_prompts"]["n"] == sum(ev["n_by_domain"].values()) > 0
+        assert sum(sum(row.values()) for row in ev["confusion"].values()) == ev["n"]
+        assert section["eval_prompt_accuracy"]["all"] == ev["expert_accuracy"]
+        assert set(ev["halves"]) == {"dev", "test"} and len(ev["failures"]) <= 10
+        assert all(f["true"] != f["routed"] for f in ev["failures"])
 
 
 def test_routed_rows_use_the_chosen_experts(trained_router_dir, tokenizer, tmp_path):
@@ -139,3 +147,20 @@ def test_no_row_scores_the_routing_prefix(trained_router_dir, tokenizer, tmp_pat
         for ids, opening in zip(ctx.docs[d].ids, ctx.docs[d].openings):
             assert opening == tokenizer.decode(ids[1:k + 1], skip_special=False)
             assert tokenizer.decode(ids[1:], skip_special=False).startswith(opening)
+
+
+def test_eval_prompt_figures_and_markdown(trained_router_dir):
+    from router.router import load_router
+    from training.report_render import _router_markdown
+    from training.router_report import eval_prompt_figures, eval_prompt_summary
+
+    router = load_router(trained_router_dir[0])
+    examples = [(HELD_OUT[d], d) for d in DOMAINS] + [("xyzzy plugh", d) for d in DOMAINS]
+    figs = eval_prompt_figures(eval_prompt_summary(router, examples))
+    assert figs["n"] == 10 and figs["n_by_domain"] == {d: 2 for d in DOMAINS} and figs["halves"] == {}
+    assert sum(figs["confusion"][d].get(d, 0) for d in DOMAINS) == round(figs["expert_accuracy"] * 10)
+    assert len(figs["failures"]) == 10 - round(figs["expert_accuracy"] * 10)
+    acc = {"n": figs["n"], "all": figs["expert_accuracy"], "by_domain": figs["by_domain"]}
+    md = "\n".join(_router_markdown({"eval_prompt_accuracy": acc, "eval_prompts": figs}, list(DOMAINS)))
+    assert "third-party evaluation-only prompts" in md and "### Router on evaluation-only prompts" in md
+    assert md.count("| xyzzy plugh |") == sum(f["prompt"] == "xyzzy plugh" for f in figs["failures"])

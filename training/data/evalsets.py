@@ -86,27 +86,35 @@ def _budgeted(items: list[tuple[str, str]], budget: int = EVAL_BUDGET) -> list[t
     return out
 
 
-def _math() -> list[tuple[str, str]]:
+def champ_problems() -> list[tuple[str, dict]]:
+    """CHAMP's ``(problem id, problem)`` pairs in id order (``_text``, ``solution``, ``_answer``)."""
     path = _package_dir("math") / "dataset_files" / "v0.json"
     problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    return [(pid, problems[pid]) for pid in sorted(problems)]
+
+
+def _math() -> list[tuple[str, str]]:
     items = []
-    for pid in sorted(problems):
-        p = problems[pid]
+    for pid, p in champ_problems():
         steps = "\n".join(s["_text"].strip() for s in p["solution"]["steps"])
         items.append((f"champ:{pid}", f"Problem: {p['_text'].strip()}\nSolution:\n{steps}\n"
                                       f"Answer: {p['_answer'].strip()}"))
     return items
 
 
-def _reasoning() -> list[tuple[str, str]]:
+def bbh_exemplars() -> list[tuple[str, int, dict]]:
+    """``(task, index, {input, target})`` of every BIG-Bench Hard chain-of-thought exemplar, by task."""
     items = []
     for f in sorted((_package_dir("reasoning") / "tasks" / "bbh" / "cot_fewshot").glob("*.yaml")):
         config = yaml.safe_load(f.read_text(encoding="utf-8"))
         samples = config.get("fewshot_config", {}).get("samples", []) if isinstance(config, dict) else []
-        for i, s in enumerate(samples):
-            text = f"Q: {s['input'].strip()}\nA: Let's think step by step.\n{s['target'].strip()}"
-            items.append((f"bbh:{f.stem}:{i}", text))
+        items += [(f.stem, i, s) for i, s in enumerate(samples)]
     return items
+
+
+def _reasoning() -> list[tuple[str, str]]:
+    return [(f"bbh:{task}:{i}", f"Q: {s['input'].strip()}\nA: Let's think step by step.\n{s['target'].strip()}")
+            for task, i, s in bbh_exemplars()]
 
 
 _TAGS = re.compile(r"<\|(?:user|assistant|end)\|>")
@@ -131,15 +139,19 @@ def _conversation_training_text() -> tuple[str, frozenset[str]]:
     return alice, chitchat
 
 
-def _conversation() -> list[tuple[str, str]]:
+def chatterbot_conversations() -> list[tuple[str, int, list[str]]]:
+    """``(category file stem, index, turns)`` of every English ChatterBot conversation, whitespace-normalised."""
     items = []
     for f in sorted((_package_dir("conversation") / "data" / "english").glob("*.yml")):
         data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for i, conv in enumerate(data.get("conversations") or []):
-            turns = [" ".join(str(t).split()) for t in conv if str(t).strip()]
-            if len(turns) >= 2 and not _seen_in_training(turns):
-                items.append((f"chatterbot:{f.stem}:{i}", _turns_text(turns)))
+            items.append((f.stem, i, [" ".join(str(t).split()) for t in conv if str(t).strip()]))
     return items
+
+
+def _conversation() -> list[tuple[str, str]]:
+    return [(f"chatterbot:{stem}:{i}", _turns_text(turns)) for stem, i, turns in chatterbot_conversations()
+            if len(turns) >= 2 and not _seen_in_training(turns)]
 
 
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -198,15 +210,20 @@ def _without(source: str, names: set[str]) -> str:
     return "".join(lines)
 
 
-def _code() -> list[tuple[str, str]]:
+def boltons_sources() -> list[tuple[str, str]]:
+    """``(file name, source)`` of the boltons modules, without the definitions copied from the stdlib."""
     items = []
     for f in sorted(_package_dir("code").glob("*.py")):
         if f.name in BOLTONS_SKIPPED:
             continue
         text = _without(f.read_text(encoding="utf-8"), BOLTONS_FROM_STDLIB.get(f.name, set()))
         # without the BSD licence header that opens every file (the same 30 comment lines each time)
-        items.append((f"boltons:{f.name}", re.sub(r"\A(?:#.*\n|\s*\n)+", "", text)))
+        items.append((f.name, re.sub(r"\A(?:#.*\n|\s*\n)+", "", text)))
     return items
+
+
+def _code() -> list[tuple[str, str]]:
+    return [(f"boltons:{name}", text) for name, text in boltons_sources()]
 
 
 _LOADERS = {"math": _math, "reasoning": _reasoning, "conversation": _conversation,

@@ -9,7 +9,14 @@ data is natural questions.
 ``prompt_views(record, domain, rng)`` returns extra phrasings built from the record's own content
 (its arithmetic expression, its headword, a factbook field, a code line, a later dialogue turn)
 put into short generic question frames. The frames are shared across domains where they fit
-("What is ...?", "how do I ...", "define ..."), so that it is the content that decides.
+("What is ...?", "how do I ...", "define ...", "can you ..."), so that it is the content that decides.
+
+Three views answer failures on third-party prompts (``training.data.eval_prompts``, dev half):
+competition algebra went to ``code`` (the math data has no letters standing for numbers), so an
+arithmetic record is also asked as an equation in one unknown; quiz questions went to
+``conversation`` (knowledge prompts only named a headword), so a WordNet definition is also asked
+back ("What is <definition> called?"); "can you write ..." requests went to ``conversation``, so
+code requests also take that frame.
 """
 
 from __future__ import annotations
@@ -44,6 +51,22 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+
+
+def _equation(e: str, answer: str, rng: random.Random) -> str:
+    """The record's own arithmetic as an equation in one unknown: ``12 + 30 = 42`` -> "Solve for x:
+    x + 30 = 42", so that letters standing for numbers read as math, not only as code."""
+    nums = _NUMBER.findall(e)
+    if not nums or not re.fullmatch(r"-?\d+(?:\.\d+)?", answer.strip()):
+        return ""
+    v, target = rng.choice("xyznabk"), rng.choice(nums)
+    eq = re.sub(rf"(?<![\d.]){re.escape(target)}(?![\d.])", v, e, count=1)
+    frame = rng.choice(["Solve for {v}: {eq} = {a}", "find {v} if {eq} = {a}", "{eq} = {a}, what is {v}?",
+                        "If {eq} = {a}, then {v} = ?", "For which {v} is {eq} = {a}?"])
+    return frame.format(v=v, eq=eq, a=answer.strip())
+
+
 def _math(r: Record, rng: random.Random) -> list[str]:
     q = r.get("question") or r["prompt"]
     out = []
@@ -53,6 +76,9 @@ def _math(r: Record, rng: random.Random) -> list[str]:
         frame = rng.choice(["What is {e}?", "what's {e}", "{e} =", "How much is {e}?", "Compute {e}.",
                             "calculate {e}", "{e}?", "Can you work out {e}?"])
         out.append(frame.format(e=e))
+        eq = _equation(e, r.get("answer", ""), rng)
+        if eq and rng.random() < 0.5:
+            out.insert(rng.randrange(2), eq)
     core = [s for s in _sentences(q) if not _INSTRUCTION.match(s)]
     if core:
         out.append(rng.choice(core))
@@ -94,6 +120,27 @@ def _headword(r: Record) -> str:
     return ""
 
 
+def _gloss(r: Record) -> tuple[str, str]:
+    """(part of speech, first clause of the definition) of a WordNet record, else ("", "")."""
+    if "wordnet" not in r["source"]:
+        return "", ""
+    m = re.match(r"^.+? \((\w+)\): ([^;\n]+)", r["text"])
+    return (m.group(1), m.group(2).strip()) if m else ("", "")
+
+
+def _reverse_question(r: Record, rng: random.Random) -> list[str]:
+    """A question that gives the definition and asks for the word or name ("What is a small carnivore
+    called?"): how factual questions are usually put, with the definition's own vocabulary."""
+    pos, g = _gloss(r)
+    if not 12 <= len(g) <= 150:
+        return []
+    frames = ["Which word means {g}?", "What is a word for {g}?"]
+    if pos == "noun":
+        frames += ["What is {g} called?", "What is the name for {g}?", "What do you call {g}?",
+                   "Name {g}."]
+    return [rng.choice(frames).format(g=g)]
+
+
 def _knowledge(r: Record, rng: random.Random) -> list[str]:
     out = []
     if "factbook" in r["source"]:
@@ -114,7 +161,7 @@ def _knowledge(r: Record, rng: random.Random) -> list[str]:
                             "{w} definition", "What is the definition of {w}?", "explain {w}",
                             "What is a synonym for {w}?"])
         out.append(frame.format(w=w, a=_article(w)))
-    return out
+    return out + _reverse_question(r, rng)
 
 
 _DEF = re.compile(r"def (\w+)\(")
@@ -131,7 +178,8 @@ def _code(r: Record, rng: random.Random) -> list[str]:
         first = doc.group(1).strip().rstrip(".")
         if 8 < len(first) < 200:
             frame = rng.choice(["Write a Python function that {d}.", "{D}", "How do I {d} in Python?",
-                                "Implement a function to {d}.", "python: {d}"])
+                                "Implement a function to {d}.", "python: {d}", "Can you write a function that {d}?",
+                                "can you {d} in python?", "write code to {d}"])
             out.append(frame.format(d=first[:1].lower() + first[1:], D=first))
     m = _DEF.search(text)
     if m:
