@@ -19,7 +19,6 @@ interrupted sweep keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -84,9 +83,8 @@ def run_one(size: str, variant: str, domain: str, steps: int | None, eval_batche
                   batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, seed=seed,
                   eval_batches=eval_batches)
     loop = loop_config(cfg.train, steps=cfg.train.steps, seed=seed, device="cpu")
-    loop = dataclasses.replace(loop, eval_every=0, ckpt_every=0, eval_batches=eval_batches,
-                               num_threads=1, progress=False, fail_at="",
-                               **{**BASE_LOOP, **base_over, **loop_over})
+    loop = type(loop)(**{**loop.model_dump(), "eval_every": 0, "ckpt_every": 0, "eval_batches": eval_batches,
+                         "num_threads": 1, "progress": False, "fail_at": "", **BASE_LOOP, **base_over, **loop_over})
     run_dir = Path(work) / size / variant
     shutil.rmtree(run_dir / "experts" / domain, ignore_errors=True)
     (run_dir / "metrics" / f"{domain}.jsonl").unlink(missing_ok=True)
@@ -96,7 +94,7 @@ def run_one(size: str, variant: str, domain: str, steps: int | None, eval_batche
     return {"variant": variant, "domain": domain, "val_loss": res.last_val_loss,
             "final_train_loss": res.final_train_loss, "steps": res.steps, "tokens": res.tokens,
             "flops": res.flops, "val_tokens": n_val, "wall_s": round(time.perf_counter() - t0, 1),
-            "loop": {k: v for k, v in dataclasses.asdict(loop).items()
+            "loop": {k: v for k, v in loop.model_dump().items()
                      if k in ("lr", "min_lr", "warmup_steps", "optimizer", "muon_lr", "schedule",
                               "decay_fraction", "weight_decay", "muon_weight_decay", "batch_size")},
             "model": {"qk_norm": model_cfg.qk_norm, "d_model": model_cfg.d_model,

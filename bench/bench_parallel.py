@@ -9,7 +9,6 @@ Run: ``.venv/bin/python -m bench.bench_parallel [--steps N]``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import tempfile
 import time
@@ -23,7 +22,7 @@ def _train_all(jobs: list, run_dir: str, threads: int) -> None:
     from training.loop import train
 
     for job in jobs:
-        train(job.task, dataclasses.replace(job.loop, num_threads=threads, progress=False), run_dir)
+        train(job.task, job.loop.model_copy(update={"num_threads": threads, "progress": False}), run_dir)
 
 
 def _timed(fn, *args) -> float:

@@ -28,12 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from experts.atomic import atomic_write_json, recover_dir
 from experts.checkpoint import CheckpointError, load_state_into, load_tensors, read_meta, save_checkpoint
 from experts.device import autocast_dtype, resolve_device, set_threads
+
 from training import optim
+from training.run_config import LoopSettings
 from training.state import join_tensors, rng_state, set_rng_state, split_tensors
 
 log = logging.getLogger(__name__)
@@ -68,61 +71,19 @@ class Task(Protocol):
     def save_model(self, model: nn.Module, path: Path, meta: dict[str, Any]) -> None: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoopConfig:
-    """Optimisation and bookkeeping settings of one :func:`train` call."""
+class LoopConfig(LoopSettings):
+    """Everything one :func:`train` call needs: the shared ``LoopSettings`` (the run config's
+    ``train`` section gives them; ``training.pipeline.loop_config``) and what belongs to one call."""
 
-    max_steps: int
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
+    max_steps: int = Field(ge=1)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 100  # 0 disables periodic validation (a final one still runs)
-    eval_batches: int = 20  # at most this many validation batches per evaluation
-    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     min_delta: float = 0.0
-    ckpt_every: int = 100  # 0: only the final checkpoint
-    log_every: int = 10
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None  # torch threads; the CPUs granted to this process
     progress: bool = True  # tqdm bar when stderr is a terminal; log lines otherwise
     fail_at: str | None = None  # failure injection (tests); defaults to $HMOE_FAIL_AT_STEP
-    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on hidden 2-D matrices, AdamW on the rest)
-    muon_lr: float = 0.02  # peak lr of the Muon groups (the schedule scales it like ``lr``)
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: the final fraction of the steps that decays to min_lr
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "patience", "ckpt_every",
-                     "log_every", "grad_clip", "weight_decay", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"LoopConfig.lr={self.lr!r} must be > 0")
-        if self.min_lr > self.lr:
-            raise ValueError(f"LoopConfig.min_lr={self.min_lr!r} must be <= lr={self.lr!r}")
-        if self.optimizer not in optim.OPTIMIZERS:
-            raise ValueError(f"LoopConfig.optimizer={self.optimizer!r} must be one of {list(optim.OPTIMIZERS)}")
-        if self.schedule not in optim.SCHEDULES:
-            raise ValueError(f"LoopConfig.schedule={self.schedule!r} must be one of {list(optim.SCHEDULES)}")
-        if not self.muon_lr > 0:
-            raise ValueError(f"LoopConfig.muon_lr={self.muon_lr!r} must be > 0")
-        if not 0 <= self.muon_momentum < 1:
-            raise ValueError(f"LoopConfig.muon_momentum={self.muon_momentum!r} must be in [0, 1)")
-        if self.muon_weight_decay < 0:
-            raise ValueError(f"LoopConfig.muon_weight_decay={self.muon_weight_decay!r} must be >= 0")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"LoopConfig.decay_fraction={self.decay_fraction!r} must be in [0, 1]")
 
 
 @dataclass
@@ -363,7 +324,7 @@ def train(task: Task, cfg: LoopConfig, run_dir: str | Path) -> TrainResult:
     resumed_from = st.step if st else None
     st = st or _State()
     if resumed_from is None:
-        metrics.write(event="start", step=0, config=asdict(cfg), flops_per_token=task.flops_per_token())
+        metrics.write(event="start", step=0, config=cfg.model_dump(), flops_per_token=task.flops_per_token())
     t0, tok_t0 = time.perf_counter(), st.tokens
     bar = _Progress(cfg, task.name, st.step)
     fail_spec = cfg.fail_at if cfg.fail_at is not None else os.environ.get(FAIL_ENV)

@@ -51,13 +51,8 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 
 def loop_config(spec: TrainSpec, *, steps: int, seed: int, device: str) -> LoopConfig:
     """The loop settings of one task from the run config's ``train`` section."""
-    return LoopConfig(max_steps=steps, lr=spec.lr, min_lr=spec.min_lr, warmup_steps=spec.warmup_steps,
-                      weight_decay=spec.weight_decay, grad_accum=spec.grad_accum, grad_clip=spec.grad_clip,
-                      eval_every=spec.eval_every, eval_batches=spec.eval_batches, patience=spec.patience,
-                      ckpt_every=spec.ckpt_every, log_every=spec.log_every, seed=seed, device=device,
-                      fail_at=os.environ.get(FAIL_ENV), optimizer=spec.optimizer, muon_lr=spec.muon_lr,
-                      muon_momentum=spec.muon_momentum, muon_weight_decay=spec.muon_weight_decay,
-                      schedule=spec.schedule, decay_fraction=spec.decay_fraction)
+    return LoopConfig(max_steps=steps, seed=seed, device=device, fail_at=os.environ.get(FAIL_ENV),
+                      **spec.loop_settings())
 
 
 def match_active_params(moe: ModelConfig, target: int) -> ModelConfig:
@@ -145,7 +140,7 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         # under warmup-stable-decay the seed stops before its decay: each branch decays on its own domain
         loop = loop_config(cfg.train, steps=seed_steps, seed=cfg.seed + 200, device=cfg.device)
         if loop.schedule == "wsd":
-            loop = dataclasses.replace(loop, decay_fraction=0.0)
+            loop = loop.model_copy(update={"decay_fraction": 0.0})
         jobs.append(Job(task, loop, "seed", active))
     init = str(run_dir / SEED_DIR) if seed_steps else None
     for d in cfg.experts:

@@ -282,6 +282,7 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     loop_cfg = LoopConfig(**{"max_steps": tc.max_steps, "lr": tc.lr, "min_lr": tc.lr / 10,
                              "warmup_steps": min(50, tc.max_steps // 10), "eval_every": tc.eval_every,
                              "eval_batches": 0, "ckpt_every": 0, "seed": tc.seed, "weight_decay": 0.01,
+                             "optimizer": "adamw", "schedule": "cosine", "log_every": 10,
                              **loop_overrides})
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_file is None and hasattr(tokenizer, "save"):

@@ -88,7 +88,42 @@ class DataSpec(_Strict):
         return corpus_dir_name(spec)
 
 
-class TrainSpec(_Strict):
+class LoopSettings(_Strict):
+    """How a model is optimised, evaluated and checkpointed: the fields that the run config's
+    ``train`` section and ``training.loop.LoopConfig`` (one ``train`` call) share, defined once."""
+
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    eval_every: int = Field(50, ge=0)  # 0 disables periodic validation (a final one still runs)
+    eval_batches: int = Field(10, ge=0)  # at most this many validation batches per evaluation
+    patience: int = Field(0, ge=0)  # evaluations without improvement before stopping; 0 = never stop early
+    ckpt_every: int = Field(50, ge=0)  # 0: only the final checkpoint
+    log_every: int = Field(10, ge=1)
+    # the recipe: Muon on the hidden matrices (AdamW at ``lr`` on the rest) with warmup-stable-decay,
+    # measured better than AdamW + cosine at equal compute (docs/recipe_ab.md; training/optim.py)
+    optimizer: Literal["adamw", "muon"] = "muon"
+    muon_lr: float = Field(0.02, gt=0)  # peak lr of the Muon groups (the schedule scales it like ``lr``)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "wsd"] = "wsd"
+    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: final fraction of steps decaying to min_lr
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "LoopSettings":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be <= lr={self.lr}")
+        return self
+
+    def loop_settings(self) -> dict[str, Any]:
+        """These fields alone (a ``train`` section also holds the budget and the data shape)."""
+        return self.model_dump(include=set(LoopSettings.model_fields))
+
+
+class TrainSpec(LoopSettings):
     """Budget and optimisation of one expert (baselines derive theirs from it)."""
 
     steps: int = Field(100, ge=1)  # optimizer steps per expert; the budget is len(experts) x steps
@@ -103,31 +138,7 @@ class TrainSpec(_Strict):
     instruct_replay: float = Field(0.5, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    min_lr: float = Field(3e-4, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    eval_every: int = Field(50, ge=0)
     eval_batches: int = Field(10, ge=1)
-    patience: int = Field(0, ge=0)
-    ckpt_every: int = Field(50, ge=0)
-    log_every: int = Field(10, ge=1)
-    # the recipe: Muon on the hidden matrices (AdamW at ``lr`` on the rest) with warmup-stable-decay,
-    # measured better than AdamW + cosine at equal compute (docs/recipe_ab.md; training/optim.py)
-    optimizer: Literal["adamw", "muon"] = "muon"
-    muon_lr: float = Field(0.02, gt=0)  # peak lr of the Muon groups (hidden 2-D matrices)
-    muon_momentum: float = Field(0.95, ge=0, lt=1)
-    muon_weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "wsd"] = "wsd"
-    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: final fraction of steps decaying to min_lr
-
-    @model_validator(mode="after")
-    def _lr_order(self) -> "TrainSpec":
-        if self.min_lr > self.lr:
-            raise ValueError(f"train.min_lr={self.min_lr} must be <= train.lr={self.lr}")
-        return self
 
     @property
     def tokens_per_step(self) -> int:
