@@ -84,5 +84,4 @@ def submit_call(name: str, fn_path: str, kwargs: dict[str, Any], *, num_cpus: fl
 
 
 def _with_threads(cfg: LoopConfig, num_cpus: float) -> LoopConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, num_threads=_thread_count(num_cpus), progress=False)
+    return cfg.model_copy(update={"num_threads": _thread_count(num_cpus), "progress": False})
