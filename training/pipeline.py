@@ -181,6 +181,7 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k)
     task = _lm_task(cfg, corpus, "merged", MERGED_DIR, mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(run_dir / "experts" / d) for d in cfg.experts),
+                               merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),
                                trainable=cfg.merge.train)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
     task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts)

@@ -122,6 +122,7 @@ class LMTask:
     meta: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a finished LM checkpoint (same config) to start from
     merge_from: tuple[str, ...] = ()  # finished dense experts to merge into this MoE (training.merge)
+    merge_tokens: tuple[str, ...] = ()  # each merged expert's training tokens (per-token embedding weights)
     trainable: str = "all"  # "routers": only a merged model's MoE gates learn
     # the instruction stage: after ``instruct_from`` batches, batches come from these encoded
     # instruction items (training.data.sft), ``instruct_batches`` of them in all
@@ -135,9 +136,10 @@ class LMTask:
         from experts.model import Transformer
 
         if self.merge_from:
-            from training.merge import freeze_all_but_routers, merge_models
+            from training.merge import freeze_all_but_routers, merge_models, token_weights
 
-            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k)
+            weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")

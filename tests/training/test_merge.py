@@ -108,3 +108,29 @@ def test_routing_shares_count_each_layers_top_k_per_domain():
         for shares in layer.values():
             assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     assert all(not layer.feed_forward._forward_hooks for layer in merged.layers)  # hooks removed
+
+
+def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
+    """Each token's row comes from the experts in proportion to how often they saw the token:
+    a token only expert 1 saw gets (nearly) expert 1's row; one nobody saw, the plain mean."""
+    import json
+
+    import numpy as np
+
+    from training.merge import token_weights
+
+    a, b = _model(0), _model(1)
+    paths = []
+    for i, ids in enumerate([[5] * 10 + [6], [7] * 10 + [6]]):  # packed tokens, as training.data.packing writes
+        stem = tmp_path / f"e{i}"
+        np.asarray(ids, dtype=np.uint16).tofile(stem.with_suffix(".bin"))
+        stem.with_suffix(".json").write_text(json.dumps({"dtype": "uint16", "n_tokens": len(ids)}))
+        paths.append(str(stem))
+    w = token_weights(paths, CFG.vocab_size)
+    assert w.shape == (2, CFG.vocab_size) and torch.allclose(w.sum(0), torch.ones(CFG.vocab_size))
+    assert w[0, 5] > 0.9 and w[1, 7] > 0.9 and w[0, 6] == pytest.approx(0.5) and w[0, 9] == pytest.approx(0.5)
+    merged = merge_models([a, b], top_k=1, token_weights=w)
+    emb, ea, eb = (m.tok_embeddings.weight for m in (merged, a, b))
+    torch.testing.assert_close(emb[9], (ea[9] + eb[9]) / 2)
+    torch.testing.assert_close(emb[5], w[0, 5] * ea[5] + w[1, 5] * eb[5])
+    assert (emb[7] - eb[7]).norm() < 0.1 * (ea[7] - eb[7]).norm()

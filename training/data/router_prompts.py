@@ -1,0 +1,202 @@
+"""Router-only training prompts: kinds of user prompt that the experts' corpora do not contain.
+
+The router is trained on each corpus record's prompt and on rephrasings of it
+(:mod:`training.data.prompt_views`). Some prompts users send to an expert look like nothing in
+that expert's corpus, and the router then follows surface cues to another domain. The prompts
+below are added to the router's training examples only; no expert trains on them.
+
+- **math, symbolic notation**: competition algebra ("x^5+y^5=33", "f(x)", "a_n") went to ``code``,
+  since the math corpus is arithmetic with numbers only. Equations, antiderivatives, complex
+  numbers and geometry from reasoning-gym generators the math corpus does not use
+  (:data:`SYMBOLIC_GENERATORS`), with their answer-format instructions cut and their
+  ``2*x**3`` rendered as users type it (``2x^3``) half the time.
+- **reasoning, multiple choice**: puzzles put as a question and an ``Options: (A) ...`` list went to
+  ``knowledge`` and ``code``. A reasoning record's question with its answer among distractors
+  (answers of other records of the same generator).
+- **knowledge, reverse questions**: quiz questions give the fact and ask for the name ("Which
+  country ...?", "How many ... does ... have?"). A factbook field asked back from its value, and a
+  WordNet proper noun asked for from its definition ("Who was <gloss>?").
+- **code, other languages**: requests naming JavaScript, Bash or AWS went to ``conversation``: the
+  code corpus is Python. Function names and docstrings of the code records put into requests that
+  name another language or tool (:data:`LANGUAGES`).
+- **all domains, letter case**: ALL-CAPS chat turns went to ``knowledge``. :func:`case_variants`
+  upper-cases (or lower-cases) a share of every domain's examples, so case tells no domain.
+
+Every kind is checked against the evaluation-only prompts (``tests/data/test_router_prompts.py``):
+none of them is copied.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+
+from training.data.build import CorpusSet
+
+Record = dict
+
+SYMBOLIC_GENERATORS = ("polynomial_equations", "simple_integration", "intermediate_integration",
+                       "complex_arithmetic", "simple_geometry", "advanced_geometry", "coin_flip", "dice")
+# instruction lines and sentences that the generators append to the question
+_CUT = re.compile(r"\n\s*(?:In solving|When performing|For all geometry|Final answer|Return|Please|Provide|Give|Round|"
+                  r"Use same|\d+\.)|(?<=[.?])\s*(?:Return only|Please|Provide|Give your|Round|Do not|For all geometry)"
+                  r"|\s*\(Assume that", re.I)
+LANGUAGES = ("JavaScript", "TypeScript", "Java", "C", "C++", "C#", "Go", "Rust", "Ruby", "PHP", "Bash", "SQL",
+             "Kotlin", "Swift", "Haskell", "Scala", "R", "Perl", "Lua", "shell", "Node.js", "React",
+             "AWS Lambda", "Docker", "a Makefile", "PowerShell", "MATLAB", "Julia", "Elixir", "Dart")
+
+
+def _question(text: str) -> str:
+    """The question of a generated item, without the answer-format instructions that follow it."""
+    return _CUT.split(text.strip(), maxsplit=1)[0].strip()
+
+
+def _typed(expr: str, rng: random.Random) -> str:
+    """``2*x**3`` as users type it half the time: ``2x^3`` (powers with ``^``, products by juxtaposition)."""
+    if rng.random() < 0.5:
+        return expr
+    expr = expr.replace("**", "^")
+    return re.sub(r"(?<=[\d)a-z])\*(?=[a-z(])", "", expr)
+
+
+def _generated(names: Sequence[str], split: str, n: int, seed: int,
+               render: Callable[[str, random.Random], str]) -> list[str]:
+    """Up to ``n`` distinct questions, in equal share from the reasoning-gym generators ``names``."""
+    import reasoning_gym
+
+    rng = random.Random(f"router-prompts:{split}:{seed}")
+    per, out = max(1, -(-n // len(names))), {}
+    for k, name in enumerate(names):
+        item_seed = 7_000_003 * (k + 1) + 1_000 * seed + {"train": 0, "val": 1, "test": 2}.get(split, 3)
+        ds = reasoning_gym.create_dataset(name, size=per, seed=item_seed)
+        for i in range(per):
+            q = render(_question(ds[i]["question"]), rng)
+            if q:
+                out.setdefault(q, None)
+    return list(out)[:n]
+
+
+def symbolic_math(split: str, n: int, seed: int) -> list[str]:
+    """Equations, integrals, complex numbers, geometry and probability questions (see the module doc)."""
+    return _generated(SYMBOLIC_GENERATORS, split, n, seed, _typed)
+
+
+_LETTERS = "ABCDEFGH"
+
+
+def multiple_choice(docs: Sequence[Record], n: int, rng: random.Random, *, max_answer: int = 60) -> list[str]:
+    """Up to ``n`` reasoning questions followed by ``Options: (A) ...``: the record's answer among up to
+    four distinct answers of other records of its generator (answers of ``max_answer`` characters or less)."""
+    by_source: dict[str, list[Record]] = {}
+    for r in docs:
+        if r.get("question") and r.get("answer") and "\n" not in r["answer"] and len(r["answer"]) <= max_answer:
+            by_source.setdefault(r["source"], []).append(r)
+    pool = [r for rs in by_source.values() for r in rs]
+    rng.shuffle(pool)
+    out = []
+    for r in pool[:n]:
+        others = sorted({o["answer"] for o in by_source[r["source"]]} - {r["answer"]})
+        if not others:
+            continue
+        options = rng.sample(others, min(len(others), rng.randint(2, 4))) + [r["answer"]]
+        rng.shuffle(options)
+        listed = "\n".join(f"({_LETTERS[i]}) {o}" for i, o in enumerate(options))
+        out.append(f"{_question(r['question'])}\nOptions:\n{listed}")
+    return out
+
+
+_FACT = re.compile(r"^(.+?), (.+?): (.+)$")
+_COUNT = re.compile(r"^\d[\d,]*(?: \(\d{4}(?: est\.)?\))?$")
+_NAME = re.compile(r"^[A-Z][^\d%$]{2,39}$")  # a name or a short phrase: no figures
+
+
+def reverse_factbook(r: Record, rng: random.Random) -> list[str]:
+    """A factbook field asked back from its value ("Which country has Canberra as its capital?") or,
+    for a count, asked as "How many <field> does <country> have?"."""
+    out = []
+    lines = r["text"].split("\n")[1:]
+    for line in rng.sample(lines, min(3, len(lines))):
+        m = _FACT.match(line)
+        if not m:
+            continue
+        country, parts, value = m.group(1), [p.strip().lower() for p in m.group(2).split(" - ")], m.group(3).strip()
+        if _COUNT.match(value) and len(parts) == 1:
+            frame = rng.choice(["How many {f} does {c} have?", "{c} has how many {f}?", "how many {f} are in {c}"])
+            out.append(frame.format(f=parts[0], c=country))
+        elif _NAME.match(value) and not value.lower().startswith(("see ", "none", "no ", "yes", "na")):
+            field = parts[-1] if len(parts) > 1 and rng.random() < 0.5 else parts[0]
+            frame = rng.choice(["Which country has {v} as its {f}?", "{v} is the {f} of which country?",
+                                "In which country is the {f} {v}?", "What country's {f} is {v}?"])
+            out.append(frame.format(f=field, v=value.rstrip(".")))
+    return out
+
+
+_PERSON = re.compile(r"\(\d{3,4}-\d{3,4}\)|\(born \d{3,4}\)|\b(?:writer|poet|painter|composer|singer|actor|actress|"
+                     r"philosopher|statesman|general|king|queen|president|physicist|chemist|inventor|novelist)\b")
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.I)
+
+
+def proper_noun_question(r: Record, rng: random.Random) -> list[str]:
+    """A WordNet proper noun asked for from its definition: "Who was <gloss>?" for a person, "What is
+    the name of <gloss>?" otherwise, as quiz questions put it."""
+    m = re.match(r"^([A-Z][^(\n]*?) \(noun\): ([^;\n]+)", r["text"]) if "wordnet" in r["source"] else None
+    if not m or not 12 <= len(m.group(2)) <= 150:
+        return []
+    gloss = _ARTICLE.sub("", re.sub(r"^\([^)]*\)\s*|\s*\([^)]*\)$", "", m.group(2).strip()))
+    if _PERSON.search(m.group(2)):
+        return [rng.choice(["Who was the {g}?", "Name the {g}.", "who was the {g}", "Which {g} ...?"])
+                .format(g=gloss).replace(" ...?", "?")]
+    return [rng.choice(["What is the name of the {g}?", "What is the {g} called?", "Name the {g}."]).format(g=gloss)]
+
+
+_DEF = re.compile(r"def ([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\(")  # snake_case names of two words or more
+_DOC = re.compile(r'"""\s*(.+?)(?:\n|""")', re.S)
+
+
+def code_requests(r: Record, rng: random.Random) -> list[str]:
+    """What a code record does, asked for in another language or tool ("can you write a chunked
+    list function in JavaScript?"), so that the request, not the word Python, reads as code."""
+    lang = rng.choice(LANGUAGES)
+    out = []
+    m = _DEF.search(r["text"])
+    if m and m.group(1) != "main_solution" and not m.group(1).startswith("test_"):
+        name = m.group(1).replace("_", " ")
+        frame = rng.choice(["can you write a {n} function in {l}?", "write {n} in {l}", "{l}: {n}",
+                            "how do I implement {n} in {l}?", "do a {n} in {l}", "implement {n} using {l}"])
+        out.append(frame.format(n=name, l=lang))
+    doc = _DOC.search(r["text"])
+    if doc and 8 < len(doc.group(1).strip()) < 160:
+        d = doc.group(1).strip().rstrip(".")
+        frame = rng.choice(["Write a {l} function that {d}.", "how would you {d} in {l}", "{l} code to {d}",
+                            "can you {d} in {l}?"])
+        out.append(frame.format(l=lang, d=d[:1].lower() + d[1:]))
+    return out
+
+
+def case_variants(examples: Sequence[tuple[str, str]], share: float, rng: random.Random) -> list[tuple[str, str]]:
+    """``share`` of ``examples`` (drawn at random) upper-cased, or lower-cased when already upper case."""
+    picked = rng.sample(list(examples), int(share * len(examples)))
+    return [(p.lower() if p.isupper() else p.upper(), d) for p, d in picked]
+
+
+def router_prompts(corpus: CorpusSet, domain: str, split: str, n: int, seed: int) -> list[str]:
+    """Up to ``n`` router-only prompts of ``domain`` (see the module doc), deterministic for given arguments."""
+    rng = random.Random(f"router-only:{seed}:{domain}:{split}")
+    docs = corpus.docs(domain, split)
+    if domain == "math":
+        return symbolic_math(split, n, seed)
+    if domain == "reasoning":
+        return multiple_choice(docs, n, rng)
+    views = {"knowledge": lambda r: reverse_factbook(r, rng) if "factbook" in r["source"] else proper_noun_question(r, rng),
+             "code": lambda r: code_requests(r, rng)}.get(domain)
+    if views is None:
+        return []
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    out: dict[str, None] = {}
+    for i in order:
+        if len(out) >= n:
+            break
+        out.update(dict.fromkeys(v for v in views(docs[i]) if v.strip()))
+    return list(out)[:n]
