@@ -246,7 +246,7 @@ def plots(rep: dict[str, Any], out: Path) -> None:
 def _merged_plot(plt: Any, mr: dict, path: Path) -> None:
     """Grouped bars: per layer, the share of each domain's tokens routed to that domain's expert."""
     doms = [d for d in mr["own"][0] if d in mr["experts"]] if mr["own"] else []
-    fig, ax = plt.subplots(figsize=(1.6 * len(mr["own"]) + 3, 4))
+    fig, ax = plt.subplots(figsize=(1.6 * len(mr["own"]) + 5, 4))
     width = 0.8 / max(1, len(doms))
     for j, d in enumerate(doms):
         ax.bar([i + j * width for i in range(len(mr["own"]))], [own.get(d) or 0 for own in mr["own"]],
@@ -256,7 +256,7 @@ def _merged_plot(plt: Any, mr: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"share of the domain's tokens in its expert's top-{mr['top_k']}")
     ax.set_title("merged model: tokens routed to their own domain's expert")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
