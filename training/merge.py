@@ -12,7 +12,7 @@ saw that token in its training data (``token_weights``): branched at a high lear
 expert's rows for its own domain's tokens move far from the seed's (by 60-95% of their norm on
 ``standard``), and a plain mean hands every domain-specific token a blend dominated by experts
 that never trained it. On ``standard`` that plain mean alone cost the math expert 0.82 nats per
-token of its own test text; the per-token weighting cost it 0.08.
+token of its own test text; the per-token weighting cost it 0.07 (``bench.merge_diagnosis``).
 
 The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
 and expert width = the dense FFN's: it loads, trains and generates like any LM checkpoint.
