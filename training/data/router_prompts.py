@@ -82,6 +82,64 @@ def symbolic_math(split: str, n: int, seed: int) -> list[str]:
     return _generated(SYMBOLIC_GENERATORS, split, n, seed, _typed)
 
 
+def _term(rng: random.Random, names: str, first: bool) -> str:
+    """A monomial such as ``3x^2y`` or ``- y^3``, signed unless it opens the polynomial."""
+    c = rng.choice([1, 1, 1, 2, 3, 4, 5, 6, 7, 9, 12])
+    body = "".join(v + (f"^{e}" if e > 1 else "") for v in rng.sample(names, rng.randint(1, min(2, len(names))))
+                   for e in [rng.choice([1, 1, 2, 2, 3, 4, 5])])
+    sign = rng.choice(["+", "-"])
+    text = (str(c) if c > 1 else "") + body
+    return ("-" + text if sign == "-" else text) if first else f" {sign} {text}"
+
+
+def _poly(rng: random.Random, names: str) -> str:
+    terms = rng.randint(2, 4)
+    out = "".join(_term(rng, names, i == 0) for i in range(terms))
+    return out + (f" {rng.choice('+-')} {rng.randint(1, 30)}" if rng.random() < 0.5 else "")
+
+
+def _sequence(rng: random.Random) -> str:
+    return rng.choice(["n^2 + 1", "2^n - 1", "n(n+1)/2", "1/(n(n+1))", "n^3 - n", "3^n + 2^n", "(-1)^n n",
+                       "1/n^2", "n!/2^n", "sqrt(n+1) - sqrt(n)", "(2n-1)/(2n)", "n mod 7"])
+
+
+def notation_math(n: int, rng: random.Random) -> list[str]:
+    """``n`` distinct statements in the notation of algebra and number theory: letters for numbers,
+    powers with ``^``, functions ``f(x)``, sequences ``a_n``, sums written out with ``...``."""
+    def one() -> str:
+        v = rng.choice(["xy", "xy", "ab", "mn", "xyz"])
+        x = v[0]
+        k, m, j = rng.randint(2, 40), rng.randint(2, 12), rng.randint(2, 99)
+        frames = [
+            lambda: f"Find all integer solutions to {_poly(rng, v)} = {k}.",
+            lambda: f"How many pairs of positive integers ({v[0]}, {v[1]}) satisfy {_poly(rng, v)} = {k}?",
+            lambda: f"Solve {_poly(rng, x)} = 0 for real {x}.",
+            lambda: f"Factor {_poly(rng, v)} over the integers.",
+            lambda: f"Expand ({_poly(rng, v[:2])})^{rng.randint(2, 4)}.",
+            lambda: f"Let f(x) = {_poly(rng, 'x')}. Find f({k}).",
+            lambda: f"If f(x) = {_poly(rng, 'x')} and g(x) = {_poly(rng, 'x')}, what is f(g({m}))?",
+            lambda: f"A function f satisfies f(x+1) = {rng.choice(['2f(x) + 1', 'f(x)^2', 'f(x) + x', '3f(x) - 2'])} "
+                    f"and f(0) = {m}. What is f({m})?",
+            lambda: f"Define a_1 = {m} and a_(n+1) = {rng.choice(['2a_n + 1', 'a_n^2 - 1', 'a_n + n', '3a_n - a_(n-1)'])}. "
+                    f"Find a_{rng.randint(5, 20)}.",
+            lambda: f"Let a_n = {_sequence(rng)}. Compute a_1 + a_2 + ... + a_{k}.",
+            lambda: f"Evaluate the sum of {_sequence(rng)} for n = 1, 2, ..., {k}.",
+            lambda: f"Find the remainder when {k}^{j} is divided by {m}.",
+            lambda: f"For positive reals {', '.join(v)} with {' + '.join(v)} = {m}, find the minimum of {_poly(rng, v)}.",
+            lambda: f"Prove that {_poly(rng, 'n')} is divisible by {m} for every integer n.",
+            lambda: f"How many integers n in {{1, 2, ..., {10 * k}}} make {_sequence(rng)} an integer?",
+            lambda: f"Find the number of real roots of the polynomial p(x) = {_poly(rng, 'x')}.",
+        ]
+        return rng.choice(frames)()
+
+    out: dict[str, None] = {}
+    for _ in range(4 * n):
+        if len(out) >= n:
+            break
+        out.setdefault(one(), None)
+    return list(out)
+
+
 _LETTERS = "ABCDEFGH"
 
 
