@@ -2,9 +2,10 @@
 
 The decode steps of all concurrent requests run as ONE batched forward. Every engine call runs in
 this loop, between steps (the engine is not thread-safe, and blocking torch work must not stall an
-event loop). The loop is transport-free: a transport (``serving.engine_worker.EngineWorker``, a
-thread; ``serving.engine_proc``, a child process) subclasses it to say where requests come from
-(``_take``), how to wait (``_nap``) and where tokens go (``_deliver``).
+event loop). The loop is transport-free: it is given a :class:`Transport` that says where
+requests come from (``take``), how to wait (``nap``) and where tokens go (``deliver``): a thread of
+the caller's process (``serving.engine_worker.ThreadTransport``) or a child process's socket
+(``serving.engine_proc.SocketTransport``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -112,40 +113,40 @@ class BatchStats:
                 "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
 
 
+class Transport(Protocol):
+    """Where an :class:`EngineLoop`'s work comes from and where its tokens go."""
+
+    def take(self, idle: bool) -> Sequence[_Stream | _Command] | None:
+        """New items (waiting for one while ``idle``), or None when the worker is closed."""
+
+    def nap(self) -> None:
+        """Wait a little for new items (every slot is held by a session)."""
+
+    def deliver(self, streams: list[_Stream]) -> None:
+        """Hand each stream's pending items to its consumer (and clear them)."""
+
+
 class EngineLoop:
     """The engine side of a worker: continuous batching over an ``Engine``.
 
     ``run()`` steps back to back while any request is active, so the decode steps of all
-    concurrent requests are ONE batched forward. New requests and commands arrive through
-    ``_take``; tokens leave through ``_deliver``. Those two are the transport: a thread of the
-    caller's process (``EngineWorker``) or a process of its own (``ProcessEngineWorker``).
-    The public methods below are the commands callers may run between steps.
+    concurrent requests are ONE batched forward. New requests and commands arrive through the
+    transport's ``take``; tokens leave through its ``deliver``. The ``cmd_*`` methods below are the
+    commands callers may run between steps (``command_fn``).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, transport: Transport | None = None) -> None:
         self.engine = engine
+        self.transport = transport  # set before run(); a transport may need command_fn first
         self.stats = BatchStats()
         self._running: dict[int, _Stream] = {}
         self._waiting: deque[_Stream] = deque()
-
-    # ---- transport hooks ------------------------------------------------------------------------
-    def _take(self, idle: bool) -> Sequence[_Stream | _Command] | None:
-        """New items (waiting for one while ``idle``), or None when the worker is closed."""
-        raise NotImplementedError
-
-    def _nap(self) -> None:
-        """Wait a little for new items (every slot is held by a session)."""
-        raise NotImplementedError
-
-    def _deliver(self, streams: list[_Stream]) -> None:
-        """Hand each stream's pending items to its consumer (and clear them)."""
-        raise NotImplementedError
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         waiting = self._waiting
         while True:
-            inbox = self._take(idle=not (waiting or self._running))
+            inbox = self.transport.take(idle=not (waiting or self._running))
             if inbox is None:
                 return
             for item in inbox:
@@ -168,11 +169,11 @@ class EngineLoop:
                 self.stats.record(len(outs), time.perf_counter() - t0, time.thread_time() - c0)
                 self._dispatch(outs)
             if not outs and not admitted and waiting:  # every slot held by a session: wait for a change
-                self._nap()
+                self.transport.nap()
 
     def _fail(self, st: _Stream, e: BaseException) -> None:
         st.pending.append(e)
-        self._deliver([st])
+        self.transport.deliver([st])
 
     def _admit(self, waiting: deque[_Stream]) -> list[_Stream]:
         """Prefill waiting requests into free slots (in arrival order), several per forward."""
@@ -219,7 +220,7 @@ class EngineLoop:
             st.pending.append((out, len(outs), st.timings() if out.finished else None))
             if out.finished or not st.collect:
                 ready.append(st)
-        self._deliver(ready)
+        self.transport.deliver(ready)
 
     def _fail_all(self, e: Exception, waiting: deque[_Stream]) -> None:
         err = RuntimeError(f"generation failed: {type(e).__name__}: {e}")
@@ -230,8 +231,8 @@ class EngineLoop:
         self._running.clear()
         waiting.clear()
 
-    # ---- commands (run between steps; ``EngineClient._ask(name)`` runs ``cmd_<name>``) ----------------
-    def _command_fn(self, name: str) -> Callable[..., Any]:
+    # ---- commands (run between steps; ``EngineClient._ask(name)`` runs ``cmd_<name>``) --------------
+    def command_fn(self, name: str) -> Callable[..., Any]:
         return getattr(self, f"cmd_{name}") if name in COMMANDS else functools.partial(_refuse, name)
 
     @torch.inference_mode()

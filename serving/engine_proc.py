@@ -13,6 +13,7 @@ import logging
 import sys
 from dataclasses import asdict
 from multiprocessing.connection import Connection
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,15 +72,15 @@ def item_of(x: Any) -> Any:
     return StepOut(token, logprob, finished, reason), batch, timings
 
 
-class _ChildLoop(EngineLoop):
-    """(child process) the engine loop reading its socket between steps: one thread, one GIL."""
+class SocketTransport:
+    """(child process; ``serving.engine_loop.Transport``) the engine loop reads its socket between
+    steps: one thread, one GIL. ``commands`` resolves a command's name (``EngineLoop.command_fn``)."""
 
-    def __init__(self, engine: Engine, conn: Connection) -> None:
-        super().__init__(engine)
-        self.conn = conn
+    def __init__(self, conn: Connection, commands: Callable[[str], Callable[..., Any]]) -> None:
+        self.conn, self.commands = conn, commands
         self._by_sid: dict[int, _Stream] = {}
 
-    def _take(self, idle: bool) -> list[_Stream | _Command] | None:
+    def take(self, idle: bool) -> list[_Stream | _Command] | None:
         items: list[_Stream | _Command] = []
         try:
             if idle:
@@ -116,12 +117,12 @@ class _ChildLoop(EngineLoop):
                 data = encode(["ret", cid, False, RuntimeError(f"the result of {name!r} cannot cross to the replica: {e}")])
             self.conn.send_bytes(data)
 
-        return _Command(self._command_fn(name), tuple(args), done)
+        return _Command(self.commands(name), tuple(args), done)
 
-    def _nap(self) -> None:
+    def nap(self) -> None:
         self.conn.poll(0.05)
 
-    def _deliver(self, streams: list[_Stream]) -> None:
+    def deliver(self, streams: list[_Stream]) -> None:
         batch = []
         for st in streams:
             if st.pending:
@@ -147,7 +148,9 @@ def child_main(fd: int) -> int:
         return 1
     conn.send_bytes(encode(["ready", {"config": engine.cfg.to_dict()}]))
     try:
-        _ChildLoop(engine, conn).run()
+        loop = EngineLoop(engine)
+        loop.transport = SocketTransport(conn, loop.command_fn)
+        loop.run()
     except (BrokenPipeError, ConnectionResetError):  # the replica went away while we answered
         pass
     return 0

@@ -28,60 +28,56 @@ import numpy as np
 from experts.config import ModelConfig
 from experts.generate import Engine
 from serving.engine_client import EngineClient, ends_stream, fill_queues, settle
-from serving.engine_loop import EngineLoop, _Command, _Stream, load_engine
+from serving.engine_loop import BatchStats, EngineLoop, _Command, _Stream, load_engine
 from serving.engine_proc import encode, item_of, recv
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineWorker", "ProcessEngineWorker", "load_engine"]
+__all__ = ["EngineWorker", "ProcessEngineWorker", "ThreadTransport", "load_engine"]
 
 
-class EngineWorker(EngineLoop, EngineClient):
-    """Continuous batching for asyncio callers, on a dedicated thread of this process.
+class ThreadTransport:
+    """(``serving.engine_loop.Transport``) an inbox guarded by a condition variable: callers post
+    requests and commands from any thread, the engine thread takes them; tokens go back with
+    ``loop.call_soon_threadsafe`` into each request's ``asyncio.Queue``."""
 
-    The thread steps back to back while any request runs: a decode step never waits for the
-    event loop, and the loop never waits for a step. Requests and commands reach it through
-    ``_inbox``; tokens go back with ``loop.call_soon_threadsafe`` into each request's
-    ``asyncio.Queue``. (Handing every step to a thread pool instead cost ~1.7 ms per token on a
-    busy 2-core machine.) The thread shares the GIL with the caller's event loop; a server runs
-    the loop in a process of its own instead (``ProcessEngineWorker``).
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        EngineLoop.__init__(self, engine)
-        EngineClient.__init__(self)
-        self.config = engine.cfg  # the loaded model's config
+    def __init__(self, start: Callable[[], None]) -> None:
+        self._start = start  # starts the engine thread on the first post
         self._cv = threading.Condition()
         self._inbox: deque[_Stream | _Command] = deque()  # guarded by _cv
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self.closed = False
+        self._started = False
 
-    # ---- transport ------------------------------------------------------------------------------
-    def _post(self, item: _Stream | _Command) -> None:
+    def post(self, item: _Stream | _Command) -> None:
         with self._cv:
-            if self._closed:
+            if self.closed:
                 raise RuntimeError("the engine worker is closed")
             self._inbox.append(item)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                self._start()
             self._cv.notify()
 
-    def _take(self, idle: bool) -> Sequence[_Stream | _Command] | None:
+    def close(self) -> None:
         with self._cv:
-            while idle and not (self._inbox or self._closed):
+            self.closed = True
+            self._cv.notify()
+
+    def take(self, idle: bool) -> Sequence[_Stream | _Command] | None:
+        with self._cv:
+            while idle and not (self._inbox or self.closed):
                 self._cv.wait()
-            if self._closed:
+            if self.closed:
                 return None
             inbox, self._inbox = self._inbox, deque()
             return inbox
 
-    def _nap(self) -> None:
+    def nap(self) -> None:
         with self._cv:
             if not self._inbox:
                 self._cv.wait(timeout=0.05)
 
-    def _deliver(self, streams: list[_Stream]) -> None:
+    def deliver(self, streams: list[_Stream]) -> None:
         """Hand each stream's pending items to its event loop: one wake-up per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Any]]]] = {}
         for st in streams:
@@ -97,35 +93,65 @@ class EngineWorker(EngineLoop, EngineClient):
                     if st.reply[0] is loop:
                         st.cancelled = True
 
+
+class EngineWorker(EngineClient):
+    """Continuous batching for asyncio callers, on a dedicated thread of this process.
+
+    The thread runs an ``EngineLoop`` that steps back to back while any request runs: a decode
+    step never waits for the event loop, and the loop never waits for a step. Requests and
+    commands reach it through a ``ThreadTransport``. (Handing every step to a thread pool instead
+    cost ~1.7 ms per token on a busy 2-core machine.) The thread shares the GIL with the caller's
+    event loop; a server runs the loop in a process of its own instead (``ProcessEngineWorker``).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.config = engine.cfg  # the loaded model's config
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._transport = ThreadTransport(self._thread.start)
+        self._loop = EngineLoop(engine, self._transport)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (touch it only between steps: from a command, or while the worker is idle)."""
+        return self._loop.engine
+
+    @property
+    def stats(self) -> BatchStats:
+        return self._loop.stats
+
+    def _run(self) -> None:
+        self._loop.run()
+
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the engine thread (between decode steps) and await its result."""
-        loop, fut = asyncio.get_running_loop(), None
+        loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._post(_Command(fn, args, lambda ok, value: loop.call_soon_threadsafe(settle, fut, ok, value)))
+        self._transport.post(_Command(fn, args, lambda ok, value: loop.call_soon_threadsafe(settle, fut, ok, value)))
         return await fut
 
     # ---- the client side ------------------------------------------------------------------------
     def _open(self, prompt, params, collect):
         queue: asyncio.Queue = asyncio.Queue()
         st = _Stream(prompt, params, (asyncio.get_running_loop(), queue), collect)
-        self._post(st)
+        self._transport.post(st)
         return queue, lambda: setattr(st, "cancelled", True)
 
     async def _ask(self, name: str, *args: Any) -> Any:
-        return await self._call(self._command_fn(name), *args)
+        return await self._call(self._loop.command_fn(name), *args)
 
     def _tell(self, name: str, *args: Any) -> None:
-        self._post(_Command(self._command_fn(name), args, lambda ok, value: None))
+        self._transport.post(_Command(self._loop.command_fn(name), args, lambda ok, value: None))
 
     def check(self) -> None:
         """Raise if the worker is closed or its engine thread died."""
-        if self._closed or (self._thread is not None and not self._thread.is_alive()):
-            raise RuntimeError("the engine worker is closed" if self._closed else "the engine thread died")
+        if self._transport.closed:
+            raise RuntimeError("the engine worker is closed")
+        if self._thread.ident is not None and not self._thread.is_alive():
+            raise RuntimeError("the engine thread died")
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
+        self._transport.close()
 
 
 class ProcessEngineWorker(EngineClient):
