@@ -36,20 +36,26 @@ from training.data.build import CorpusSet
 
 Record = dict
 
+REASONING_EXTRA_GENERATORS = ("syllogism", "family_relationships", "aiw", "self_reference", "sentence_reordering",
+                              "word_sequence_reversal", "caesar_cipher", "cryptarithm", "color_cube_rotation",
+                              "letter_jumble", "needle_haystack", "acre")
 SYMBOLIC_GENERATORS = ("polynomial_equations", "simple_integration", "intermediate_integration",
                        "complex_arithmetic", "simple_geometry", "advanced_geometry", "coin_flip", "dice")
 # instruction lines and sentences that the generators append to the question
 _CUT = re.compile(r"\n\s*(?:In solving|When performing|For all geometry|Final answer|Return|Please|Provide|Give|Round|"
-                  r"Use same|\d+\.)|(?<=[.?])\s*(?:Return only|Please|Provide|Give your|Round|Do not|For all geometry)"
-                  r"|\s*\(Assume that", re.I)
+                  r"Use same|Respond|Your output)|(?<=[.?])\s*(?:Return only|Please|Provide|Give your|Round|Do not|"
+                  r"For all geometry|Respond only)|\s*\(Assume that", re.I)
+_NUMBERED = re.compile(r"\n\s*\d+\.")  # numbered format rules after a math question
 LANGUAGES = ("JavaScript", "TypeScript", "Java", "C", "C++", "C#", "Go", "Rust", "Ruby", "PHP", "Bash", "SQL",
              "Kotlin", "Swift", "Haskell", "Scala", "R", "Perl", "Lua", "shell", "Node.js", "React",
              "AWS Lambda", "Docker", "a Makefile", "PowerShell", "MATLAB", "Julia", "Elixir", "Dart")
 
 
-def _question(text: str) -> str:
-    """The question of a generated item, without the answer-format instructions that follow it."""
-    return _CUT.split(text.strip(), maxsplit=1)[0].strip()
+def _question(text: str, numbered: bool = False) -> str:
+    """The question of a generated item, without the answer-format instructions that follow it (and,
+    with ``numbered``, without a numbered list after it: a math item's format rules, not premises)."""
+    q = _CUT.split(text.strip(), maxsplit=1)[0].strip()
+    return _NUMBERED.split(q, maxsplit=1)[0].strip() if numbered else q
 
 
 def _typed(expr: str, rng: random.Random) -> str:
@@ -61,7 +67,7 @@ def _typed(expr: str, rng: random.Random) -> str:
 
 
 def _generated(names: Sequence[str], split: str, n: int, seed: int,
-               render: Callable[[str, random.Random], str]) -> list[str]:
+               render: Callable[[str, random.Random], str], numbered: bool) -> list[str]:
     """Up to ``n`` distinct questions, in equal share from the reasoning-gym generators ``names``."""
     import reasoning_gym
 
@@ -71,7 +77,7 @@ def _generated(names: Sequence[str], split: str, n: int, seed: int,
         item_seed = 7_000_003 * (k + 1) + 1_000 * seed + {"train": 0, "val": 1, "test": 2}.get(split, 3)
         ds = reasoning_gym.create_dataset(name, size=per, seed=item_seed)
         for i in range(per):
-            q = render(_question(ds[i]["question"]), rng)
+            q = render(_question(ds[i]["question"], numbered), rng)
             if q:
                 out.setdefault(q, None)
     return list(out)[:n]
@@ -79,7 +85,7 @@ def _generated(names: Sequence[str], split: str, n: int, seed: int,
 
 def symbolic_math(split: str, n: int, seed: int) -> list[str]:
     """Equations, integrals, complex numbers, geometry and probability questions (see the module doc)."""
-    return _generated(SYMBOLIC_GENERATORS, split, n, seed, _typed)
+    return _generated(SYMBOLIC_GENERATORS, split, n, seed, _typed, numbered=True)
 
 
 def _term(rng: random.Random, names: str, first: bool) -> str:
@@ -138,6 +144,11 @@ def notation_math(n: int, rng: random.Random) -> list[str]:
             break
         out.setdefault(one(), None)
     return list(out)
+
+
+def extra_reasoning(split: str, n: int, seed: int) -> list[str]:
+    """Logic and word puzzles of reasoning-gym generators the reasoning corpus does not use."""
+    return _generated(REASONING_EXTRA_GENERATORS, split, n, seed, lambda q, rng: q, numbered=False)
 
 
 _LETTERS = "ABCDEFGH"
@@ -202,10 +213,12 @@ def proper_noun_question(r: Record, rng: random.Random) -> list[str]:
     if not m or not 12 <= len(m.group(2)) <= 150:
         return []
     gloss = _ARTICLE.sub("", re.sub(r"^\([^)]*\)\s*|\s*\([^)]*\)$", "", m.group(2).strip()))
+    name = m.group(1)
     if _PERSON.search(m.group(2)):
         return [rng.choice(["Who was the {g}?", "Name the {g}.", "who was the {g}", "Which {g} ...?"])
-                .format(g=gloss).replace(" ...?", "?")]
-    return [rng.choice(["What is the name of the {g}?", "What is the {g} called?", "Name the {g}."]).format(g=gloss)]
+                .format(g=gloss).replace(" ...?", "?"), rng.choice(["Who is {w}?", "who was {w}", "Who was {w}?"]).format(w=name)]
+    return [rng.choice(["What is the name of the {g}?", "What is the {g} called?", "Name the {g}.", "What is the {g}?"])
+            .format(g=gloss), rng.choice(["What is {w}?", "where is {w}", "Tell me about {w}."]).format(w=name)]
 
 
 _DEF = re.compile(r"def ([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\(")  # snake_case names of two words or more
