@@ -14,6 +14,7 @@ five expert probabilities therefore sum to one and the group probabilities are t
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -43,6 +44,7 @@ class RouterConfig:
     hidden: int = 128
     dropout: float = 0.1
     max_len: int = 256  # the router reads the first max_len tokens of a prompt
+    fold_caps: bool = True  # read a prompt typed in capitals as lower case (see fold_caps)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_embed", "hidden", "max_len"):
@@ -60,11 +62,13 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RouterConfig":
+        """The config of a saved router; one saved before ``fold_caps`` existed was trained on text as
+        typed, so it reads it that way (``fold_caps`` False)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"RouterConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return cls(**{"fold_caps": False, **d})
 
     def replace(self, **changes: Any) -> "RouterConfig":
         return dataclasses.replace(self, **changes)
@@ -77,6 +81,31 @@ class RouterConfig:
         if name not in presets:
             raise ValueError(f"unknown router preset {name!r}; choose one of {sorted(presets)}")
         return dataclasses.replace(presets[name], **overrides)
+
+
+_WORD = re.compile(r"[^\W\d_]+")
+CAPS_SHARE = 0.6  # a prompt is shouted when at least this share of its words are in capitals
+
+
+def fold_caps(text: str) -> str:
+    """``text`` in lower case if it is typed in capitals ("DO YOU PLAY SOCCER", "I PLAY Cricket"), else as is.
+
+    Capitals tell no domain, but the shared tokenizer cuts capitalised words into rare pieces that
+    the router's training data has mostly in acronyms and headings (knowledge). Acronyms inside
+    ordinary text ("what does HTTP mean") leave it unchanged: at least :data:`CAPS_SHARE` of the words
+    must be in capitals.
+    """
+    words = _WORD.findall(text)
+    shouted = sum(w.isupper() for w in words)
+    return text.lower() if words and shouted >= CAPS_SHARE * len(words) else text
+
+
+def encode_prompt(tokenizer: Any, prompt: str, cfg: RouterConfig) -> list[int]:
+    """The ids the router reads for ``prompt``: its first ``cfg.max_len`` tokens, after :func:`fold_caps`
+    when ``cfg.fold_caps``. Training (``training.router_train``) and routing (``router.Router``) both
+    encode through here, so the router is trained on exactly what it reads."""
+    text = fold_caps(prompt) if cfg.fold_caps else prompt
+    return tokenizer.encode(text[: 16 * cfg.max_len])[: cfg.max_len]
 
 
 class RouterOutput(NamedTuple):

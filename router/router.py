@@ -12,7 +12,7 @@ import torch
 
 from experts.checkpoint import TOKENIZER, CheckpointError, load_model
 from router.domains import DOMAINS, GROUP_NAMES
-from router.model import RouterConfig, RouterModel, collate
+from router.model import RouterConfig, RouterModel, collate, encode_prompt
 from router.policy import Decision, check_policy_args, decide, default_decision
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class Router:
         return self.model.cfg
 
     def encode(self, prompt: str) -> list[int]:
-        """The ids the router reads: the first ``max_len`` tokens of the prompt."""
-        return self.tokenizer.encode(prompt[: 16 * self.cfg.max_len])[: self.cfg.max_len]
+        """The ids the router reads (``router.model.encode_prompt``: the first ``max_len`` tokens)."""
+        return encode_prompt(self.tokenizer, prompt, self.cfg)
 
     @torch.no_grad()
     def probs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from experts.atomic import atomic_write_json
 from experts.checkpoint import save_checkpoint
 from router.calibration import expert_nll, fit_temperature
 from router.domains import DOMAINS, check_domain
-from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, hierarchical_log_probs
+from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, encode_prompt, hierarchical_log_probs
 from router.prefix import prefix_text
 from training.data import load_corpora, router_examples
 from training.loop import LoopConfig, train
@@ -51,6 +51,7 @@ class RouterTrainConfig:
     min_crop: int = 4
     opening_share: float = 0.5  # document openings per domain, as a share of per_domain (0: prompts only)
     view_share: float = 0.5  # user-style rephrasings per domain (training.data.prompt_views), share of per_domain
+    router_only: bool = True  # add the router-only prompts of training.data.router_prompts
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,11 +80,12 @@ def balance(examples: list[Example], min_share: float) -> list[Example]:
     return out
 
 
-def encode_examples(examples: Sequence[tuple[str, str]], tokenizer: Any, max_len: int) -> list[Example]:
-    """(prompt, domain) pairs -> (first ``max_len`` ids, label); empty prompts are dropped."""
+def encode_examples(examples: Sequence[tuple[str, str]], tokenizer: Any, cfg: RouterConfig) -> list[Example]:
+    """(prompt, domain) pairs -> (ids the router reads, label), encoded as routing encodes them
+    (``router.model.encode_prompt``); empty prompts are dropped."""
     out = []
     for prompt, domain in examples:
-        ids = tokenizer.encode(prompt[: 16 * max_len])[:max_len]
+        ids = encode_prompt(tokenizer, prompt, cfg)
         if ids and prompt.strip():
             out.append((ids, DOMAINS.index(check_domain(domain))))
     return out
@@ -251,7 +253,8 @@ def _examples(corpus: Any, tokenizer: Any, split: str, per_domain: int | None, s
     """Prompts (``training.data.router_examples``) plus document openings (``tc.opening_share``)."""
 
     views = tc.view_share if tc is not None else 0.0
-    out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed, view_share=views))
+    out = list(router_examples(corpus, split, per_domain=per_domain, seed=seed, view_share=views,
+                               router_only=tc is not None and tc.router_only))
     if tc is not None and tc.opening_share > 0:
         n = None if per_domain is None else max(1, math.ceil(tc.opening_share * per_domain))
         out += document_openings(corpus, tokenizer, split, n, seed=seed)
@@ -276,8 +279,8 @@ def train_router(corpus: Any, tokenizer: Any, run_dir: str | Path, cfg: RouterCo
     if examples is None:
         examples = {"train": _examples(corpus, tokenizer, "train", tc.per_domain, tc.seed, tc),
                     "val": _examples(corpus, tokenizer, "val", tc.val_per_domain, tc.seed, tc)}
-    train_ex = balance(encode_examples(examples["train"], tokenizer, cfg.max_len), tc.min_share)
-    val_ex = encode_examples(examples.get("val", []), tokenizer, cfg.max_len)
+    train_ex = balance(encode_examples(examples["train"], tokenizer, cfg), tc.min_share)
+    val_ex = encode_examples(examples.get("val", []), tokenizer, cfg)
     log.info("router: %d train / %d val examples", len(train_ex), len(val_ex))
     loop_cfg = LoopConfig(**{"max_steps": tc.max_steps, "lr": tc.lr, "min_lr": tc.lr / 10,
                              "warmup_steps": min(50, tc.max_steps // 10), "eval_every": tc.eval_every,
@@ -312,12 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--view-share", type=float, default=RouterTrainConfig.view_share,
                     help="user-style rephrasings per domain, as a share of the prompts (0: none)")
+    ap.add_argument("--no-router-only", dest="router_only", action="store_false",
+                    help="leave out the router-only prompts of training.data.router_prompts")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_threads(args.threads)
     corpus = load_corpora(args.cache_dir, args.size)
     result = train_router(corpus, corpus.tokenizer(), args.run_dir,
-                          train_cfg=RouterTrainConfig(max_steps=args.steps, view_share=args.view_share), tokenizer_file=corpus.tokenizer_path,
+                          train_cfg=RouterTrainConfig(max_steps=args.steps, view_share=args.view_share,
+                                                      router_only=args.router_only),
+                          tokenizer_file=corpus.tokenizer_path,
                           num_threads=args.threads, device="cpu", progress=False)
     metrics = evaluate_router(load_router(Path(args.run_dir) / "router"),
                               router_examples(corpus, "test", per_domain=100_000, seed=0))

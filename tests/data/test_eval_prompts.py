@@ -61,9 +61,10 @@ def test_labelling_rules() -> None:
 
 
 def _training_prompts(corpus) -> set[str]:
-    """Every router training prompt (all splits, with rephrasings) and every record's own prompt."""
+    """Every router training prompt (all splits, with rephrasings and router-only prompts) and every
+    record's own prompt."""
     out = {_norm(p) for s in ("train", "val", "test")
-           for p, _ in router_examples(corpus, s, per_domain=None, view_share=0.5)}
+           for p, _ in router_examples(corpus, s, per_domain=None, view_share=0.5, router_only=True)}
     return out | {_norm(r["prompt"]) for d in corpus.domains for s in ("train", "val", "test")
                   for r in corpus.docs(d, s)}
 

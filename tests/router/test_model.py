@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from router.domains import DOMAINS, GROUP_NAMES, GROUP_OF, GROUPS
-from router.model import RouterConfig, RouterModel, collate, hierarchical_log_probs
+from router.model import RouterConfig, RouterModel, collate, encode_prompt, fold_caps, hierarchical_log_probs
 
 
 def _model(**kw) -> RouterModel:
@@ -71,8 +71,32 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 def test_config_round_trip_and_unknown_fields():
     cfg = RouterConfig.preset("tiny", hidden=32)
-    assert RouterConfig.from_dict(cfg.to_dict()) == cfg
+    assert RouterConfig.from_dict(cfg.to_dict()) == cfg and cfg.fold_caps
+    assert RouterConfig.from_dict(cfg.replace(fold_caps=False).to_dict()) == cfg.replace(fold_caps=False)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "fold_caps"}  # saved before the field existed
+    assert RouterConfig.from_dict(old) == cfg.replace(fold_caps=False)
     with pytest.raises(ValueError, match="unknown field"):
         RouterConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="unknown router preset"):
         RouterConfig.preset("huge")
+
+
+def test_fold_caps_lowers_only_prompts_typed_in_capitals():
+    assert fold_caps("DO YOU PLAY SOCCER") == "do you play soccer"
+    assert fold_caps("I PLAY Cricket") == "i play cricket"  # most words in capitals
+    for kept in ("what does HTTP mean", "NASA was founded in 1958", "def f(x):\n    return x", "", "42 + 7",
+                 "Is the USA bigger than Canada?"):
+        assert fold_caps(kept) == kept
+
+
+class _Chars:
+    """A tokenizer with one id per character, so that case shows in the ids."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 512 for c in text]
+
+
+def test_encode_prompt_folds_as_configured_and_truncates():
+    cfg = RouterConfig.preset("tiny", max_len=8)
+    assert encode_prompt(_Chars(), "HELLO THERE", cfg) == _Chars().encode("hello th")
+    assert encode_prompt(_Chars(), "HELLO THERE", cfg.replace(fold_caps=False)) == _Chars().encode("HELLO TH")

@@ -64,3 +64,29 @@ def test_router_package_does_not_import_training_serving_or_ray():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_training_and_routing_encode_prompts_alike(trained_router_dir, tokenizer):
+    from training.router_train import encode_examples
+
+    router = load_router(trained_router_dir[0])
+    assert router.cfg.fold_caps
+    prompts = ["DO YOU PLAY SOCCER", "I PLAY Cricket", "what does HTTP mean", *HELD_OUT.values()]
+    trained = encode_examples([(p, "conversation") for p in prompts], tokenizer, router.cfg)
+    assert [ids for ids, _ in trained] == [router.encode(p) for p in prompts]
+    assert router.encode("DO YOU PLAY SOCCER") == router.encode("do you play soccer")
+
+
+def test_router_saved_before_fold_caps_reads_text_as_typed(trained_router_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "router"
+    shutil.copytree(trained_router_dir[0], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["config"]["fold_caps"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    router = load_router(old)
+    assert not router.cfg.fold_caps
+    assert router.encode("DO YOU PLAY SOCCER") == router.tokenizer.encode("DO YOU PLAY SOCCER")
+    new = load_router(trained_router_dir[0])
+    torch.testing.assert_close(router.probs(["do you play soccer"])[1], new.probs(["do you play soccer"])[1])

@@ -39,7 +39,8 @@ Halves: every prompt is in the ``dev`` or the ``test`` half (:func:`half_of`, a 
 Changes to the router's training data may be judged on ``dev``; ``test`` is only ever reported.
 The first measurement (the ``runs/standard`` router of 2026-12-04) looked at failures across the
 whole set before the split, which is recorded with the figures in
-``docs/results/router_evalset_standard_2026-12-04.json``.
+``docs/results/router_evalset_standard_2026-12-04.json``; the later changes (router-only prompts,
+the caps fold) were chosen on ``dev`` alone (``docs/results/router_evalset_retrained_2026-12-04.json``).
 ``tests/data/test_eval_prompts.py`` checks that no prompt occurs in training text or among the
 router's training prompts.
 """

@@ -6,15 +6,18 @@ import random
 
 from training.data.build import CorpusSet
 from training.data.prompt_views import prompt_views
+from training.data.router_prompts import SHARES, router_prompts
 
 QA_DOMAINS = ("math", "reasoning")
 
 
 def router_examples(corpus: CorpusSet, split: str, per_domain: int | None = 500, seed: int = 0,
-                    view_share: float = 0.0) -> list[tuple[str, str]]:
+                    view_share: float = 0.0, router_only: bool = False) -> list[tuple[str, str]]:
     """A balanced, shuffled list of ``(prompt, domain)``: each record's own prompt, plus (with
     ``view_share`` > 0) up to ``view_share * per_domain`` user-style rephrasings per domain
-    (``training.data.prompt_views``) drawn from the same split's records."""
+    (``training.data.prompt_views``) drawn from the same split's records, plus (with ``router_only``)
+    ``SHARES[domain] * per_domain`` prompts of ``training.data.router_prompts``, which no expert
+    trains on. Test prompts (the report's in-distribution figures) are the records' own prompts only."""
     out = []
     for domain in corpus.domains:
         docs = corpus.docs(domain, split)
@@ -25,6 +28,9 @@ def router_examples(corpus: CorpusSet, split: str, per_domain: int | None = 500,
         if view_share > 0:
             n = int(view_share * (len(prompts) if per_domain is None else min(per_domain, len(prompts))))
             out.extend((v, domain) for v in _views(docs, domain, n, seed))
+        if router_only and SHARES.get(domain):
+            n = int(SHARES[domain] * (len(prompts) if per_domain is None else per_domain))
+            out.extend((p, domain) for p in router_prompts(corpus, domain, split, n, seed))
     random.Random(seed).shuffle(out)
     return out
 

@@ -6,28 +6,35 @@ that expert's corpus, and the router then follows surface cues to another domain
 below are added to the router's training examples only; no expert trains on them.
 
 - **math, symbolic notation**: competition algebra ("x^5+y^5=33", "f(x)", "a_n") went to ``code``,
-  since the math corpus is arithmetic with numbers only. Equations, antiderivatives, complex
-  numbers and geometry from reasoning-gym generators the math corpus does not use
-  (:data:`SYMBOLIC_GENERATORS`), with their answer-format instructions cut and their
-  ``2*x**3`` rendered as users type it (``2x^3``) half the time.
-- **reasoning, multiple choice**: puzzles put as a question and an ``Options: (A) ...`` list went to
-  ``knowledge`` and ``code``. A reasoning record's question with its answer among distractors
-  (answers of other records of the same generator).
+  since the math corpus is arithmetic with numbers only. Half are equations, antiderivatives,
+  complex numbers, geometry and probability from reasoning-gym generators the math corpus does not
+  use (:data:`SYMBOLIC_GENERATORS`), answer-format instructions cut, ``2*x**3`` written ``2x^3``
+  half the time; half are statements of :func:`notation_math` (polynomial equations in several
+  letters, ``f(x)``, sequences ``a_n``, sums with ``...``).
+- **reasoning, multiple choice and other puzzles**: puzzles put as a question and an
+  ``Options: (A) ...`` list went to ``knowledge`` and ``code``. Half are a reasoning record's question
+  with its answer among distractors (answers of other records of the same generator); half are
+  logic and word puzzles of reasoning-gym generators the reasoning corpus does not use
+  (:data:`REASONING_EXTRA_GENERATORS`: syllogisms, family relations, ciphers, ...).
 - **knowledge, reverse questions**: quiz questions give the fact and ask for the name ("Which
   country ...?", "How many ... does ... have?"). A factbook field asked back from its value, and a
   WordNet proper noun asked for from its definition ("Who was <gloss>?").
 - **code, other languages**: requests naming JavaScript, Bash or AWS went to ``conversation``: the
   code corpus is Python. Function names and docstrings of the code records put into requests that
   name another language or tool (:data:`LANGUAGES`).
-- **all domains, letter case**: ALL-CAPS chat turns went to ``knowledge``. :func:`case_variants`
-  upper-cases (or lower-cases) a share of every domain's examples, so case tells no domain.
 
-Every kind is checked against the evaluation-only prompts (``tests/data/test_router_prompts.py``):
-none of them is copied.
+How many: :data:`SHARES` (a share of the per-domain prompt count, split evenly between a domain's
+kinds), set on the dev half of ``training.data.eval_prompts`` over three router seeds. Prompts typed
+in capitals ("DO YOU PLAY SOCCER") are handled by the router's featuriser
+(``router.model.fold_caps``), not by data.
+
+``tests/data/test_router_prompts.py`` checks the form of each kind and that none copies an
+evaluation-only prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -35,6 +42,8 @@ from collections.abc import Callable, Sequence
 from training.data.build import CorpusSet
 
 Record = dict
+
+SHARES: dict[str, float] = {"math": 0.4, "reasoning": 0.4, "knowledge": 0.4, "code": 0.2}
 
 REASONING_EXTRA_GENERATORS = ("syllogism", "family_relationships", "aiw", "self_reference", "sentence_reordering",
                               "word_sequence_reversal", "caesar_cipher", "cryptarithm", "color_cube_rotation",
@@ -73,8 +82,9 @@ def _generated(names: Sequence[str], split: str, n: int, seed: int,
 
     rng = random.Random(f"router-prompts:{split}:{seed}")
     per, out = max(1, -(-n // len(names))), {}
-    for k, name in enumerate(names):
-        item_seed = 7_000_003 * (k + 1) + 1_000 * seed + {"train": 0, "val": 1, "test": 2}.get(split, 3)
+    for name in names:
+        # item i comes from Random(seed + i): hashed seeds keep the splits' items apart
+        item_seed = int.from_bytes(hashlib.sha256(f"{name}:{split}:{seed}".encode()).digest()[:4], "big")
         ds = reasoning_gym.create_dataset(name, size=per, seed=item_seed)
         for i in range(per):
             q = render(_question(ds[i]["question"], numbered), rng)
@@ -109,6 +119,10 @@ def _sequence(rng: random.Random) -> str:
                        "1/n^2", "n!/2^n", "sqrt(n+1) - sqrt(n)", "(2n-1)/(2n)", "n mod 7"])
 
 
+_STEP = ("2f(x) + 1", "f(x)^2", "f(x) + x", "3f(x) - 2")
+_RECURRENCE = ("2a_n + 1", "a_n^2 - 1", "a_n + n", "3a_n - a_(n-1)")
+
+
 def notation_math(n: int, rng: random.Random) -> list[str]:
     """``n`` distinct statements in the notation of algebra and number theory: letters for numbers,
     powers with ``^``, functions ``f(x)``, sequences ``a_n``, sums written out with ``...``."""
@@ -124,14 +138,13 @@ def notation_math(n: int, rng: random.Random) -> list[str]:
             lambda: f"Expand ({_poly(rng, v[:2])})^{rng.randint(2, 4)}.",
             lambda: f"Let f(x) = {_poly(rng, 'x')}. Find f({k}).",
             lambda: f"If f(x) = {_poly(rng, 'x')} and g(x) = {_poly(rng, 'x')}, what is f(g({m}))?",
-            lambda: f"A function f satisfies f(x+1) = {rng.choice(['2f(x) + 1', 'f(x)^2', 'f(x) + x', '3f(x) - 2'])} "
-                    f"and f(0) = {m}. What is f({m})?",
-            lambda: f"Define a_1 = {m} and a_(n+1) = {rng.choice(['2a_n + 1', 'a_n^2 - 1', 'a_n + n', '3a_n - a_(n-1)'])}. "
-                    f"Find a_{rng.randint(5, 20)}.",
+            lambda: f"A function f satisfies f(x+1) = {rng.choice(_STEP)} and f(0) = {m}. What is f({m})?",
+            lambda: f"Define a_1 = {m} and a_(n+1) = {rng.choice(_RECURRENCE)}. Find a_{rng.randint(5, 20)}.",
             lambda: f"Let a_n = {_sequence(rng)}. Compute a_1 + a_2 + ... + a_{k}.",
             lambda: f"Evaluate the sum of {_sequence(rng)} for n = 1, 2, ..., {k}.",
             lambda: f"Find the remainder when {k}^{j} is divided by {m}.",
-            lambda: f"For positive reals {', '.join(v)} with {' + '.join(v)} = {m}, find the minimum of {_poly(rng, v)}.",
+            lambda: f"For positive reals {', '.join(v)} with {' + '.join(v)} = {m}, "
+                    f"find the minimum of {_poly(rng, v)}.",
             lambda: f"Prove that {_poly(rng, 'n')} is divisible by {m} for every integer n.",
             lambda: f"How many integers n in {{1, 2, ..., {10 * k}}} make {_sequence(rng)} an integer?",
             lambda: f"Find the number of real roots of the polynomial p(x) = {_poly(rng, 'x')}.",
@@ -207,16 +220,16 @@ _ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.I)
 
 
 def proper_noun_question(r: Record, rng: random.Random) -> list[str]:
-    """A WordNet proper noun asked for from its definition: "Who was <gloss>?" for a person, "What is
-    the name of <gloss>?" otherwise, as quiz questions put it."""
+    """A WordNet proper noun asked for from its definition ("Who was <gloss>?" for a person, "What is
+    the name of <gloss>?" otherwise), as quiz questions put it, and asked about by name ("Who is <name>?")."""
     m = re.match(r"^([A-Z][^(\n]*?) \(noun\): ([^;\n]+)", r["text"]) if "wordnet" in r["source"] else None
     if not m or not 12 <= len(m.group(2)) <= 150:
         return []
     gloss = _ARTICLE.sub("", re.sub(r"^\([^)]*\)\s*|\s*\([^)]*\)$", "", m.group(2).strip()))
     name = m.group(1)
     if _PERSON.search(m.group(2)):
-        return [rng.choice(["Who was the {g}?", "Name the {g}.", "who was the {g}", "Which {g} ...?"])
-                .format(g=gloss).replace(" ...?", "?"), rng.choice(["Who is {w}?", "who was {w}", "Who was {w}?"]).format(w=name)]
+        return [rng.choice(["Who was the {g}?", "Name the {g}.", "who was the {g}", "Which {g}?"]).format(g=gloss),
+                rng.choice(["Who is {w}?", "who was {w}", "Who was {w}?"]).format(w=name)]
     return [rng.choice(["What is the name of the {g}?", "What is the {g} called?", "Name the {g}.", "What is the {g}?"])
             .format(g=gloss), rng.choice(["What is {w}?", "where is {w}", "Tell me about {w}."]).format(w=name)]
 
@@ -245,24 +258,9 @@ def code_requests(r: Record, rng: random.Random) -> list[str]:
     return out
 
 
-def case_variants(examples: Sequence[tuple[str, str]], share: float, rng: random.Random) -> list[tuple[str, str]]:
-    """``share`` of ``examples`` (drawn at random) upper-cased, or lower-cased when already upper case."""
-    picked = rng.sample(list(examples), int(share * len(examples)))
-    return [(p.lower() if p.isupper() else p.upper(), d) for p, d in picked]
-
-
-def router_prompts(corpus: CorpusSet, domain: str, split: str, n: int, seed: int) -> list[str]:
-    """Up to ``n`` router-only prompts of ``domain`` (see the module doc), deterministic for given arguments."""
-    rng = random.Random(f"router-only:{seed}:{domain}:{split}")
-    docs = corpus.docs(domain, split)
-    if domain == "math":
-        return symbolic_math(split, n, seed)
-    if domain == "reasoning":
-        return multiple_choice(docs, n, rng)
-    views = {"knowledge": lambda r: reverse_factbook(r, rng) if "factbook" in r["source"] else proper_noun_question(r, rng),
-             "code": lambda r: code_requests(r, rng)}.get(domain)
-    if views is None:
-        return []
+def _from_records(docs: Sequence[Record], n: int, rng: random.Random,
+                  views: Callable[[Record], list[str]]) -> list[str]:
+    """Up to ``n`` distinct prompts from ``views`` of records visited in a seeded order."""
     order = list(range(len(docs)))
     rng.shuffle(order)
     out: dict[str, None] = {}
@@ -271,3 +269,24 @@ def router_prompts(corpus: CorpusSet, domain: str, split: str, n: int, seed: int
             break
         out.update(dict.fromkeys(v for v in views(docs[i]) if v.strip()))
     return list(out)[:n]
+
+
+def _knowledge(r: Record, rng: random.Random) -> list[str]:
+    return reverse_factbook(r, rng) if "factbook" in r["source"] else proper_noun_question(r, rng)
+
+
+def router_prompts(corpus: CorpusSet, domain: str, split: str, n: int, seed: int) -> list[str]:
+    """Up to ``n`` router-only prompts of ``domain`` from its ``split`` (see the module doc; none for
+    ``conversation``), deterministic for given arguments."""
+    rng = random.Random(f"router-only:{seed}:{domain}:{split}")
+    docs = corpus.docs(domain, split) if domain in corpus.domains else []
+    half = n // 2
+    if domain == "math":
+        return symbolic_math(split, half, seed) + notation_math(n - half, rng)
+    if domain == "reasoning":
+        return multiple_choice(docs, half, rng) + extra_reasoning(split, n - half, seed)
+    if domain == "knowledge":
+        return _from_records(docs, n, rng, lambda r: _knowledge(r, rng))
+    if domain == "code":
+        return _from_records(docs, n, rng, lambda r: code_requests(r, rng))
+    return []
