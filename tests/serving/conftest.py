@@ -29,8 +29,10 @@ def server(tiny_run):
     free again for the Ray training tasks of other packages.
     """
     import ray  # noqa: F401 - the fixture needs Ray
+    # six models at 0.25 CPU each and two ingress replicas at 0.1 leave 0.3 of Ray's 2 CPUs for the
+    # second app of test_router_deployment_placement_routes_like_the_ingress
     args = AppArgs(run_dir=str(tiny_run), api_key=API_KEY, max_body_bytes=MAX_BODY,
-                   max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, ensemble_top_k=2)
+                   max_tokens_cap=MAX_TOKENS_CAP, max_batch=16, ensemble_top_k=2, expert={"num_cpus": 0.25})
     with running_app(args, num_cpus=2, wait_ready_s=180) as url:
         yield url
 
