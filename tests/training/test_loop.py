@@ -114,3 +114,32 @@ def test_a_branch_starts_from_the_seeds_exact_weights(synth_splits, tmp_path):
     other = dataclasses.replace(branch, model_cfg=branch.model_cfg.replace(n_layers=1))
     with pytest.raises(CheckpointError, match="config differs"):
         other.build_model()
+
+
+def test_a_merged_model_resumes_bit_identically(synth_splits, tmp_path):
+    """The Branch-Train-MiX fine-tune (an LMTask that merges finished experts, with per-token
+    embedding weights) resumes like any other run: the same weights as an uninterrupted one."""
+    import dataclasses
+
+    from experts.checkpoint import save_lm
+    from experts.model import Transformer
+    from training.merge import merged_config
+
+    from .conftest import tiny_cfg
+
+    experts = []
+    for i in range(2):
+        torch.manual_seed(i)
+        experts.append(str(save_lm(tmp_path / "experts" / f"e{i}", Transformer(tiny_cfg()), tiny_cfg())))
+    task = dataclasses.replace(
+        lm_task(synth_splits, "math", "merged"), name="merged", model_cfg=merged_config(tiny_cfg(), 2, 1),
+        merge_from=tuple(experts), merge_tokens=(str(synth_splits["math"]["train"]), str(synth_splits["code"]["train"])))
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(task, _cfg(), a)
+    with pytest.raises(InjectedFailure):
+        train(task, _cfg(fail_at="merged:6"), b)
+    res = train(task, _cfg(fail_at="merged:6"), b)
+    assert res.resumed_from == 4
+    wa, wb = load_tensors(a / "merged"), load_tensors(b / "merged")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any("feed_forward.experts.1" in k for k in wa)
