@@ -48,7 +48,9 @@ def test_page_streams_an_answer_and_draws_routing_bars(server, browser):
     browser.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
     # the expert list is filled from /v1/models once the key is known
     browser.execute_script("loadModels()")
-    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#expert option")) == 6)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#expert option")) == 7)
+    options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#expert option")]
+    assert options[0] == "auto" and "merged" in options  # the merged model can be picked by name
     browser.find_element(By.ID, "max_tokens").clear()
     browser.find_element(By.ID, "max_tokens").send_keys("24")
     browser.find_element(By.ID, "prompt").send_keys("What is 17 + 25?")
