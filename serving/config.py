@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.domains import DOMAINS
-from training.scoring import MODEL_NAMES, model_dir
+from training.scoring import MODEL_NAMES, model_dir, model_dirs
 
 MERGED = "merged"  # the Branch-Train-MiX model: served when the run has one, chosen by name only
 
@@ -92,7 +92,7 @@ class AppArgs(BaseModel):
             raise ValueError(f"run_dir={self.run_dir!r} is not a directory; train a run first "
                              "(hmoe up --preset quick, or hmoe train)")
         if self.experts is None:
-            trained = [n for n in (*DOMAINS, MERGED) if (model_dir(self.run_dir, n) / "meta.json").is_file()]
+            trained = [n for n in model_dirs(self.run_dir) if n in (*DOMAINS, MERGED)]
             self.experts = trained or list(DOMAINS)  # none trained: the checkpoint check names what is missing
         return self
 

@@ -27,6 +27,7 @@ from experts.config import ModelConfig
 from router.domains import DOMAINS
 from training.loop import FAIL_ENV, LoopConfig, TrainResult, load_result
 from training.run_config import RunConfig, TrainSpec
+from training.scoring import model_dir
 from training.tasks import LMTask
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,10 @@ def budget_steps(spec: TrainSpec, n_experts: int) -> tuple[int, int]:
     return seed, max(1, round((total - seed) / n_experts))
 
 
-SEED_DIR = "seed"
-MERGED_DIR = "merged"
+def _out(name: str) -> str:
+    """Where, inside the run directory, the model ``name`` is written (``training.scoring.model_dir``:
+    the one definition of a run's layout, which the report and serving read)."""
+    return str(model_dir("", name))
 
 
 def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None = None) -> list[Job]:
@@ -136,16 +139,16 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
     run_dir = run_dir or resolve_run_dir(cfg)
     jobs, experts = [], []
     if seed_steps:
-        task = _lm_task(cfg, corpus, "seed", SEED_DIR, expert_cfg, cfg.experts, cfg.seed + 200)
+        task = _lm_task(cfg, corpus, "seed", _out("seed"), expert_cfg, cfg.experts, cfg.seed + 200)
         # under warmup-stable-decay the seed stops before its decay: each branch decays on its own domain
         loop = loop_config(cfg.train, steps=seed_steps, seed=cfg.seed + 200, device=cfg.device)
         if loop.schedule == "wsd":
             loop = loop.model_copy(update={"decay_fraction": 0.0})
         jobs.append(Job(task, loop, "seed", active))
-    init = str(run_dir / SEED_DIR) if seed_steps else None
+    init = str(model_dir(run_dir, "seed")) if seed_steps else None
     for d in cfg.experts:
         seed = cfg.seed + DOMAINS.index(d)
-        task = _lm_task(cfg, corpus, d, f"experts/{d}", expert_cfg, (d,), seed, init_from=init)
+        task = _lm_task(cfg, corpus, d, _out(d), expert_cfg, (d,), seed, init_from=init)
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
         experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
                            after=("seed",) if seed_steps else ()))
@@ -164,7 +167,7 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
             if kind not in cfg.baselines.kinds:
                 continue
             steps = max(1, round(budget / (per_step * mcfg.flops_per_token(cfg.train.seq_len))))
-            task = _lm_task(cfg, corpus, f"baseline-{kind}", f"baselines/{kind}", mcfg, cfg.experts, cfg.seed + 100)
+            task = _lm_task(cfg, corpus, f"baseline-{kind}", _out(f"baseline-{kind}"), mcfg, cfg.experts, cfg.seed + 100)
             loop = loop_config(cfg.train, steps=steps, seed=cfg.seed + 100, device=cfg.device)
             jobs.append(Job(with_instruct(task, loop, cfg.train, run_dir, cfg.experts), loop,
                             "baseline", mcfg.num_params(active=True),
@@ -179,8 +182,8 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     from training.merge import merged_config
 
     mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k)
-    task = _lm_task(cfg, corpus, "merged", MERGED_DIR, mcfg, cfg.experts, cfg.seed + 300)
-    task = dataclasses.replace(task, merge_from=tuple(str(run_dir / "experts" / d) for d in cfg.experts),
+    task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
+    task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),
                                trainable=cfg.merge.train)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
@@ -256,7 +259,7 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
     from training import ray_jobs
 
     run_dir, corpus = prepare(cfg)
-    missing = [d for d in cfg.experts if load_result(run_dir, f"experts/{d}") is None]
+    missing = [d for d in cfg.experts if load_result(run_dir, _out(d)) is None]
     if missing:
         raise CheckpointError(f"{run_dir}: experts {missing} have not finished training; run `hmoe train` first")
     job = merged_job(cfg, corpus, cfg.model.build(vocab_size=corpus.tokenizer().vocab_size), run_dir)
@@ -266,7 +269,7 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
     if report:
         from training.report import write_report
         write_report(run_dir, corpus=corpus, run_cfg=cfg)
-    return run_dir / MERGED_DIR
+    return model_dir(run_dir, "merged")
 
 
 def _gather(refs: dict[str, Any]) -> dict[str, Any]:
