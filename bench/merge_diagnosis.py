@@ -5,10 +5,12 @@ windows of its test tokens of:
 
 - the expert itself, the seed, and every finished LM of the run (generalists, the merged model);
 - the expert with only its embeddings (and tied head) replaced by the experts' plain mean, with
-  them replaced by the per-token weighted mean (``training.merge.token_weights``), and with only
-  its attention replaced by the mean: what each part of the merge costs that expert;
+  them replaced by the per-token weighted mean (``training.merge.token_weights``), with only its
+  input embeddings or only its output head so replaced, and with only its attention replaced by
+  the mean: what each part of the merge costs that expert;
 - the merged model before any fine-tune, with every token sent to its own domain's expert
-  (oracle routing), with plain and with per-token weighted embeddings;
+  (oracle routing), with plain and with per-token weighted embeddings, and a merge that routes
+  attention and head too (``route="all"``, weighted input embeddings), so routed;
 
 and how far each expert's weights moved from the seed (``|expert - seed| / |seed|``).
 
@@ -24,23 +26,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from experts.checkpoint import load_lm
+from experts.model import Transformer
 from training.data import load_corpora
-from training.data.packing import load_tokens
-from training.merge import merge_models, token_weights
+from training.merge import forced_route, merge_models, sample_windows, token_weights
 from training.run_config import load_run_config
 from training.scoring import model_dirs
 
 WINDOWS, LENGTH = 16, 256
-
-
-def windows(path: Path, seed: int = 0) -> torch.Tensor:
-    tokens = load_tokens(path)
-    starts = np.random.default_rng(seed).integers(0, len(tokens) - LENGTH - 1, WINDOWS)
-    return torch.tensor(np.stack([tokens[s:s + LENGTH + 1] for s in starts]).astype(np.int64))
 
 
 @torch.no_grad()
@@ -62,18 +57,20 @@ def with_mean(model: torch.nn.Module, experts: list, pick: Callable[[str], bool]
     return out
 
 
-def oracle(merged: torch.nn.Module, expert: int) -> torch.nn.Module:
-    """Every token of every layer goes to ``expert`` with weight 1."""
-    n = merged.cfg.moe.n_experts
+def untied(model: Transformer) -> Transformer:
+    """The same function with its output head a separate copy of the tied embedding matrix."""
+    if not model.cfg.tie_embeddings:
+        return model
+    out = Transformer(model.cfg.replace(tie_embeddings=False))
+    sd = model.state_dict()
+    out.load_state_dict({**sd, "output.weight": sd["tok_embeddings.weight"].clone()})
+    return out.eval()
 
-    def route(x: torch.Tensor):
-        probs = torch.zeros(len(x), n)
-        probs[:, expert] = 1.0
-        return torch.zeros(len(x), n), probs, torch.ones(len(x), 1), torch.full((len(x), 1), expert)
 
-    for layer in merged.layers:
-        layer.feed_forward.route = route
-    return merged
+def oracle(merged: torch.nn.Module, expert: int, x: torch.Tensor) -> float:
+    """``nats`` with every token of every layer sent to ``expert`` with weight 1."""
+    with forced_route(merged, expert):
+        return nats(merged, x)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,15 +93,21 @@ def main(argv: list[str] | None = None) -> dict:
     emb = lambda k: k in ("tok_embeddings.weight", "output.weight")  # noqa: E731
     attn = lambda k: ".attention." in k  # noqa: E731
     seed_sd = loaded["seed"].state_dict() if "seed" in loaded else None
+    separate = [untied(e) for e in experts]
     out: dict = {"run": str(run), "windows": WINDOWS, "length": LENGTH, "by_domain": {}}
     for i, d in enumerate(domains):
-        x = windows(corpus.tokens_path(d, "test"))
+        x = sample_windows(str(corpus.tokens_path(d, "test")), WINDOWS, LENGTH + 1)
         row = {"expert": nats(experts[i], x), **{n: nats(m, x) for n, m in loaded.items()},
                "expert, embeddings plain mean": nats(with_mean(experts[i], experts, emb), x),
                "expert, embeddings weighted per token": nats(with_mean(experts[i], experts, emb, w), x),
+               "expert, input embeddings weighted per token": nats(with_mean(
+                   separate[i], separate, lambda k: k == "tok_embeddings.weight", w), x),
+               "expert, output head weighted per token": nats(with_mean(
+                   separate[i], separate, lambda k: k == "output.weight", w), x),
                "expert, attention mean": nats(with_mean(experts[i], experts, attn), x),
-               "merge, oracle routing, plain means": nats(oracle(merge_models(experts, 1).eval(), i), x),
-               "merge, oracle routing, weighted embeddings": nats(oracle(merge_models(experts, 1, w).eval(), i), x)}
+               "merge, oracle routing, plain means": oracle(merge_models(experts, 1).eval(), i, x),
+               "merge, oracle routing, weighted embeddings": oracle(merge_models(experts, 1, w).eval(), i, x),
+               "merge route=all, oracle routing": oracle(merge_models(experts, 1, w, route="all").eval(), i, x)}
         if seed_sd is not None:
             sd = experts[i].state_dict()
             row["drift from seed"] = {k: round(((sd[k] - seed_sd[k]).norm() / seed_sd[k].norm()).item(), 3)

@@ -36,6 +36,10 @@ class MoEConfig:
     expert_hidden: int | None = None  # None: hidden_dim // (top_k + n_shared), so active FFN size ~ dense
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+    # beyond the FFN, also route each layer's attention projections and the LM head over n_experts
+    # copies (a Branch-Train-MiX merge that keeps every expert's weights: training.merge)
+    routed_attention: bool = False
+    routed_head: bool = False  # needs tie_embeddings=False: the head's experts are not the embedding
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
@@ -87,6 +91,8 @@ class ModelConfig:
         _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
         _check(self.ffn in ("dense", "moe"), "ffn", self.ffn, "must be 'dense' or 'moe'")
         _check(isinstance(self.qk_norm, bool), "qk_norm", self.qk_norm, "must be true or false")
+        _check(not (self.ffn == "moe" and self.moe.routed_head and self.tie_embeddings), "tie_embeddings",
+               self.tie_embeddings, "must be false with moe.routed_head (each head expert is its own matrix)")
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -113,8 +119,23 @@ class ModelConfig:
 
     # ---- parameter counts -----------------------------------------------------------
     def _attn_params(self) -> int:
+        """One layer's attention projections; routed attention runs every expert's (its gate mixes them)."""
         d, hd = self.d_model, self.head_dim
-        return d * self.n_heads * hd + 2 * d * self.kv_heads * hd + self.n_heads * hd * d
+        one = d * self.n_heads * hd + 2 * d * self.kv_heads * hd + self.n_heads * hd * d
+        if self.ffn == "moe" and self.moe.routed_attention:
+            return self.moe.n_experts * (one + (2 * hd if self.qk_norm else 0)) + d * self.moe.n_experts
+        return one
+
+    @property
+    def routed_head(self) -> bool:
+        return self.ffn == "moe" and self.moe.routed_head
+
+    def _head_params(self, active: bool) -> int:
+        """The LM head: one ``vocab x d_model`` matrix, or top_k (active) of n_experts plus their gate."""
+        if not self.routed_head:
+            return self.vocab_size * self.d_model
+        return (self.moe.top_k if active else self.moe.n_experts) * self.vocab_size * self.d_model + \
+            self.d_model * self.moe.n_experts
 
     def _ffn_params(self, active: bool) -> int:
         if self.ffn == "dense":
@@ -126,11 +147,13 @@ class ModelConfig:
     def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Total parameters, or with ``active=True`` the parameters used per token."""
         block = self._attn_params() + self._ffn_params(active) + 2 * self.d_model
-        if self.qk_norm:
+        if self.qk_norm and not (self.ffn == "moe" and self.moe.routed_attention):
             block += 2 * self.head_dim
         n = self.n_layers * block + self.d_model  # + final norm
         if embeddings:
-            n += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+            n += self.vocab_size * self.d_model
+            if not self.tie_embeddings:
+                n += self._head_params(active)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -139,7 +162,7 @@ class ModelConfig:
         The output projection (d_model x vocab) is counted: it is a real matmul per token.
         """
         t = seq_len or self.max_seq_len
-        n = self.num_params(active=True, embeddings=False) + self.d_model * self.vocab_size
+        n = self.num_params(active=True, embeddings=False) + self._head_params(active=True)
         return 6.0 * n + 12.0 * self.n_layers * self.d_model * t
 
     # ---- (de)serialisation ----------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import MoEAux, MoEFFN, SwiGLU
+from experts.moe import MoEAux, MoEFFN, Routed, RoutedHead, SwiGLU, dense_gates
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V) fp32
     aux_loss: torch.Tensor  # scalar, load-balancing loss averaged over MoE layers (0 for dense)
     z_loss: torch.Tensor  # scalar, router z-loss averaged over MoE layers (0 for dense)
-    expert_counts: torch.Tensor | None  # (n_layers, n_experts) long, or None for dense
+    expert_counts: torch.Tensor | None  # (routers, n_experts) long, one row per routed module in order; None for dense
 
 
 # ---- KV cache ------------------------------------------------------------------------------
@@ -186,15 +186,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H + 2 Hkv, Dh)``: queries, keys and values, q and k QK-normed (not yet rotated)."""
+        B, T, _ = x.shape
+        H, Hkv = self.n_heads, self.kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        if self.q_norm is None:
+            return qkv
+        return torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv]), qkv[:, :, H + Hkv:]], dim=2)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, step: _CacheStep | None) -> torch.Tensor:
-        B, T, D = x.shape
+        return self.wo(self.attend(self.qkv(x), cos, sin, cache, step))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache | None, step: _CacheStep | None) -> torch.Tensor:
+        """Rotate q and k, update the cache, attend: ``(B, T, H * Dh)``, the input of ``wo``."""
+        B, T = qkv.shape[:2]
         H, Hkv = self.n_heads, self.kv_heads
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, Dh)
-        qk = qkv[:, :, :H + Hkv]
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
-        qk = apply_rope(qk, cos, sin)  # one rotation for q and k together
+        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # one rotation for q and k together
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, Dh)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, Dh)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -205,7 +215,30 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return y.transpose(1, 2).reshape(B, T, H * self.head_dim)
+
+
+class RoutedAttention(Routed):
+    """Attention whose projections are ``n_experts`` experts (``moe.routed_attention``); returns
+    ``(y, MoEAux)``. A token's queries, keys and values are its top-k experts' (each QK-normed by its
+    own norm) weighted by the gate, and so is its output projection; the attention itself is shared.
+    Every expert's projections run on every token (they are small next to the FFN and the head),
+    and the gate's zeros drop the others. With one expert per token it is that expert's attention."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k)
+        self.experts = nn.ModuleList(Attention(cfg, layer_id) for _ in range(cfg.moe.n_experts))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux]:
+        B, T, D = x.shape
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x.reshape(B * T, D))
+        g_BTE = dense_gates(weights_NK, experts_NK, self.n_experts).to(x.dtype).view(B, T, self.n_experts)
+        used = experts_NK.unique().tolist()
+        qkv = sum(g_BTE[:, :, e, None, None] * self.experts[e].qkv(x) for e in used)
+        y = self.experts[0].attend(qkv, cos, sin, cache, step)
+        out = sum(g_BTE[:, :, e, None] * self.experts[e].wo(y) for e in used)
+        return out, self.aux(logits_NE, probs_NE, experts_NK)
 
 
 class Block(nn.Module):
@@ -214,7 +247,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg, layer_id)
+        routed = cfg.ffn == "moe" and cfg.moe.routed_attention
+        self.attention = RoutedAttention(cfg, layer_id) if routed else Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = MoEFFN(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
         self.dropout = cfg.dropout
@@ -224,12 +258,18 @@ class Block(nn.Module):
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self._drop(self.attention(self.attention_norm(x), cos, sin, cache, step))
-        y, aux = self.feed_forward(self.ffn_norm(x)), None
+                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, list[MoEAux]]:
+        auxes = []
+        a = self.attention(self.attention_norm(x), cos, sin, cache, step)
+        if isinstance(a, tuple):
+            a, aux = a
+            auxes.append(aux)
+        x = x + self._drop(a)
+        y = self.feed_forward(self.ffn_norm(x))
         if isinstance(y, tuple):
             y, aux = y
-        return x + self._drop(y), aux
+            auxes.append(aux)
+        return x + self._drop(y), auxes
 
 
 class Transformer(nn.Module):
@@ -239,7 +279,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output = RoutedHead(cfg) if cfg.routed_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -289,15 +329,18 @@ class Transformer(nn.Module):
         auxes = []
         for layer in self.layers:
             h, aux = layer(h, cos, sin, cache, step)
-            if aux is not None:
-                auxes.append(aux)
+            auxes += aux
         if last_only:
             if step is not None and step.n_valid is not None:  # right-padded rows end at different places
                 last_B = torch.tensor(step.n_valid, device=h.device) - 1
                 h = h[torch.arange(B, device=h.device), last_B][:, None]  # (B, 1, D)
             else:
                 h = h[:, -1:]
-        logits = self.output(self.norm(h)).float()  # (B, T or 1, V)
+        logits = self.output(self.norm(h))  # (B, T or 1, V); a routed head gives log-probs
+        if isinstance(logits, tuple):
+            logits, aux = logits
+            auxes.append(aux)
+        logits = logits.float()
         if cache is not None:
             cache.commit(step)
         if not auxes:

@@ -66,17 +66,13 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_NE, dim=-1).square().mean()
 
 
-class MoEFFN(nn.Module):
-    """Top-k routed SwiGLU experts plus optional shared experts; returns ``(y, MoEAux)``."""
+class Routed(nn.Module):
+    """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, d_model: int, n_experts: int, top_k: int):
         super().__init__()
-        m = cfg.moe
-        self.n_experts, self.top_k = m.n_experts, m.top_k
-        hidden = cfg.expert_hidden_dim
-        self.gate = nn.Linear(cfg.d_model, m.n_experts, bias=False)  # router (HF Mixtral name)
-        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
-        self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
+        self.n_experts, self.top_k = n_experts, top_k
+        self.gate = nn.Linear(d_model, n_experts, bias=False)  # router (HF Mixtral name)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(logits_NE, probs_NE, weights_NK, experts_NK)``, all routing maths in fp32."""
@@ -86,6 +82,54 @@ class MoEFFN(nn.Module):
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return logits_NE, probs_NE, weights_NK, experts_NK
 
+    def aux(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, experts_NK: torch.Tensor) -> MoEAux:
+        return MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK), z_loss=router_z_loss(logits_NE),
+                      counts=torch.bincount(experts_NK.flatten(), minlength=self.n_experts))
+
+
+def dense_gates(weights_NK: torch.Tensor, experts_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``(N, E)``: each token's weight on every expert, zero off its top-k."""
+    return torch.zeros(len(weights_NK), n_experts, dtype=weights_NK.dtype,
+                       device=weights_NK.device).scatter_(1, experts_NK, weights_NK)
+
+
+class RoutedHead(Routed):
+    """An LM head of ``n_experts`` output matrices; returns ``(log-probs (B, T, V), MoEAux)``.
+
+    A token's next-token distribution is the mixture of its top-k experts' softmaxes,
+    ``log sum_k w_k softmax(W_k x)`` (a "mixture of softmaxes"), computed per expert on the tokens
+    routed to it. With one expert per token it is that expert's head exactly. Log-probabilities
+    are valid logits (their softmax is the mixture), so sampling and scoring need nothing else."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k)
+        self.experts = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+                                     for _ in range(cfg.moe.n_experts))
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND)
+        V = self.experts[0].out_features
+        logp_NKV = x_ND.new_empty(B * T, experts_NK.shape[1], V, dtype=torch.float32)
+        for e in range(self.n_experts):
+            tok, k = (experts_NK == e).nonzero(as_tuple=True)
+            if len(tok):
+                logp_NKV[tok, k] = self.experts[e](x_ND[tok]).float().log_softmax(-1)
+        logp_NV = torch.logsumexp(logp_NKV + weights_NK.log().unsqueeze(-1), dim=1)
+        return logp_NV.view(B, T, V), self.aux(logits_NE, probs_NE, experts_NK)
+
+
+class MoEFFN(Routed):
+    """Top-k routed SwiGLU experts plus optional shared experts; returns ``(y, MoEAux)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        m = cfg.moe
+        super().__init__(cfg.d_model, m.n_experts, m.top_k)
+        hidden = cfg.expert_hidden_dim
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
+        self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
@@ -94,7 +138,7 @@ class MoEFFN(nn.Module):
         # dispatch: sort the N*K assignments by expert so each expert sees one contiguous group
         experts_A = experts_NK.flatten()  # (A,)
         order_A = torch.argsort(experts_A, stable=True)
-        token_A = order_A // self.top_k  # the token each sorted assignment came from
+        token_A = order_A // experts_NK.shape[1]  # the token each sorted assignment came from
         counts_E = torch.bincount(experts_A, minlength=self.n_experts)
         x_AD = x_ND[token_A]  # (A, D) gathered tokens, grouped by expert
         out_AD = torch.empty_like(x_AD)
@@ -108,6 +152,5 @@ class MoEFFN(nn.Module):
 
         if self.shared_expert is not None:
             y_ND = y_ND + self.shared_expert(x_ND)
-        aux = MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK),
-                     z_loss=router_z_loss(logits_NE), counts=counts_E)
-        return y_ND.view(B, T, D), aux  # (B, T, D)
+        return y_ND.view(B, T, D), MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK),
+                                          z_loss=router_z_loss(logits_NE), counts=counts_E)  # (B, T, D)

@@ -108,6 +108,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="routed experts per token (default: the run's merge.top_k)")
     p.add_argument("--steps", type=int, help="fine-tuning steps on the mixed corpus (default: merge.steps)")
     p.add_argument("--train", choices=["all", "routers"], help="what the fine-tune updates (default: merge.train)")
+    p.add_argument("--gate-init", choices=["zero", "centroids"],
+                   help="how the routers start (default: merge.gate_init)")
+    p.add_argument("--route", choices=["ffn", "all"],
+                   help="what becomes routed experts: the FFNs, or also attention and head (default: merge.route)")
     p.add_argument("--ray-address", help="Ray cluster to join; default a private local instance")
     p.set_defaults(func=run_merge)
 
@@ -119,7 +123,8 @@ def run_merge(args: argparse.Namespace) -> int:
     from training.pipeline import merge_run
     from training.run_config import RunConfigError, load_run_config
 
-    ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train}
+    ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train,
+          "merge.gate_init": args.gate_init, "merge.route": args.route}
     try:
         cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
         out = merge_run(cfg, ray_address=args.ray_address)

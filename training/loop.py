@@ -84,6 +84,7 @@ class LoopConfig(LoopSettings):
     num_threads: int | None = None  # torch threads; the CPUs granted to this process
     progress: bool = True  # tqdm bar when stderr is a terminal; log lines otherwise
     fail_at: str | None = None  # failure injection (tests); defaults to $HMOE_FAIL_AT_STEP
+    non_ffn_lr_scale: float = Field(1.0, ge=0, le=1)  # lr multiplier outside the FFNs (optim.scale_non_ffn)
 
 
 @dataclass
@@ -317,7 +318,8 @@ def train(task: Task, cfg: LoopConfig, run_dir: str | Path) -> TrainResult:
     model = task.build_model().to(device).train()
     opt = optim.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                 eps=cfg.eps, device=device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
-                                muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+                                muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                                non_ffn_lr_scale=cfg.non_ffn_lr_scale)
     data = task.train_batches()
     metrics = MetricsLog(run_dir / "metrics" / f"{task.name}.jsonl")
     st = _try_resume(ckpt, model, opt, data, metrics)

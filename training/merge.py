@@ -3,9 +3,10 @@
 Following Sukhbaatar et al. (2024), "Branch-Train-MiX": every layer's FFN becomes an MoE layer
 whose routed experts are the domain experts' FFNs (expert *i* of every layer is domain *i*'s FFN),
 and everything else (embeddings, attention, norms, the LM head) is the average of the experts'.
-The per-layer routers (``gate``) start at zero, so before any fine-tuning every expert is
-equally likely and the top-k are the first k; a short fine-tune on the mixed corpus then learns
-them (``train: routers``) or everything (``train: all``).
+The per-layer routers (``gate``) start at zero (``gate_init: zero``, as in the paper: before any
+fine-tuning every expert is equally likely and the top-k are the first k), or as nearest-centroid
+classifiers of the domains (``gate_init: centroids``, :func:`centroid_gates`); a short fine-tune on
+the mixed corpus then learns them (``train: routers``) or everything (``train: all``).
 
 Embedding rows (and an untied LM head's) are averaged per token, weighted by how often each expert
 saw that token in its training data (``token_weights``): branched at a high learning rate, an
@@ -14,6 +15,14 @@ expert's rows for its own domain's tokens move far from the seed's (by 60-95% of
 that never trained it. On ``standard`` that plain mean alone cost the math expert 0.82 nats per
 token of its own test text; the per-token weighting cost it 0.07 (``bench.merge_diagnosis``).
 
+``route: all`` goes further than the paper: each layer's attention projections and the LM head
+become routed experts as well (``MoEConfig.routed_attention``, ``routed_head``; a token's next-token
+distribution is the mixture of its top-k heads' softmaxes), the weight of every RMSNorm is folded
+into the projection after it, and only the input embeddings are averaged (per token, weighted).
+At this scale the averaged parts hold most of what a branch learnt: on ``standard`` the tied
+embedding/head matrix is three quarters of an expert's weights, and as the output head its
+weighted mean cost the experts 0.06-0.33 nats per token, as the input embedding 0.01-0.07.
+
 The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
 and expert width = the dense FFN's: it loads, trains and generates like any LM checkpoint.
 """
@@ -21,7 +30,8 @@ and expert width = the dense FFN's: it loads, trains and generates like any LM c
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -29,17 +39,26 @@ import torch
 from experts.checkpoint import CheckpointError
 from experts.config import ModelConfig, MoEConfig
 from experts.model import Transformer
+from experts.moe import Routed
 
 _FFN = re.compile(r"^layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight$")
 _PER_TOKEN = ("tok_embeddings.weight", "output.weight")  # (V, D): one row per token
 
 
-def merged_config(cfg: ModelConfig, n_experts: int, top_k: int) -> ModelConfig:
-    """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN."""
+ROUTES = ("ffn", "all")
+
+
+def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn") -> ModelConfig:
+    """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN (and with
+    ``route="all"`` of its attention projections and LM head too)."""
     if cfg.ffn != "dense":
         raise CheckpointError(f"only dense experts can be merged (this one has ffn={cfg.ffn!r})")
-    return cfg.replace(ffn="moe", moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0,
-                                                expert_hidden=cfg.hidden_dim))
+    if route not in ROUTES:
+        raise ValueError(f"merge route={route!r} is invalid: choose one of {list(ROUTES)}")
+    full = route == "all"
+    return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not full,
+                       moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
+                                     routed_attention=full, routed_head=full))
 
 
 def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
@@ -53,41 +72,140 @@ def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
     return (counts / counts.sum(0, keepdim=True)).float()
 
 
+def _mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain mean, or with ``weights (E, V)`` the per-row weighted mean of ``(V, D)`` tensors."""
+    stacked = torch.stack([t.float() for t in tensors])
+    return stacked.mean(0) if weights is None else (stacked * weights[:, :, None]).sum(0)
+
+
+def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, value)`` of a ``route="all"`` merge for everything routed: every expert's attention,
+    FFN and head, with the weight of the RMSNorm in front of each folded into it
+    (``W diag(g) x̂ = W (g ⊙ x̂)``), so that the merged norms hold ones and lose nothing."""
+    for i, sd in enumerate(states):
+        for layer in range(cfg.n_layers):
+            pre = f"layers.{layer}."
+            g_attn, g_ffn = sd[pre + "attention_norm.weight"], sd[pre + "ffn_norm.weight"]
+            att = f"{pre}attention.experts.{i}."
+            yield att + "wqkv.weight", sd[pre + "attention.wqkv.weight"] * g_attn[None, :]
+            yield att + "wo.weight", sd[pre + "attention.wo.weight"]
+            for norm in ("q_norm", "k_norm") if cfg.qk_norm else ():
+                yield att + f"{norm}.weight", sd[pre + f"attention.{norm}.weight"]
+            ffn = f"{pre}feed_forward.experts.{i}."
+            yield ffn + "w1.weight", sd[pre + "feed_forward.w1.weight"] * g_ffn[None, :]
+            yield ffn + "w3.weight", sd[pre + "feed_forward.w3.weight"] * g_ffn[None, :]
+            yield ffn + "w2.weight", sd[pre + "feed_forward.w2.weight"]
+        head = sd["tok_embeddings.weight"] if cfg.tie_embeddings else sd["output.weight"]
+        yield f"output.experts.{i}.weight", head * sd["norm.weight"][None, :]
+
+
 @torch.no_grad()
-def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None) -> Transformer:
+def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None,
+                 route: str = "ffn") -> Transformer:
     """One MoE Transformer from dense ``models`` of one config (see the module docstring); embedding
-    rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean."""
+    rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean.
+
+    ``route="ffn"`` (Branch-Train-MiX as published): the FFNs become routed experts and the rest is
+    averaged. ``route="all"``: the attention projections and the LM head are routed experts too, the
+    norms are folded into them, and only the input embeddings are averaged; sending every token to
+    expert ``i`` then computes expert ``i`` up to those embeddings."""
     if not models:
         raise ValueError("merge_models needs at least one expert")
     cfg = models[0].cfg
     if any(m.cfg != cfg for m in models):
         raise CheckpointError("the experts to merge must share one model config")
-    merged = Transformer(merged_config(cfg, len(models), top_k))
+    merged = Transformer(merged_config(cfg, len(models), top_k, route))
     states = [m.state_dict() for m in models]
     target = merged.state_dict()
-    for name in states[0]:
-        ffn = _FFN.match(name)
-        if ffn:
-            layer, w = ffn.groups()
-            for i, sd in enumerate(states):
-                target[f"layers.{layer}.feed_forward.experts.{i}.{w}.weight"].copy_(sd[name])
-        elif name in _PER_TOKEN and token_weights is not None:
-            stacked = torch.stack([sd[name].float() for sd in states])  # (E, V, D)
-            target[name].copy_((stacked * token_weights[:, :, None]).sum(0).to(target[name].dtype))
-        else:
-            target[name].copy_(torch.stack([sd[name].float() for sd in states]).mean(0).to(target[name].dtype))
+    if route == "all":
+        for name, value in _routed_all(states, cfg):
+            target[name].copy_(value.to(target[name].dtype))
+        target["tok_embeddings.weight"].copy_(_mean([sd["tok_embeddings.weight"] for sd in states], token_weights))
+        for name, p in target.items():
+            if name.endswith("norm.weight") and ".experts." not in name:
+                p.fill_(1.0)
+    else:
+        for name in states[0]:
+            ffn = _FFN.match(name)
+            if ffn:
+                layer, w = ffn.groups()
+                for i, sd in enumerate(states):
+                    target[f"layers.{layer}.feed_forward.experts.{i}.{w}.weight"].copy_(sd[name])
+            else:
+                weights = token_weights if name in _PER_TOKEN else None
+                target[name].copy_(_mean([sd[name] for sd in states], weights).to(target[name].dtype))
     for name, p in target.items():
-        if name.endswith("feed_forward.gate.weight"):
+        if name.endswith("gate.weight"):
             p.zero_()
     merged.load_state_dict(target)
     return merged
+
+
+@contextmanager
+def forced_route(model: Transformer, expert: int) -> Iterator[Transformer]:
+    """Within the block, every routed module of ``model`` (FFNs, and attention and head when they are
+    routed) sends every token to ``expert`` alone."""
+    n = model.cfg.moe.n_experts
+
+    def route(x: torch.Tensor):
+        probs = torch.zeros(len(x), n, device=x.device)
+        probs[:, expert] = 1.0
+        return (torch.zeros_like(probs), probs, torch.ones(len(x), 1, device=x.device),
+                torch.full((len(x), 1), expert, device=x.device))
+
+    routed = [m for m in model.modules() if isinstance(m, Routed)]
+    for m in routed:
+        m.route = route
+    try:
+        yield model
+    finally:
+        for m in routed:
+            del m.route
+
+
+@torch.no_grad()
+def centroid_gates(model: Transformer, texts: Sequence[torch.Tensor], spread: float = 2.0) -> None:
+    """Start every router as a nearest-centroid classifier of the experts' domains.
+
+    ``texts[i]``: token windows ``(B, T)`` of expert ``i``'s training text. Each is run through the
+    merged model with its tokens sent to their own expert (:func:`forced_route`), and the inputs of
+    every routed module are collected. Gate row ``i`` of a module is the unit direction from the mean
+    input over all domains to the mean input of domain ``i``, scaled so that the logits of the
+    collected inputs have standard deviation ``spread``: from its first step the merged model sends
+    most of a domain's tokens to that domain's expert, instead of the zero gates' first k experts."""
+    ffns = [m for m in model.modules() if isinstance(m, Routed)]
+    seen: list[list[torch.Tensor]] = [[] for _ in ffns]  # per layer: one (N, D) block per domain
+    hooks = [f.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for i, f in enumerate(ffns)]
+    try:
+        for e, x in enumerate(texts):
+            with forced_route(model, e):
+                model(x.to(model.tok_embeddings.weight.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    for f, xs in zip(ffns, seen):
+        c = torch.stack([x.float().mean(0) for x in xs])  # (E, D): each domain's mean input
+        dirs = c - c.mean(0, keepdim=True)
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        scale = spread / (torch.cat(xs).float() @ dirs.T).std().clamp(min=1e-8)
+        f.gate.weight.copy_((scale * dirs).to(f.gate.weight.dtype))
+
+
+def sample_windows(token_path: str, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``(n, length)`` token windows at seeded random places of a packed token file."""
+    from training.data.packing import load_tokens
+
+    tokens = load_tokens(token_path)
+    starts = np.random.default_rng(seed).integers(0, max(1, len(tokens) - length), n)
+    return torch.tensor(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
 
 
 def freeze_all_but_routers(model: torch.nn.Module) -> int:
     """``train: routers``: only the MoE gates learn. Returns the number of trainable parameters."""
     n = 0
     for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("feed_forward.gate.weight"))
+        p.requires_grad_(name.endswith("gate.weight"))
         n += p.numel() if p.requires_grad else 0
     return n
 

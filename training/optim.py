@@ -52,8 +52,8 @@ def is_muon_param(name: str, p: torch.Tensor, embedding_ids: set[int]) -> bool:
     if p.ndim != 2 or id(p) in embedding_ids:
         return False
     leaf = name.rsplit(".", 2)
-    if name == "output.weight" or name.endswith(".output.weight"):
-        return False
+    if name == "output.weight" or name.endswith(".output.weight") or name.startswith("output.experts."):
+        return False  # the LM head (a routed head's experts too)
     return not (len(leaf) >= 2 and leaf[-2] in ("gate", "router", "head"))
 
 
@@ -176,18 +176,44 @@ class MuonAdamW(torch.optim.Optimizer):
             p.addcdiv_(m, denom, value=-lr / bc1)
 
 
+def is_ffn_param(name: str) -> bool:
+    """A parameter of a feed-forward block (dense SwiGLU or MoE experts and gate)."""
+    return ".feed_forward." in f".{name}"
+
+
+def scale_non_ffn(model: nn.Module, groups: list[dict], scale: float) -> list[dict]:
+    """``groups`` with every parameter outside the FFNs (embeddings, head, attention, norms) moved
+    to a copy of its group whose ``lr_scale`` is multiplied by ``scale``. A branch trained so keeps
+    what the experts will share close to the seed's, which is what averaging them needs
+    (``training.merge``); its FFNs, which stay separate experts, learn at the full rate."""
+    if scale == 1.0:
+        return groups
+    ffn = {id(p) for name, p in model.named_parameters() if is_ffn_param(name)}
+    out = []
+    for g in groups:
+        own = [p for p in g["params"] if id(p) in ffn]
+        shared = [p for p in g["params"] if id(p) not in ffn]
+        out += [{**g, "params": own}] if own else []
+        out += [{**g, "params": shared, "lr_scale": g.get("lr_scale", 1.0) * scale}] if shared else []
+    return out
+
+
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, device: torch.device, optimizer: str = "adamw", muon_lr: float = 0.02,
-                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """``adamw``: torch AdamW (``fused`` on accelerators, ``foreach`` on CPU); ``muon``: :class:`MuonAdamW`."""
+                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0,
+                    non_ffn_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """``adamw``: torch AdamW (``fused`` on accelerators, ``foreach`` on CPU); ``muon``: :class:`MuonAdamW`.
+    ``non_ffn_lr_scale`` multiplies the learning rate of every parameter outside the FFNs."""
     if optimizer == "adamw":
         fused = device.type != "cpu"
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+        groups = scale_non_ffn(model, param_groups(model, weight_decay), non_ffn_lr_scale)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps,
                                  fused=fused or None, foreach=None if fused else True)
     if optimizer == "muon":
         groups = muon_param_groups(model, lr=lr, muon_lr=muon_lr, weight_decay=weight_decay,
                                    muon_weight_decay=muon_weight_decay, momentum=muon_momentum)
-        return MuonAdamW(groups, lr=lr, betas=betas, eps=eps, momentum=muon_momentum)
+        return MuonAdamW(scale_non_ffn(model, groups, non_ffn_lr_scale), lr=lr, betas=betas, eps=eps,
+                         momentum=muon_momentum)
     raise ValueError(f"optimizer={optimizer!r} is invalid: choose one of {list(OPTIMIZERS)}")
 
 

@@ -78,13 +78,14 @@ INSTRUCT_DIR = "instruct"
 
 
 def with_instruct(task: LMTask, loop: LoopConfig, spec: TrainSpec, run_dir: Path,
-                  domains: tuple[str, ...]) -> LMTask:
-    """``task`` with the instruction stage: the last ``spec.instruct_fraction`` of its steps train on
-    the instruction items of ``domains`` (written by :func:`write_instruct_items`; a domain whose
-    corpus gave no items is left out, and with none left there is no instruction stage)."""
+                  domains: tuple[str, ...], fraction: float | None = None) -> LMTask:
+    """``task`` with the instruction stage: the last ``fraction`` (default ``spec.instruct_fraction``)
+    of its steps train on the instruction items of ``domains`` (written by :func:`write_instruct_items`;
+    a domain whose corpus gave no items is left out, and with none left there is no instruction stage)."""
     from training.data.sft import count_items
 
-    steps = round(spec.instruct_fraction * loop.max_steps)
+    fraction = spec.instruct_fraction if fraction is None else fraction
+    steps = round(fraction * loop.max_steps)
     paths = [run_dir / INSTRUCT_DIR / f"{d}.npz" for d in domains]
     paths = [p for p in paths if not p.is_file() or count_items(p)]
     if steps < 1 or not paths:
@@ -144,12 +145,15 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         loop = loop_config(cfg.train, steps=seed_steps, seed=cfg.seed + 200, device=cfg.device)
         if loop.schedule == "wsd":
             loop = loop.model_copy(update={"decay_fraction": 0.0})
+        task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts, cfg.train.seed_instruct_fraction)
         jobs.append(Job(task, loop, "seed", active))
     init = str(model_dir(run_dir, "seed")) if seed_steps else None
     for d in cfg.experts:
         seed = cfg.seed + DOMAINS.index(d)
         task = _lm_task(cfg, corpus, d, _out(d), expert_cfg, (d,), seed, init_from=init)
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
+        if init is not None:
+            loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.branch_non_ffn_lr})
         experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
                            after=("seed",) if seed_steps else ()))
     per_step = cfg.train.tokens_per_step  # the same for every model of the run
@@ -181,11 +185,11 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     domain's instruction items as the experts' own last stage was; it waits for every expert."""
     from training.merge import merged_config
 
-    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k)
+    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route)
     task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),
-                               trainable=cfg.merge.train)
+                               trainable=cfg.merge.train, gate_init=cfg.merge.gate_init)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
     task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts)
     return Job(task, loop, "merged", mcfg.num_params(active=True), after=tuple(cfg.experts))
@@ -206,7 +210,7 @@ def prepare(cfg: RunConfig) -> tuple[Path, Any]:
     t0 = time.perf_counter()
     corpus = build_corpora(cfg.data.size, cfg.data.cache_dir, spec=cfg.data.corpus_spec())
     log.info("corpora %s ready in %.1fs at %s", corpus.name, time.perf_counter() - t0, corpus.root)
-    if cfg.train.instruct_fraction > 0:
+    if cfg.train.instruct_fraction > 0 or cfg.train.seed_instruct_fraction > 0:
         write_instruct_items(cfg, corpus, run_dir)
     return run_dir, corpus
 

@@ -130,12 +130,19 @@ class TrainSpec(LoopSettings):
     # Branch-Train-Merge: this share of the budget trains one seed LM on the mixed corpus, and each
     # expert branches from it with the rest of its steps (0: experts start from random weights)
     seed_fraction: float = Field(0.0, ge=0, lt=1)
+    # a branch's learning rate outside its FFNs (embeddings, attention, norms), as a multiple of the
+    # lr: below 1 the experts keep those close to the seed's, so that merging them (Branch-Train-MiX,
+    # which averages them) loses little; the FFNs, which stay separate experts, learn at full rate
+    branch_non_ffn_lr: float = Field(1.0, ge=0, le=1)
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
     instruct_fraction: float = Field(0.0, ge=0, lt=1)
     # the share of the instruction stage's batches that replay pretraining data, so that the model
     # keeps modelling raw text (without it, own-domain test perplexity rose 1.1-25x on `standard`)
     instruct_replay: float = Field(0.5, ge=0, lt=1)
+    # the seed's own instruction stage: this share of the seed's steps ends on every domain's
+    # instruction items, so each branch starts already following the chat format
+    seed_instruct_fraction: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=8)
     eval_batches: int = Field(10, ge=1)
@@ -186,6 +193,12 @@ class MergeSpec(_Strict):
     top_k: int = Field(2, ge=1)  # routed experts per token in the merged model
     steps: int = Field(100, ge=1)  # fine-tuning steps on the mixed corpus
     train: Literal["all", "routers"] = "all"  # what the fine-tune updates
+    # the routers' start: "zero" (the paper's; every expert equally likely) or "centroids" (each
+    # layer's gate a nearest-centroid classifier of the domains: training.merge.centroid_gates)
+    gate_init: Literal["zero", "centroids"] = "zero"
+    # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged) or "all" (the
+    # attention projections and LM head routed too, norms folded in, only input embeddings averaged)
+    route: Literal["ffn", "all"] = "ffn"
 
 
 class RunConfig(_Strict):

@@ -124,6 +124,7 @@ class LMTask:
     merge_from: tuple[str, ...] = ()  # finished dense experts to merge into this MoE (training.merge)
     merge_tokens: tuple[str, ...] = ()  # each merged expert's training tokens (per-token embedding weights)
     trainable: str = "all"  # "routers": only a merged model's MoE gates learn
+    gate_init: str = "zero"  # "centroids": training.merge.centroid_gates from the merge_tokens
     # the instruction stage: after ``instruct_from`` batches, batches come from these encoded
     # instruction items (training.data.sft), ``instruct_batches`` of them in all
     instruct_paths: tuple[str, ...] = ()
@@ -136,13 +137,18 @@ class LMTask:
         from experts.model import Transformer
 
         if self.merge_from:
-            from training.merge import freeze_all_but_routers, merge_models, token_weights
+            from training.merge import (centroid_gates, freeze_all_but_routers, merge_models, sample_windows,
+                                        token_weights)
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
-            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights)
+            route = "all" if self.model_cfg.moe.routed_head else "ffn"
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights, route)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")
+            if self.gate_init == "centroids":
+                centroid_gates(model, [sample_windows(p, 8, self.seq_len, seed=self.seed + i)
+                                       for i, p in enumerate(self.merge_tokens)])
             if self.trainable == "routers":
                 freeze_all_but_routers(model)
             return model.train()
@@ -185,7 +191,7 @@ class LMTask:
         moe = self.model_cfg.moe
         total = ce + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
         metrics.update(aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item())
-        if out.expert_counts is not None:  # (L, E): how unevenly tokens spread over experts
+        if out.expert_counts is not None:  # (routers, E): how unevenly tokens spread over experts
             c = out.expert_counts.float()
             metrics["max_load"] = float((c.max(-1).values / c.sum(-1).clamp(min=1)).mean())
         return total, metrics
@@ -203,7 +209,7 @@ class LMTask:
         extra = {"init_from": Path(self.init_from).name} if self.init_from else {}
         if self.merge_from:
             extra = {"init_from": "merge", "merged_from": [Path(d).name for d in self.merge_from],
-                     "trainable": self.trainable}
+                     "trainable": self.trainable, "gate_init": self.gate_init}
         if self.instruct_paths:
             extra["instruct"] = {"domains": [Path(p).stem for p in self.instruct_paths],
                                  "from_batch": self.instruct_from, "batches": self.instruct_batches,

@@ -62,6 +62,14 @@ def test_shared_expert_moe_export_is_refused_with_a_clear_error(tmp_path, tokeni
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_merge_that_routes_attention_and_head_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
+    moe = MoEConfig(n_experts=2, top_k=1, n_shared=0, routed_attention=True, routed_head=True)
+    _, ckpt = _checkpoint(tmp_path, tokenizer_file, ffn="moe", tie_embeddings=False, moe=moe)
+    with pytest.raises(ExportError, match="route only the FFN.*--route ffn"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_unknown_parameter_name_is_an_error():
     with pytest.raises(ExportError, match="no LlamaForCausalLM equivalent"):
         hf_name("layers.0.feed_forward.router.weight")

@@ -9,15 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experts.config import ModelConfig
+from experts.config import ModelConfig, MoEConfig
 from experts.model import KVCache, Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# "routed": an MoE whose attention projections and LM head are routed experts too (training.merge)
+ROUTED = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_attention=True, routed_head=True)}
+
+
+def _config(preset: str, **kw) -> ModelConfig:
+    return ModelConfig.preset("tiny-moe", **{**ROUTED, **kw}) if preset == "routed" else ModelConfig.preset(preset, **kw)
+
+
 def _model(preset: str, **kw) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset, **kw)).eval()
+    model = Transformer(_config(preset, **kw)).eval()
     with torch.no_grad():  # non-trivial q/k norm weights (qk_norm), so a path that skipped them would show
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
@@ -25,7 +33,7 @@ def _model(preset: str, **kw) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
 def test_changing_a_later_token_never_changes_earlier_logits(preset):
     model = _model(preset)
     x = torch.randint(0, 512, (2, 16))
@@ -38,7 +46,7 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
 def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
     model = _model(preset, qk_norm=qk_norm)
@@ -163,6 +171,14 @@ def test_output_contract_dense_and_moe():
     assert moe.expert_counts.shape == (cfg.n_layers, cfg.moe.n_experts)
     assert moe.expert_counts.sum(1).tolist() == [2 * 8 * cfg.moe.top_k] * cfg.n_layers
     assert moe.aux_loss.item() >= 1.0 - 1e-6  # the Switch loss is minimised (1.0) by uniform routing
+    routed = _model("routed")(x)  # one router per attention and FFN of every layer, and the head's
+    assert routed.expert_counts.shape == (2 * cfg.n_layers + 1, 4)
+    assert routed.expert_counts.sum(1).tolist() == [2 * 8 * 2] * (2 * cfg.n_layers + 1)
+    torch.testing.assert_close(routed.logits.exp().sum(-1), torch.ones(2, 8))  # the head's mixture: log-probs
+    routed_cfg = _config("routed")
+    assert routed_cfg.num_params() == sum(p.numel() for p in Transformer(routed_cfg).parameters())
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        ModelConfig.preset("tiny-moe", moe=ROUTED["moe"])
 
 
 def test_tied_embeddings_and_scaled_init():
@@ -177,13 +193,13 @@ def test_tied_embeddings_and_scaled_init():
     assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
 def test_tiny_model_overfits_one_batch(preset):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset, vocab_size=64, max_seq_len=32)).train()
+    model = Transformer(_config(preset, vocab_size=64, max_seq_len=32)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randint(0, 64, (4, 17))
-    for _ in range(80):
+    for _ in range(160 if preset == "routed" else 80):  # a mixture of heads starts flatter
         out = model(x[:, :-1])
         loss = F.cross_entropy(out.logits.reshape(-1, 64), x[:, 1:].reshape(-1))
         opt.zero_grad()
@@ -216,10 +232,10 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         model(x, positions=torch.arange(5)[None])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
 def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset)).eval()
+    model = Transformer(_config(preset)).eval()
     x = torch.randint(0, model.cfg.vocab_size, (3, 9))
     with torch.inference_mode():
         full, last = model(x).logits, model(x, last_only=True).logits

@@ -10,7 +10,7 @@ from experts.config import ModelConfig
 from experts.generate import generate
 from experts.model import Transformer
 from experts.sampling import SamplingParams
-from training.merge import freeze_all_but_routers, merge_models, routing_shares
+from training.merge import forced_route, freeze_all_but_routers, merge_models, routing_shares
 
 CFG = ModelConfig.preset("tiny", max_seq_len=32, qk_norm=True)
 
@@ -58,9 +58,10 @@ def test_each_routed_expert_is_its_domains_ffn_and_the_rest_is_averaged():
             if "feed_forward" not in name:
                 p.copy_(pa[name])
         merged = merge_models([a, b_with_a], top_k=1).eval()
-        for layer in merged.layers:
-            layer.feed_forward.route = _always(1, 2)
-        torch.testing.assert_close(merged(_tokens()).logits, b_with_a(_tokens()).logits, atol=1e-5, rtol=0)
+        routed = merged(_tokens()).logits
+        with forced_route(merged, 1):
+            torch.testing.assert_close(merged(_tokens()).logits, b_with_a(_tokens()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(_tokens()).logits, routed)  # its own routers again
 
 
 def test_the_merged_checkpoint_loads_and_generates_like_any_other(tmp_path):
@@ -134,3 +135,73 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
     torch.testing.assert_close(emb[9], (ea[9] + eb[9]) / 2)
     torch.testing.assert_close(emb[5], w[0, 5] * ea[5] + w[1, 5] * eb[5])
     assert (emb[7] - eb[7]).norm() < 0.1 * (ea[7] - eb[7]).norm()
+
+
+def test_centroid_gates_start_routing_each_domains_tokens_to_its_expert():
+    """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
+    nearest-centroid gates send most of a domain's tokens to its own expert in every layer (zero
+    gates: all to the first)."""
+    from training.merge import centroid_gates
+
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lo in (0, 100, 200):
+            merged.tok_embeddings.weight[lo:lo + 100] += 0.05 * torch.randn(CFG.d_model, generator=g)
+    texts = [torch.randint(lo, lo + 100, (4, 16), generator=g) for lo in (0, 100, 200)]
+    docs = {f"e{i}": [t.tolist() for t in torch.randint(lo, lo + 100, (3, 16), generator=g)]
+            for i, lo in enumerate((0, 100, 200))}
+    zero = routing_shares(merged, docs, ["e0", "e1", "e2"])
+    assert all(layer["e1"] == 0.0 and layer["e2"] == 0.0 for layer in zero["own"])
+    centroid_gates(merged, texts, spread=2.0)
+    own = routing_shares(merged, docs, ["e0", "e1", "e2"])["own"]
+    assert all(share > 0.9 for layer in own for share in layer.values()), own
+    assert all(not f.feed_forward._forward_pre_hooks for f in merged.layers)  # hooks removed
+
+
+def _with_norms(seed: int, embeddings_from: Transformer | None = None) -> Transformer:
+    """A random expert with non-trivial norm weights (so folding them into the routed experts shows)."""
+    model = _model(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        if embeddings_from is not None:
+            model.tok_embeddings.weight.copy_(embeddings_from.tok_embeddings.weight)
+    return model
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_merge_that_routes_everything_computes_each_expert_when_sent_to_it(top_k):
+    """route="all": attention, FFN and head are routed experts with the norms folded in; only the
+    input embeddings are averaged, so experts that share them are reproduced exactly."""
+    from training.merge import forced_route
+
+    first = _with_norms(0)
+    experts = [first] + [_with_norms(i, embeddings_from=first) for i in (1, 2)]
+    merged = merge_models(experts, top_k, route="all").eval()
+    cfg = merged.cfg
+    assert cfg.moe.routed_attention and cfg.moe.routed_head and not cfg.tie_embeddings
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in merged.named_parameters()
+               if n.endswith("norm.weight") and ".experts." not in n)
+    with torch.no_grad():
+        for i, expert in enumerate(experts):
+            with forced_route(merged, i):
+                torch.testing.assert_close(merged(_tokens()).logits, expert(_tokens()).logits.log_softmax(-1),
+                                           atol=1e-5, rtol=0)
+        same = merge_models([first] * 3, top_k, route="all").eval()  # and its own routers mix equals
+        torch.testing.assert_close(same(_tokens()).logits, first(_tokens()).logits.log_softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_a_fully_routed_merge_trains_its_heads_with_adamw_and_its_matrices_with_muon():
+    from training import optim
+
+    merged = merge_models([_model(0), _model(1)], 1, route="all")
+    opt = optim.build_optimizer(merged, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                                device=torch.device("cpu"), optimizer="muon")
+    names = {id(p): n for n, p in merged.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    assert any(".attention.experts.1.wqkv" in n for n in muon)
+    assert not any(n.startswith("output.") or n.endswith("gate.weight") for n in muon)
+    n = freeze_all_but_routers(merged)  # every router: attention, FFN and head
+    assert n == (2 * CFG.n_layers + 1) * 2 * CFG.d_model

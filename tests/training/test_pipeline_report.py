@@ -106,6 +106,24 @@ def test_baselines_get_the_flops_of_seed_and_branches(seed_fraction):
         assert len(b.task.train_paths) == 5
 
 
+def test_the_seed_can_end_on_instruction_items_and_branches_can_keep_their_shared_weights():
+    from training.data import load_corpora
+
+    corpus = load_corpora(None, "tiny")
+    ov = {"baselines.enabled": True, "train.seed_fraction": 0.3, "train.instruct_fraction": 0.5,
+          "train.seed_instruct_fraction": 0.25, "train.branch_non_ffn_lr": 0.1}
+    jobs = {j.task.name: j for j in plan_jobs(load_run_config("tiny", ov), corpus, corpus.tokenizer().vocab_size)}
+    seed = jobs["seed"]
+    assert seed.task.instruct_batches == round(0.25 * seed.loop.max_steps)
+    assert seed.task.instruct_from == seed.loop.max_steps - seed.task.instruct_batches
+    assert len(seed.task.instruct_paths) == 5  # every domain's items
+    assert jobs["math"].loop.non_ffn_lr_scale == 0.1 and jobs["math"].task.instruct_batches > 0
+    assert seed.loop.non_ffn_lr_scale == 1.0 and jobs["baseline-dense"].loop.non_ffn_lr_scale == 1.0
+    default = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3}), corpus,
+                                                 corpus.tokenizer().vocab_size)}
+    assert default["seed"].task.instruct_batches == 0 and default["math"].loop.non_ffn_lr_scale == 1.0
+
+
 def test_baselines_kinds_choose_the_generalists():
     from training.data import load_corpora
 

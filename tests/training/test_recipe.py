@@ -44,6 +44,38 @@ def test_muon_groups_hold_hidden_matrices_only():
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 0.02])  # tied: no 2-D AdamW group
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_zero_non_ffn_lr_trains_the_ffns_alone(optimizer):
+    """``non_ffn_lr_scale``: a branch that keeps its shared weights where the seed left them."""
+    from experts.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg("dense").replace(qk_norm=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = optim.build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                                device=torch.device("cpu"), optimizer=optimizer, muon_lr=0.05,
+                                non_ffn_lr_scale=0.0)
+    optim.set_lr(opt, 1e-2)
+    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == (".feed_forward." in n), n
+    scaled = optim.build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                                   device=torch.device("cpu"), optimizer="muon", muon_lr=0.05,
+                                   non_ffn_lr_scale=0.25)
+    optim.set_lr(scaled, 1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in scaled.param_groups:
+        ffn = {".feed_forward." in names[id(p)] for p in g["params"]}
+        assert len(ffn) == 1  # a group is all FFN or all shared
+        full = 0.05 if g["use_muon"] else 1e-2
+        assert g["lr"] == pytest.approx(full if ffn == {True} else 0.25 * full)
+
+
 def test_newton_schulz_orthogonalises():
     g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
     x = newton_schulz(g, steps=5)
