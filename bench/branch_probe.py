@@ -3,48 +3,64 @@
 Copies ``SRC_RUN``'s seed and instruction items into ``runs/NAME``, plans the run of ``PRESET`` with
 the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``), trains only its math expert, and asks
 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings, greedy, with the
-calculator. Appends one JSON line to ``docs/results/branch_probe_quick_2026-12-04.jsonl``.
+calculator. Appends one JSON line to ``--out``.
 
-    python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}'
+    python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}' \\
+        --out docs/results/branch_probe_quick.jsonl
 """
+
+from __future__ import annotations
+
+import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from experts.calculator import tool_for
+from experts.checkpoint import load_lm
 from training.data import load_corpora
+from training.data.instruct import PLAIN_PHRASINGS, arithmetic_items
+from training.loop import train
 from training.pipeline import plan_jobs
 from training.run_config import load_run_config
-from training.loop import train
-from training.data.instruct import arithmetic_items, PLAIN_PHRASINGS
 from training.task_scores import answer, is_correct
-from experts.checkpoint import load_lm
-from experts.calculator import tool_for
 
-OUT = "docs/results/branch_probe_quick_2026-12-04.jsonl"
-src, preset, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-ov = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-run = Path("runs") / name
-run.mkdir(parents=True, exist_ok=True)
-for d in ("seed", "instruct"):
-    if not (run / d).exists():
-        shutil.copytree(src / d, run / d)
-cfg = load_run_config(preset, ov)
-corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
-tok = corpus.tokenizer()
-job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}["math"]
-t0 = time.perf_counter()
-train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
-m, _, meta = load_lm(run / "experts" / "math")
-res = {"name": name, "overrides": ov, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
-for digits in [(2,), (3,)]:
-    its = arithmetic_items(300, 777, split="test", digits=digits, phrasings=PLAIN_PHRASINGS)
-    outs = answer(m, tok, its, 24, tool=tool_for(meta, tok))
-    by = {}
-    for i, o in zip(its, outs):
-        by.setdefault(i["family"], []).append(is_correct(tok.decode(o), i["answer"]))
-    res[f"{digits[0]}-digit"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
-res["val"] = json.loads((run / "experts" / "math" / "train_result.json").read_text()).get("best_val_loss")
-print(json.dumps(res), flush=True)
-with open(OUT, "a") as f:
-    f.write(json.dumps(res) + "\n")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", type=Path, help="the run whose seed and instruction items are reused")
+    ap.add_argument("preset", help="the run config (a preset name or YAML file)")
+    ap.add_argument("name", help="the probe's run directory, runs/NAME")
+    ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
+    ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
+    args = ap.parse_args()
+    src, preset, name, ov = args.src, args.preset, args.name, json.loads(args.overrides)
+    run = Path("runs") / name
+    run.mkdir(parents=True, exist_ok=True)
+    for d in ("seed", "instruct"):
+        if not (run / d).exists():
+            shutil.copytree(src / d, run / d)
+    cfg = load_run_config(preset, ov)
+    corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
+    tok = corpus.tokenizer()
+    job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}["math"]
+    t0 = time.perf_counter()
+    train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
+    m, _, meta = load_lm(run / "experts" / "math")
+    res = {"name": name, "overrides": ov, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
+    for digits in [(2,), (3,)]:
+        its = arithmetic_items(300, 777, split="test", digits=digits, phrasings=PLAIN_PHRASINGS)
+        outs = answer(m, tok, its, 24, tool=tool_for(meta, tok))
+        by = {}
+        for i, o in zip(its, outs):
+            by.setdefault(i["family"], []).append(is_correct(tok.decode(o), i["answer"]))
+        res[f"{digits[0]}-digit"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
+    res["val"] = json.loads((run / "experts" / "math" / "train_result.json").read_text()).get("best_val_loss")
+    print(json.dumps(res), flush=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()

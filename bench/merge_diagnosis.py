@@ -31,7 +31,7 @@ import torch
 from experts.checkpoint import load_lm
 from experts.model import Transformer
 from training.data import load_corpora
-from training.merge import forced_route, merge_models, sample_windows, token_weights
+from training.merge import forced_route, merge_models, sample_windows, token_weights, weighted_mean
 from training.run_config import load_run_config
 from training.scoring import model_dirs
 
@@ -51,8 +51,7 @@ def with_mean(model: torch.nn.Module, experts: list, pick: Callable[[str], bool]
     sd = out.state_dict()
     for k in sd:
         if pick(k):
-            stacked = torch.stack([s[k] for s in states])
-            sd[k] = (stacked * weights[:, :, None]).sum(0) if weights is not None else stacked.mean(0)
+            sd[k] = weighted_mean([s[k] for s in states], weights)
     out.load_state_dict(sd)
     return out
 

@@ -91,7 +91,7 @@ class ModelConfig:
         _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
         _check(self.ffn in ("dense", "moe"), "ffn", self.ffn, "must be 'dense' or 'moe'")
         _check(isinstance(self.qk_norm, bool), "qk_norm", self.qk_norm, "must be true or false")
-        _check(not (self.ffn == "moe" and self.moe.routed_head and self.tie_embeddings), "tie_embeddings",
+        _check(not (self.routed_head and self.tie_embeddings), "tie_embeddings",
                self.tie_embeddings, "must be false with moe.routed_head (each head expert is its own matrix)")
 
     # ---- derived values -------------------------------------------------------------
@@ -122,9 +122,13 @@ class ModelConfig:
         """One layer's attention projections; routed attention runs every expert's (its gate mixes them)."""
         d, hd = self.d_model, self.head_dim
         one = d * self.n_heads * hd + 2 * d * self.kv_heads * hd + self.n_heads * hd * d
-        if self.ffn == "moe" and self.moe.routed_attention:
+        if self.routed_attention:
             return self.moe.n_experts * (one + (2 * hd if self.qk_norm else 0)) + d * self.moe.n_experts
         return one
+
+    @property
+    def routed_attention(self) -> bool:
+        return self.ffn == "moe" and self.moe.routed_attention
 
     @property
     def routed_head(self) -> bool:
@@ -147,7 +151,7 @@ class ModelConfig:
     def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Total parameters, or with ``active=True`` the parameters used per token."""
         block = self._attn_params() + self._ffn_params(active) + 2 * self.d_model
-        if self.qk_norm and not (self.ffn == "moe" and self.moe.routed_attention):
+        if self.qk_norm and not self.routed_attention:  # routed: counted with each expert
             block += 2 * self.head_dim
         n = self.n_layers * block + self.d_model  # + final norm
         if embeddings:

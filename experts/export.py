@@ -143,7 +143,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             "top-k experts matches no transformers architecture exactly (Mixtral has no shared expert, "
             "Qwen2-MoE gates it with a sigmoid); only dense models and MoEs without shared experts "
             "(hmoe merge) export")
-    if cfg.ffn == "moe" and (cfg.moe.routed_attention or cfg.moe.routed_head):
+    if cfg.routed_attention or cfg.routed_head:
         raise ExportError(
             f"{ckpt}: its attention projections and LM head are routed experts too (a merge with "
             "merge.route: all); transformers' MoE architectures route only the FFN. Merge with "

@@ -247,8 +247,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        routed = cfg.ffn == "moe" and cfg.moe.routed_attention
-        self.attention = RoutedAttention(cfg, layer_id) if routed else Attention(cfg, layer_id)
+        self.attention = RoutedAttention(cfg, layer_id) if cfg.routed_attention else Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = MoEFFN(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
         self.dropout = cfg.dropout

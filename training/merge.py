@@ -72,7 +72,7 @@ def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
     return (counts / counts.sum(0, keepdim=True)).float()
 
 
-def _mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
     """The plain mean, or with ``weights (E, V)`` the per-row weighted mean of ``(V, D)`` tensors."""
     stacked = torch.stack([t.float() for t in tensors])
     return stacked.mean(0) if weights is None else (stacked * weights[:, :, None]).sum(0)
@@ -120,7 +120,7 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     if route == "all":
         for name, value in _routed_all(states, cfg):
             target[name].copy_(value.to(target[name].dtype))
-        target["tok_embeddings.weight"].copy_(_mean([sd["tok_embeddings.weight"] for sd in states], token_weights))
+        target["tok_embeddings.weight"].copy_(weighted_mean([sd["tok_embeddings.weight"] for sd in states], token_weights))
         for name, p in target.items():
             if name.endswith("norm.weight") and ".experts." not in name:
                 p.fill_(1.0)
@@ -133,7 +133,7 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
                     target[f"layers.{layer}.feed_forward.experts.{i}.{w}.weight"].copy_(sd[name])
             else:
                 weights = token_weights if name in _PER_TOKEN else None
-                target[name].copy_(_mean([sd[name] for sd in states], weights).to(target[name].dtype))
+                target[name].copy_(weighted_mean([sd[name] for sd in states], weights).to(target[name].dtype))
     for name, p in target.items():
         if name.endswith("gate.weight"):
             p.zero_()

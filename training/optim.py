@@ -178,7 +178,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def is_ffn_param(name: str) -> bool:
     """A parameter of a feed-forward block (dense SwiGLU or MoE experts and gate)."""
-    return ".feed_forward." in f".{name}"
+    return ".feed_forward." in name
 
 
 def scale_non_ffn(model: nn.Module, groups: list[dict], scale: float) -> list[dict]:

@@ -141,7 +141,7 @@ class LMTask:
                                         token_weights)
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
-            route = "all" if self.model_cfg.moe.routed_head else "ffn"
+            route = "all" if self.model_cfg.routed_head else "ffn"  # merged_config's two shapes
             model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights, route)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
