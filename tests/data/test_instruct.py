@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from training.data.instruct import (ARITH_OPS, arithmetic_eval_items, arithmetic_items, arith_split,
+                                    expression_items, expression_key, question_expressions,
                                     fact_eval_items, task_items, train_items)
 from training.data.sft import IGNORE, InstructBatches, ReplayBatches, StagedBatches, encode_items, write_items
 from training.tasks import lm_loss
@@ -131,6 +132,16 @@ def test_no_held_out_task_item_is_in_any_training_or_instruction_set(tiny_corpus
     assert held and not held & seen
     assert all(arith_split(*_parse(k)) == "test" for k in held)
     assert {it["family"] for it in arithmetic_eval_items(300)} == {f"arithmetic_{op}" for op in ARITH_OPS}
+    # expressions: none is a held-out pair, nor the expression of a held-out question, written either way
+    math = train_items(tiny_corpus, "math")
+    exprs = {it["key"].rsplit(":", 1)[0] for it in math if it["family"] == "arithmetic_expr"}
+    asked = question_expressions(tiny_corpus.docs("math", "test"))
+    assert exprs and asked and not exprs & asked
+    assert not exprs & {expression_key(k) for k in held}
+    assert expression_key("345 + 278") == "arith:345+278"
+    some = next(iter(asked))
+    assert some not in {it["key"].rsplit(":", 1)[0]
+                        for it in expression_items(500, seed=0, exclude=frozenset([some]))}
 
 
 def _parse(expr: str) -> tuple[int, str, int]:

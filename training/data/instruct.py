@@ -95,6 +95,79 @@ def arithmetic_items(n: int, seed: int, *, split: str = "train", digits: tuple[i
     return out
 
 
+# ---- expressions: copying a longer question into the calculator's call ---------------------------
+# Expressions of 2 to 6 terms, as users and the reasoning-gym arithmetic families write them: signed
+# operands (``56 + -33``), parentheses and negated groups (``-( 313 - -854 )``), exact division, with
+# or without spaces. The math expert answers them by copying the expression into the calculator's
+# call; trained on the two-operand items alone it miscopies signs and longer chains
+# (``43 - -21`` -> ``43 * 21``).
+EXPR_PHRASINGS = ("Calculate {e}.", "What is {e}?", "Compute {e}.", "{e} =", "Evaluate {e}.",
+                  "Work out {e}.", "What is the value of {e}?", "Find {e}.", "{e}",
+                  "State the final answer to the following arithmetic problem: {e} =",
+                  "Solve the following problem: {e}. Give only the result.")
+EXPR_TERMS = (2, 6)
+
+
+def _expr_leaf(rng: random.Random, digits: int, signed: bool) -> str:
+    v = _operand(rng, rng.randint(1, digits))
+    return f"-{v}" if signed and v and rng.random() < 0.3 else str(v)
+
+
+def _expr_tree(rng: random.Random, terms: int, digits: int, signed: bool) -> str:
+    """A random expression with ``terms`` operands, tokens separated by single spaces."""
+    if terms == 1:
+        return _expr_leaf(rng, digits, signed)
+    if terms == 2 and rng.random() < 0.15:  # exact division: a multiple of the divisor over it
+        d = max(1, _operand(rng, rng.randint(1, min(2, digits))))
+        q = rng.randint(1, 10 ** min(3, digits) // d + 1)
+        return f"{-d * q if signed and rng.random() < 0.3 else d * q} / {d}"
+    left = rng.randint(1, terms - 1)
+    parts = [_expr_tree(rng, left, digits, signed), _expr_tree(rng, terms - left, digits, signed)]
+    for i, (part, n) in enumerate(zip(parts, (left, terms - left))):
+        if n > 1 and rng.random() < 0.4:
+            parts[i] = f"{'-' if signed and rng.random() < 0.25 else ''}( {part} )"
+    return f"{parts[0]} {rng.choice(ARITH_OPS)} {parts[1]}"
+
+
+def expression_key(expr: str) -> str:
+    """The split key of an expression: its text without spaces (``arith:345+278`` for ``345 + 278``,
+    the key :func:`arith_split` hashes, so a held-out pair is held out written either way)."""
+    return "arith:" + re.sub(r"\s+", "", expr)
+
+
+def expression_items(n: int, seed: int, *, exclude: frozenset[str] = frozenset()) -> list[Item]:
+    """``n`` training items asking the value of an expression (:data:`EXPR_PHRASINGS`); an expression
+    whose key hashes to the held-out split, or that is in ``exclude`` (keys of held-out questions), is
+    never used. ``level`` is the operand digit count, as for the two-operand items."""
+    from experts.calculator import MAX_DIGITS, evaluate
+
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        digits, terms = rng.randint(1, 4), rng.randint(*EXPR_TERMS)
+        expr = _expr_tree(rng, terms, digits, signed=rng.random() < 0.8)
+        if rng.random() < 0.2:
+            expr = expr.replace(" ", "")
+        key = expression_key(expr)
+        value = evaluate(expr)
+        if (value is None or "." in value or len(value) > MAX_DIGITS or key in seen or key in exclude
+                or split_of(key, val=0.0, test=ARITH_TEST) != "train"):
+            continue
+        seen.add(key)
+        question = rng.choice(EXPR_PHRASINGS).format(e=expr)
+        out.append({**item(f"{key}:expr", "arithmetic_expr", _qa(question, f"{expr} = {value}"), value,
+                           level=digits), "weight": ARITH_WEIGHT})
+    return out
+
+
+def question_expressions(records: list[dict]) -> frozenset[str]:
+    """The keys of the expressions that ``records``' questions ask (to keep them out of training)."""
+    from experts.calculator import expression_in
+
+    return frozenset(expression_key(e) for r in records if (e := expression_in(r.get("question") or "")))
+
+
 # ---- per-domain items from corpus records ------------------------------------------------------
 def _rg_items(records: list[dict]) -> Iterator[Item]:
     for r in records:
@@ -225,7 +298,9 @@ def train_items(corpus: Any, domain: str, seed: int = 0) -> list[Item]:
     twice as many items as the domain's others, each drawn :data:`ARITH_WEIGHT` times as often."""
     items = domain_items(domain, corpus.docs(domain, "train"), seed)
     if domain == "math":
-        items += arithmetic_items(max(20_000, 2 * len(items)), seed + 1)
+        n = max(20_000, 2 * len(items))
+        held = question_expressions(corpus.docs("math", "test") + corpus.docs("math", "val"))
+        items += arithmetic_items(n // 2, seed + 1) + expression_items(n // 2, seed + 2, exclude=held)
     return items
 
 
