@@ -26,6 +26,9 @@ def _check(ok: bool, name: str, value: Any, rule: str) -> None:
     check_field(ok, "ModelConfig", name, value, rule)
 
 
+GATE_CONTEXTS = ("token", "mean")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """The token-level mixture-of-experts FFN (used when ``ModelConfig.ffn == "moe"``)."""
@@ -40,6 +43,9 @@ class MoEConfig:
     # copies (a Branch-Train-MiX merge that keeps every expert's weights: training.merge)
     routed_attention: bool = False
     routed_head: bool = False  # needs tie_embeddings=False: the head's experts are not the embedding
+    # what a router reads: "token" (the token's own input) or "mean" (the mean of the inputs of the
+    # token and every one before it in its sequence: a causal document-level choice, per token)
+    gate_context: str = "token"
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
@@ -50,6 +56,8 @@ class MoEConfig:
                self.expert_hidden, "must be None or >= 1")
         _check(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         _check(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
+        _check(self.gate_context in GATE_CONTEXTS, "moe.gate_context", self.gate_context,
+               f"must be one of {list(GATE_CONTEXTS)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,6 +52,21 @@ class _CacheStep:
     is_causal: bool
 
 
+def _write(buf: torch.Tensor, step: _CacheStep, new_BHTD: torch.Tensor) -> torch.Tensor:
+    """Write the new positions of the bound rows into ``buf (max_batch, H, max_len, X)``; return its
+    rows up to ``step.end``, ``(B, H, S, X)``."""
+    T, s0 = step.n_new, step.starts[0]
+    if step.rows is not None and step.mask is None:  # same length, contiguous: slice views
+        buf[step.rows, :, s0:s0 + T] = new_BHTD
+        return buf[step.rows, :, :step.end]
+    if T == 1:  # batched decode at different positions: one scatter
+        buf[step.slot_idx, :, torch.tensor(step.starts, device=buf.device)] = new_BHTD[:, :, 0]
+    else:  # chunks of several tokens: one slice copy per row (a loop over rows, not tokens)
+        for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
+            buf[slot, :, start:start + T] = new_BHTD[b]
+    return buf[step.rows if step.rows is not None else step.slot_idx, :, :step.end]
+
+
 class KVCache:
     """Slot-based key/value cache: per layer ``(max_batch, kv_heads, max_len, head_dim)``.
 
@@ -73,6 +88,10 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_batch, self.max_len = max_batch, max_len
+        # routers that read the running mean of their inputs (moe.gate_context "mean") keep the inputs
+        # here, as attention keeps keys: key -> (max_batch, 1, max_len, d_model), made on first use
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._dtype = dtype
         self.lengths = [0] * max_batch  # Python ints: reading them never syncs a device
         self._slots: list[int] = [0]
         self._valid: list[int] | None = None
@@ -124,23 +143,15 @@ class KVCache:
     def update(self, layer: int, step: _CacheStep, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values of ``layer`` and return the keys/values to attend over."""
-        K, V = self.k[layer], self.v[layer]
-        T, s0 = step.n_new, step.starts[0]
-        if step.rows is not None and step.mask is None:  # same length, contiguous: slice views
-            K[step.rows, :, s0:s0 + T] = k_BHTD
-            V[step.rows, :, s0:s0 + T] = v_BHTD
-            return K[step.rows, :, :step.end], V[step.rows, :, :step.end]
-        if T == 1:  # batched decode at different positions: one scatter per tensor
-            pos_B = torch.tensor(step.starts, device=K.device)
-            K[step.slot_idx, :, pos_B] = k_BHTD[:, :, 0]  # (B, Hkv, Dh)
-            V[step.slot_idx, :, pos_B] = v_BHTD[:, :, 0]
-        else:  # chunks of several tokens: one slice copy per row (a loop over rows, not tokens)
-            for b, (slot, start) in enumerate(zip(step.slots, step.starts)):
-                K[slot, :, start:start + T] = k_BHTD[b]
-                V[slot, :, start:start + T] = v_BHTD[b]
-        if step.rows is not None:
-            return K[step.rows, :, :step.end], V[step.rows, :, :step.end]
-        return K[step.slot_idx, :, :step.end], V[step.slot_idx, :, :step.end]  # (B, Hkv, S, Dh)
+        return _write(self.k[layer], step, k_BHTD), _write(self.v[layer], step, v_BHTD)
+
+    def update_inputs(self, key: str, step: _CacheStep, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Write a router's new inputs under ``key`` and return every input of the rows so far,
+        ``(B, S, D)`` (positions past a row's length hold stale values: the caller reads only its own)."""
+        if key not in self.inputs:
+            self.inputs[key] = torch.zeros(self.max_batch, 1, self.max_len, x_BTD.shape[-1],
+                                           device=x_BTD.device, dtype=self._dtype)
+        return _write(self.inputs[key], step, x_BTD.unsqueeze(1).to(self._dtype)).squeeze(1)
 
     def commit(self, step: _CacheStep) -> None:
         """Advance the lengths of the rows written by ``step``."""
@@ -226,13 +237,14 @@ class RoutedAttention(Routed):
     and the gate's zeros drop the others. With one expert per token it is that expert's attention."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k)
+        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context,
+                         key=f"attn{layer_id}")
         self.experts = nn.ModuleList(Attention(cfg, layer_id) for _ in range(cfg.moe.n_experts))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x.shape
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x.reshape(B * T, D))
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x, cache, step).reshape(B * T, D))
         g_BTE = dense_gates(weights_NK, experts_NK, self.n_experts).to(x.dtype).view(B, T, self.n_experts)
         used = experts_NK.unique().tolist()
         qkv = sum(g_BTE[:, :, e, None, None] * self.experts[e].qkv(x) for e in used)
@@ -249,7 +261,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = RoutedAttention(cfg, layer_id) if cfg.routed_attention else Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = MoEFFN(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
+        self.feed_forward = MoEFFN(cfg, layer_id) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, cfg.hidden_dim)
         self.dropout = cfg.dropout
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,7 +276,10 @@ class Block(nn.Module):
             a, aux = a
             auxes.append(aux)
         x = x + self._drop(a)
-        y = self.feed_forward(self.ffn_norm(x))
+        if isinstance(self.feed_forward, MoEFFN):
+            y = self.feed_forward(self.ffn_norm(x), cache, step)
+        else:
+            y = self.feed_forward(self.ffn_norm(x))
         if isinstance(y, tuple):
             y, aux = y
             auxes.append(aux)
@@ -329,13 +344,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h, aux = layer(h, cos, sin, cache, step)
             auxes += aux
+        h = self.norm(h)
+        gate = self.output.gate_input(h, cache, step) if isinstance(self.output, RoutedHead) else None
         if last_only:
             if step is not None and step.n_valid is not None:  # right-padded rows end at different places
                 last_B = torch.tensor(step.n_valid, device=h.device) - 1
-                h = h[torch.arange(B, device=h.device), last_B][:, None]  # (B, 1, D)
+                pick = lambda t: t[torch.arange(B, device=t.device), last_B][:, None]  # noqa: E731 (B, 1, D)
             else:
-                h = h[:, -1:]
-        logits = self.output(self.norm(h))  # (B, T or 1, V); a routed head gives log-probs
+                pick = lambda t: t[:, -1:]  # noqa: E731
+            h, gate = pick(h), (pick(gate) if gate is not None else None)
+        # (B, T or 1, V); a routed head gives log-probs
+        logits = self.output(h, gate) if isinstance(self.output, RoutedHead) else self.output(h)
         if isinstance(logits, tuple):
             logits, aux = logits
             auxes.append(aux)

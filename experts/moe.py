@@ -19,6 +19,7 @@ Routing choices, so a reader need not guess:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +68,29 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
 
 
 class Routed(nn.Module):
-    """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``."""
+    """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``.
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int):
+    The gate reads the token's input (``context="token"``) or the mean of the inputs of the token and
+    all before it in its row (``"mean"``: ``moe.gate_context``); with a KV cache those inputs are kept
+    in it under ``key``, so decoding one token at a time routes as the full forward does."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, *, context: str = "token", key: str = ""):
         super().__init__()
-        self.n_experts, self.top_k = n_experts, top_k
+        self.n_experts, self.top_k, self.context, self.key = n_experts, top_k, context, key
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # router (HF Mixtral name)
+
+    def gate_input(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None) -> torch.Tensor:
+        """What the gate reads at every position, ``(B, T, D)``."""
+        if self.context == "token":
+            return x_BTD
+        B, T, D = x_BTD.shape
+        if cache is None:
+            sums_BTD, pos_T = x_BTD.float().cumsum(1), torch.arange(T, device=x_BTD.device)
+            return (sums_BTD / (pos_T + 1)[:, None]).to(x_BTD.dtype)
+        sums_BSD = cache.update_inputs(self.key, step, x_BTD).float().cumsum(1)
+        pos_BT = torch.tensor(step.starts, device=x_BTD.device)[:, None] + torch.arange(T, device=x_BTD.device)
+        sums_BTD = sums_BSD.gather(1, pos_BT[..., None].expand(B, T, D))
+        return (sums_BTD / (pos_BT + 1)[..., None]).to(x_BTD.dtype)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(logits_NE, probs_NE, weights_NK, experts_NK)``, all routing maths in fp32."""
@@ -102,14 +120,15 @@ class RoutedHead(Routed):
     are valid logits (their softmax is the mixture), so sampling and scoring need nothing else."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k)
+        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context, key="head")
         self.experts = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
                                      for _ in range(cfg.moe.n_experts))
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BTD: torch.Tensor, gate_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """``gate_BTD``: what the gate reads, when not ``x_BTD`` itself (:meth:`gate_input`)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND if gate_BTD is None else gate_BTD.reshape(B * T, D))
         V = self.experts[0].out_features
         logp_NKV = x_ND.new_empty(B * T, experts_NK.shape[1], V, dtype=torch.float32)
         for e in range(self.n_experts):
@@ -123,17 +142,17 @@ class RoutedHead(Routed):
 class MoEFFN(Routed):
     """Top-k routed SwiGLU experts plus optional shared experts; returns ``(y, MoEAux)``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         m = cfg.moe
-        super().__init__(cfg.d_model, m.n_experts, m.top_k)
+        super().__init__(cfg.d_model, m.n_experts, m.top_k, context=m.gate_context, key=f"ffn{layer_id}")
         hidden = cfg.expert_hidden_dim
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
         self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x_BTD, cache, step).reshape(B * T, D))
 
         # dispatch: sort the N*K assignments by expert so each expert sees one contiguous group
         experts_A = experts_NK.flatten()  # (A,)

@@ -17,6 +17,19 @@ GROUP_NAMES: tuple[str, ...] = tuple(GROUPS)
 # as a user turn (``<|user|>prompt<|end|><|assistant|>``), or they would just close the turn.
 CHAT_EXPERTS: tuple[str, ...] = ("conversation",)
 
+# Domains with one right answer per question: an expert instruction-tuned on them alone is served
+# greedily unless a request sets its own sampling (vLLM's per-model ``generation_config`` defaults).
+GREEDY_DOMAINS: frozenset[str] = frozenset({"math", "reasoning", "knowledge", "code"})
+
+
+def generation_defaults(meta: dict) -> dict[str, float]:
+    """The sampling fields a model is served with when a request leaves them out: ``temperature``
+    0 for a model instruction-tuned only on :data:`GREEDY_DOMAINS` (its ``meta.json``), else none
+    (the API's defaults)."""
+    domains = set((meta.get("instruct") or {}).get("domains") or ())
+    return {"temperature": 0.0} if domains and domains <= GREEDY_DOMAINS else {}
+
+
 # Where an empty or whitespace-only prompt goes (documented in the README).
 DEFAULT_EXPERT = "conversation"
 

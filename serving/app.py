@@ -16,7 +16,7 @@ from ray.serve.config import BackpressureConfig
 from experts.checkpoint import TOKENIZER, CheckpointError, read_meta
 from experts.config import ModelConfig
 from experts.tokenizer import Tokenizer
-from router.domains import CHAT_EXPERTS
+from router.domains import CHAT_EXPERTS, generation_defaults
 from serving.config import AppArgs
 from serving.deployments import Expert, Router
 from serving.errors import RETRY_AFTER_S
@@ -32,6 +32,7 @@ class ServedExpert(NamedTuple):
 
     config: ModelConfig
     chat: bool  # it reads a native prompt as a chat user turn (see :func:`is_chat_expert`)
+    generation: dict[str, float]  # sampling defaults (router.domains.generation_defaults)
 
 
 def is_chat_expert(name: str, meta: dict[str, Any]) -> bool:
@@ -50,7 +51,7 @@ def served_experts(args: AppArgs) -> dict[str, ServedExpert]:
             config = ModelConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}/meta.json: invalid model config ({e})") from e
-        served[name] = ServedExpert(config, is_chat_expert(name, meta))
+        served[name] = ServedExpert(config, is_chat_expert(name, meta), generation_defaults(meta))
     return served
 
 
@@ -61,6 +62,7 @@ def ingress_settings(args: AppArgs, experts: dict[str, ServedExpert]) -> Ingress
     return IngressSettings(
         tokenizer_path=str(tokenizer), contexts={n: e.config.max_seq_len for n, e in experts.items()},
         chat_experts=[n for n, e in experts.items() if e.chat],
+        generation={n: e.generation for n, e in experts.items() if e.generation},
         vocab_size=min(Tokenizer.load(tokenizer).vocab_size, *(e.config.vocab_size for e in experts.values())),
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes, api_key=args.api_key,

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import httpx
 
-HELP = ("commands: /expert NAME|auto  /mode top1|ensemble  /temp T  /max N  /help  /quit\n"
+HELP = ("commands: /expert NAME|auto  /mode top1|ensemble  /temp T|default  /max N  /help  /quit\n"
         "Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt quits.")
 
 
@@ -27,13 +27,14 @@ class ChatState:
 
     expert: str = "auto"
     mode: str = "top1"
-    temperature: float = 0.7
+    temperature: float | None = None  # None: the answering expert's default (greedy for math)
     max_tokens: int = 128
     experts: list[str] = field(default_factory=list)
 
     def body(self, prompt: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": prompt, "stream": True, "mode": self.mode,
-                                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {"prompt": prompt, "stream": True, "mode": self.mode, "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
         if self.expert != "auto":
             body["expert"] = self.expert
         return body
@@ -55,6 +56,9 @@ def apply_command(state: ChatState, line: str) -> str:
             return "mode must be top1 or ensemble"
         state.mode = arg
         return f"mode: {arg}"
+    if name == "temp" and arg == "default":
+        state.temperature = None
+        return "temperature: the expert's default"
     if name in ("temp", "max"):
         try:
             value = float(arg) if name == "temp" else int(arg)

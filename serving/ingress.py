@@ -49,6 +49,7 @@ class IngressSettings(BaseModel):
     tokenizer_path: str
     contexts: dict[str, int]  # expert -> context length (max_seq_len)
     chat_experts: list[str] = []  # experts that read a native prompt as a chat user turn (serving.app)
+    generation: dict[str, dict[str, float]] = {}  # expert -> sampling defaults for fields a request omits
     vocab_size: int
     max_tokens_cap: int
     max_body_bytes: int
@@ -106,7 +107,7 @@ class Ingress:
         self.tok = Tokenizer.load(self.settings.tokenizer_path)
         st = self.settings
         self.orch = Orchestrator(self.experts, self.tok, self._route_any, contexts=st.contexts,
-                                 chat_experts=st.chat_experts,
+                                 chat_experts=st.chat_experts, generation=st.generation,
                                  ensemble_threshold=st.ensemble_threshold, ensemble_top_k=st.ensemble_top_k,
                                  first_token_timeout_s=st.first_token_timeout_s, share=self._tell_replicas)
         self.health = self.orch.health
@@ -377,8 +378,9 @@ class Ingress:
                       repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
                       stop_ids=() if req.ignore_eos else self.stop_ids, seed=req.seed)
         SamplingParams(**params)  # ValueError -> 400
+        unset = frozenset(S.DEFAULTABLE - req.model_fields_set)
         return Job(ids, echo_from, route_text, model, req.mode, budget, params, req.stop_list(), req.stream,
-                   truncate=req.truncate_prompt_tokens, truncated=truncated)
+                   truncate=req.truncate_prompt_tokens, truncated=truncated, unset=unset)
 
     # ---- routing ------------------------------------------------------------------------------
     async def _route_any(self, text: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class Job:
     truncated: bool = False  # the prompt was cut from the left to fit
     t0: float = field(default_factory=time.perf_counter)
     prompts: dict[str, list[int]] = field(default_factory=dict)  # each routed expert's prompt
+    unset: frozenset[str] = frozenset()  # sampling fields the request left out (the model's defaults apply)
 
     @property
     def one_message(self) -> bool:
@@ -128,10 +129,12 @@ class Orchestrator:
 
     def __init__(self, experts: dict[str, Any], tokenizer: Any, route_text: RouteText, *,
                  contexts: dict[str, int], chat_experts: Collection[str] = (),
+                 generation: dict[str, dict[str, float]] | None = None,
                  ensemble_threshold: float = 0.5, ensemble_top_k: int = 2, first_token_timeout_s: float = 5.0,
                  share: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.experts, self.tok, self.route_text = experts, tokenizer, route_text
         self.contexts, self.chat_experts = contexts, frozenset(chat_experts)
+        self.generation = dict(generation or {})
         self.ensemble_threshold, self.ensemble_top_k = ensemble_threshold, ensemble_top_k
         self.first_token_timeout_s = first_token_timeout_s
         self.health = ExpertHealth(self.experts, share=share)
@@ -169,6 +172,7 @@ class Orchestrator:
         g.decision = await self.route(job)
         g.timings["route_ms"] = round((time.perf_counter() - t) * 1000.0, 3)
         self.set_prompts(job, g.decision["experts"])
+        self.set_defaults(job, g.decision["experts"][0])
         if job.max_tokens == 0:
             g.finish_reason = "length"
             yield g, ""
@@ -213,6 +217,13 @@ class Orchestrator:
             job.params["max_new_tokens"] = min(job.params["max_new_tokens"], room)
             job.params["stop_ids"] = tuple(dict.fromkeys((*job.params.get("stop_ids", ()), self.tok.end_id)))
         job.ids = job.prompts[names[0]]
+
+    def set_defaults(self, job: Job, name: str) -> None:
+        """Fill the sampling fields the request left out with the defaults of the expert that answers
+        (the first routed one): the math expert is greedy unless asked otherwise."""
+        for key, value in self.generation.get(name, {}).items():
+            if key in job.unset:
+                job.params[key] = value
 
     async def _tokens(self, decision: dict[str, Any], job: Job) -> AsyncIterator[dict[str, Any]]:
         """Token chunks from the chosen expert(s); a dead replica marks its expert down (503s)."""

@@ -24,11 +24,17 @@ StopText = Annotated[str, Field(min_length=1, max_length=64)]
 Mode = Literal["top1", "ensemble", "auto"]
 
 
+# fields that, when a request leaves them out, take the answering model's defaults (a math expert
+# is greedy: router.domains.generation_defaults), else the defaults below
+DEFAULTABLE = frozenset({"temperature", "top_p", "top_k", "repetition_penalty"})
+
+
 class SamplingFields(BaseModel):
     """Sampling fields shared by every generation request."""
 
     max_tokens: int | None = Field(None, ge=0, description="None: 16 (completions) or the cap (chat)")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 is greedy")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 is greedy; left out: the model's "
+                               "default (0 for math, reasoning, knowledge and code experts), else 1")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)

@@ -45,7 +45,7 @@ def make_tiny_run(path: str | Path, *, experts: Sequence[str] = DOMAINS, preset:
     models = []
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i)
-        meta = {"instruct": {"fraction": 0.3, "steps": 1}} if name in instruct else {}
+        meta = {"instruct": {"domains": [name], "from_batch": 0, "batches": 1}} if name in instruct else {}
         if name in tools:
             meta["tools"] = ["calculator"]
         models.append(Transformer(cfg).eval())

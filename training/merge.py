@@ -48,9 +48,10 @@ _PER_TOKEN = ("tok_embeddings.weight", "output.weight")  # (V, D): one row per t
 ROUTES = ("ffn", "all")
 
 
-def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn") -> ModelConfig:
+def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn",
+                  gate_context: str = "token") -> ModelConfig:
     """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN (and with
-    ``route="all"`` of its attention projections and LM head too)."""
+    ``route="all"`` of its attention projections and LM head too), routed by ``gate_context``."""
     if cfg.ffn != "dense":
         raise CheckpointError(f"only dense experts can be merged (this one has ffn={cfg.ffn!r})")
     if route not in ROUTES:
@@ -58,7 +59,7 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
     full = route == "all"
     return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not full,
                        moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
-                                     routed_attention=full, routed_head=full))
+                                     routed_attention=full, routed_head=full, gate_context=gate_context))
 
 
 def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
@@ -101,7 +102,7 @@ def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> 
 
 @torch.no_grad()
 def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None,
-                 route: str = "ffn") -> Transformer:
+                 route: str = "ffn", gate_context: str = "token") -> Transformer:
     """One MoE Transformer from dense ``models`` of one config (see the module docstring); embedding
     rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean.
 
@@ -114,7 +115,7 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     cfg = models[0].cfg
     if any(m.cfg != cfg for m in models):
         raise CheckpointError("the experts to merge must share one model config")
-    merged = Transformer(merged_config(cfg, len(models), top_k, route))
+    merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context))
     states = [m.state_dict() for m in models]
     target = merged.state_dict()
     if route == "all":
@@ -175,8 +176,9 @@ def centroid_gates(model: Transformer, texts: Sequence[torch.Tensor], spread: fl
     most of a domain's tokens to that domain's expert, instead of the zero gates' first k experts."""
     ffns = [m for m in model.modules() if isinstance(m, Routed)]
     seen: list[list[torch.Tensor]] = [[] for _ in ffns]  # per layer: one (N, D) block per domain
-    hooks = [f.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for i, f in enumerate(ffns)]
+    hooks = [f.register_forward_pre_hook(
+        lambda mod, inp, i=i: seen[i].append(mod.gate_input(inp[0]).reshape(-1, inp[0].shape[-1])))
+        for i, f in enumerate(ffns)]
     try:
         for e, x in enumerate(texts):
             with forced_route(model, e):

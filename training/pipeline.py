@@ -185,7 +185,7 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     domain's instruction items as the experts' own last stage was; it waits for every expert."""
     from training.merge import merged_config
 
-    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route)
+    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route, cfg.merge.gate_context)
     task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),

@@ -80,7 +80,8 @@ def task_headline(domain: str, s: dict) -> str:
         return "-"
     if domain == "code":
         ex = s.get("codeio_exec_accuracy")
-        return f"parse {_pct(s['parse_rate'])}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
+        ended = f", ended {_pct(s['finished_rate'])}" if "finished_rate" in s else ""
+        return f"parse {_pct(s['parse_rate'])}{ended}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
     if domain == "conversation":
         return f"distinct-2 {s['distinct_2']:.2f}, loops {_pct(s['loop_share'])}"
     head = _exact_match_headline(s)

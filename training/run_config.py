@@ -199,6 +199,9 @@ class MergeSpec(_Strict):
     # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged) or "all" (the
     # attention projections and LM head routed too, norms folded in, only input embeddings averaged)
     route: Literal["ffn", "all"] = "ffn"
+    # what the routers read: each token's own input ("token", the paper's), or the running mean of the
+    # inputs of its sequence so far ("mean": a document-level choice, still made per token and causal)
+    gate_context: Literal["token", "mean"] = "token"
 
 
 class RunConfig(_Strict):

@@ -82,15 +82,18 @@ def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any, 
 
 
 def answer(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int, *,
-           temperature: float = 0.0, seed: int = 0, tool: Any = None) -> list[list[int]]:
-    """Each item's first user turn as a chat prompt, answered until ``<|end|>`` (token ids)."""
+           temperature: float = 0.0, seed: int = 0, tool: Any = None, repetition_penalty: float = 1.0,
+           keep_stop: bool = False) -> list[list[int]]:
+    """Each item's first user turn as a chat prompt, answered until ``<|end|>`` (token ids; with
+    ``keep_stop`` an answer that ended keeps its last, stop id)."""
     from experts.sampling import SamplingParams
 
     room = model.cfg.max_seq_len - max_new
     prompts = [tok.chat(it["messages"][:1])[-room:] for it in items]
     params = SamplingParams(temperature=temperature, top_k=50 if temperature else 0, max_new_tokens=max_new,
-                            stop_ids=(tok.end_id, tok.eos_id), seed=seed)
-    return [[t for t in o if t not in (tok.end_id, tok.eos_id)] for o in generate_ids(model, prompts, params, tool)]
+                            stop_ids=(tok.end_id, tok.eos_id), seed=seed, repetition_penalty=repetition_penalty)
+    outs = generate_ids(model, prompts, params, tool)
+    return outs if keep_stop else [[t for t in o if t not in params.stop_ids] for o in outs]
 
 
 def _examples(items: list[dict], texts: list[str], keys: list[bool] | None = None) -> list[dict]:
@@ -115,12 +118,20 @@ def exact_match_scores(items: list[dict], texts: list[str]) -> dict[str, Any]:
             "examples": _examples(items, texts, ok)}
 
 
-def code_scores(items: list[dict], texts: list[str], *, timeout_s: float = 10.0) -> dict[str, Any]:
+def code_scores(items: list[dict], texts: list[str], *, finished: list[bool] | None = None,
+                timeout_s: float = 10.0) -> dict[str, Any]:
+    """Parse rate and codeio execution accuracy; with ``finished`` (the answer ended before the token
+    budget), also the share that ended and the parse rate of those (a cut-off answer rarely parses)."""
     from training.code_exec import codeio_check
     from training.data.sources import codeio_rows
 
     programs = [it["messages"][0]["content"] + "\n" + t for it, t in zip(items, texts)]
     parsed = [parses(p) for p in programs]
+    ended = {}
+    if finished is not None:
+        done = [p for p, f in zip(parsed, finished) if f]
+        ended = {"finished_rate": sum(finished) / max(1, len(finished)),
+                 "parse_rate_finished": sum(done) / len(done) if done else None}
     rows, runs = codeio_rows(), []
     for it, prog in zip(items, programs):
         row = rows.get(it["key"].split(":")[1]) if it["family"] == "codeio" else None
@@ -130,7 +141,7 @@ def code_scores(items: list[dict], texts: list[str], *, timeout_s: float = 10.0)
         res = codeio_check(row["code_sample"], preamble + prog, row["input_generator"], timeout_s=timeout_s)
         if not res.error.startswith("reference"):
             runs.append(res.ok)
-    return {"n": len(items), "parse_rate": sum(parsed) / max(1, len(parsed)),
+    return {"n": len(items), "parse_rate": sum(parsed) / max(1, len(parsed)), **ended,
             "codeio_n": len(runs), "codeio_exec_accuracy": sum(runs) / len(runs) if runs else None,
             "examples": _examples(items, texts, parsed)}
 
@@ -151,9 +162,12 @@ def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dic
     if domain == "conversation":
         ids = answer(model, tok, items, max_new, temperature=0.8, tool=tool)
         return conversation_scores(items, ids, [tok.decode(o) for o in ids])
-    texts = [tok.decode(o) for o in answer(model, tok, items, 2 * max_new if domain == "code" else max_new, tool=tool)]
     if domain == "code":
-        return code_scores(items, texts)
+        outs = answer(model, tok, items, 2 * max_new, tool=tool, keep_stop=True)
+        finished = [bool(o) and o[-1] in (tok.end_id, tok.eos_id) for o in outs]
+        texts = [tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)]) for o in outs]
+        return code_scores(items, texts, finished=finished)
+    texts = [tok.decode(o) for o in answer(model, tok, items, max_new, tool=tool)]
     scores = exact_match_scores(items, texts)
     if tool is not None and domain == "math":
         alone = exact_match_scores(items, [tok.decode(o) for o in answer(model, tok, items, max_new)])

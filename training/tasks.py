@@ -142,7 +142,8 @@ class LMTask:
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             route = "all" if self.model_cfg.routed_head else "ffn"  # merged_config's two shapes
-            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights, route)
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights, route,
+                                 self.model_cfg.moe.gate_context)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")

@@ -17,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # "routed": an MoE whose attention projections and LM head are routed experts too (training.merge)
 ROUTED = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_attention=True, routed_head=True)}
+# "routed-mean": the same, its routers reading the running mean of their inputs (moe.gate_context)
+MEAN = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_attention=True, routed_head=True,
+                                                  gate_context="mean")}
 
 
 def _config(preset: str, **kw) -> ModelConfig:
-    return ModelConfig.preset("tiny-moe", **{**ROUTED, **kw}) if preset == "routed" else ModelConfig.preset(preset, **kw)
+    extra = {"routed": ROUTED, "routed-mean": MEAN}.get(preset)
+    return ModelConfig.preset("tiny-moe", **{**extra, **kw}) if extra else ModelConfig.preset(preset, **kw)
 
 
 def _model(preset: str, **kw) -> Transformer:
@@ -33,7 +37,7 @@ def _model(preset: str, **kw) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
 def test_changing_a_later_token_never_changes_earlier_logits(preset):
     model = _model(preset)
     x = torch.randint(0, 512, (2, 16))
@@ -46,7 +50,7 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
 def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
     model = _model(preset, qk_norm=qk_norm)
@@ -232,7 +236,7 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         model(x, positions=torch.arange(5)[None])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
 def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
     torch.manual_seed(0)
     model = Transformer(_config(preset)).eval()
@@ -241,3 +245,26 @@ def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
         full, last = model(x).logits, model(x, last_only=True).logits
     assert last.shape == (3, 1, model.cfg.vocab_size)
     torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+
+
+def test_a_mean_context_router_reads_the_running_mean_of_its_inputs_and_a_padded_prefill_agrees():
+    from experts.moe import MoEFFN
+
+    cfg = _config("routed-mean")
+    ffn = MoEFFN(cfg, 0)
+    x = torch.randn(2, 5, cfg.d_model)
+    want = torch.stack([x[:, :t + 1].mean(1) for t in range(5)], 1)
+    torch.testing.assert_close(ffn.gate_input(x), want, atol=1e-6, rtol=0)
+    model = _model("routed-mean")
+    x = torch.randint(0, 512, (2, 7))
+    cache = KVCache(model.cfg, max_batch=2, max_len=16)
+    with torch.no_grad():
+        cache.bind([0, 1], valid=[4, 7])  # right-padded prefill: row 0 has 4 tokens, 3 of padding
+        last = model(x, cache=cache, last_only=True).logits[:, 0]
+        cache.bind([0, 1])
+        nxt = model(x[:, 4:5], cache=cache).logits[:, 0]  # row 0's 5th token overwrites the padding
+        torch.testing.assert_close(last[0], model(x[:1, :4]).logits[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(last[1], model(x[1:, :7]).logits[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(nxt[0], model(x[:1, :5]).logits[0, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="moe.gate_context"):
+        MoEConfig(gate_context="doc")

@@ -122,6 +122,25 @@ def test_chat_experts_come_from_the_checkpoints(run):
     assert is_chat_expert("conversation", {})  # a checkpoint from before the instruction stage
 
 
+def test_sampling_fields_a_request_leaves_out_take_the_answering_experts_defaults(run):
+    from router.domains import generation_defaults
+
+    args = AppArgs(run_dir=str(run), experts=list(EXPERTS))
+    assert ingress_settings(args, served_experts(args)).generation == {"math": {"temperature": 0.0}}
+    assert generation_defaults({"instruct": {"domains": ["code"]}}) == {"temperature": 0.0}
+    assert generation_defaults({"instruct": {"domains": ["math", "conversation"]}}) == {}  # a generalist
+    assert generation_defaults({}) == {}  # not instruction-tuned
+    for expert, sent, want in (("math", {}, 0.0), ("math", {"temperature": 0.9}, 0.9),
+                               ("conversation", {}, 1.0), ("code", {}, 1.0)):
+        ingress = _ingress(run, top={expert: 0.9})
+        _run(ingress.generate(S.GenerateRequest(prompt=PROMPT, **sent)))
+        assert ingress.experts[expert].calls[0][1]["temperature"] == want, (expert, sent)
+    ingress = _ingress(run, top={"math": 0.9})  # the OpenAI routes too, and top_p is left alone
+    _run(ingress.chat(S.ChatRequest(model="auto", messages=[{"role": "user", "content": PROMPT}], max_tokens=4)))
+    assert ingress.experts["math"].calls[0][1]["temperature"] == 0.0
+    assert ingress.experts["math"].calls[0][1]["top_p"] == 1.0
+
+
 def test_a_routed_native_prompt_is_a_chat_turn_for_an_instruction_tuned_expert(run, tok):
     turn = tok.chat([{"role": "user", "content": PROMPT}])
     assert turn[:2] == [tok.bos_id, tok.user_id] and turn[-2:] == [tok.end_id, tok.assistant_id]

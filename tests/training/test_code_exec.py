@@ -63,3 +63,15 @@ def test_codeio_check_compares_outputs_with_float_tolerance():
 def test_a_broken_reference_is_named_so_the_item_can_be_skipped():
     res = codeio_check("def main_solution(a, b):\n    return 1 / 0\n", REF, GEN)
     assert not res.ok and res.error.startswith("reference raised ZeroDivisionError")
+
+
+def test_code_scores_separate_answers_cut_off_by_the_token_budget():
+    from training.task_scores import code_scores
+
+    items = [{"key": f"stdlib:{i}", "family": "stdlib", "answer": "",
+              "messages": [{"role": "user", "content": "def f(x):\n    \"\"\"Twice x.\"\"\""}]} for i in range(4)]
+    texts = ["    return 2 * x", "    y = x +", "    return x +", "    return x * 2"]
+    s = code_scores(items, texts, finished=[True, True, False, True])
+    assert s["parse_rate"] == 0.5 and s["finished_rate"] == 0.75
+    assert abs(s["parse_rate_finished"] - 2 / 3) < 1e-9
+    assert "finished_rate" not in code_scores(items, texts)

@@ -137,13 +137,15 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
     assert (emb[7] - eb[7]).norm() < 0.1 * (ea[7] - eb[7]).norm()
 
 
-def test_centroid_gates_start_routing_each_domains_tokens_to_its_expert():
+@pytest.mark.parametrize("gate_context", ["token", "mean"])
+def test_centroid_gates_start_routing_each_domains_tokens_to_its_expert(gate_context):
     """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
     nearest-centroid gates send most of a domain's tokens to its own expert in every layer (zero
-    gates: all to the first)."""
+    gates: all to the first), whether the routers read each token or the running mean."""
     from training.merge import centroid_gates
 
-    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1).eval()
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context).eval()
+    assert merged.cfg.moe.gate_context == gate_context
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for lo in (0, 100, 200):

@@ -52,6 +52,7 @@ def test_run_has_checkpoints_and_report(tiny_run):
     assert math["n"] > 0 and 0 <= math["exact_match"] <= 1 and "arithmetic_+" in math["by_family"]
     assert set(rep["tasks"]["conversation"]) == {"baseline-dense", "baseline-moe"}  # no conversation expert
     assert 0 <= rep["tasks"]["code"]["code"]["parse_rate"] <= 1
+    assert 0 <= rep["tasks"]["code"]["code"]["finished_rate"] <= 1
     for f in ("report.md", "matrix_ppl.png", "loss_curves.png"):
         assert (run_dir / "report" / f).stat().st_size > 0
     assert rep["compute"]["math"]["tokens"] == 9 * cfg.train.tokens_per_step
