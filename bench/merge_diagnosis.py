@@ -10,7 +10,9 @@ windows of its test tokens of:
   the mean: what each part of the merge costs that expert;
 - the merged model before any fine-tune, with every token sent to its own domain's expert
   (oracle routing), with plain and with per-token weighted embeddings, and a merge that routes
-  attention and head too (``route="all"``, weighted input embeddings), so routed;
+  attention and head too (``route="all"``, weighted input embeddings), so routed; and that merge
+  routed by its own top-2 routers started at the domain centroids (``centroid_gates``, no fine-tune),
+  reading each token's input or the running mean of the sequence's (``moe.gate_context``);
 
 and how far each expert's weights moved from the seed (``|expert - seed| / |seed|``).
 
@@ -31,7 +33,7 @@ import torch
 from experts.checkpoint import load_lm
 from experts.model import Transformer
 from training.data import load_corpora
-from training.merge import forced_route, merge_models, sample_windows, token_weights, weighted_mean
+from training.merge import centroid_gates, forced_route, merge_models, sample_windows, token_weights, weighted_mean
 from training.run_config import load_run_config
 from training.scoring import model_dirs
 
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     seed_sd = loaded["seed"].state_dict() if "seed" in loaded else None
     separate = [untied(e) for e in experts]
     out: dict = {"run": str(run), "windows": WINDOWS, "length": LENGTH, "by_domain": {}}
+    centroid = {}
+    for context in ("token", "mean"):  # the gates of merged_job's centroid start (its windows and seeds)
+        m = merge_models(experts, 2, w, route="all", gate_context=context).eval()
+        centroid_gates(m, [sample_windows(str(corpus.tokens_path(d, "train")), 8, cfg.train.seq_len, seed=cfg.seed + 300 + i)
+                           for i, d in enumerate(domains)])
+        centroid[f"merge route=all, top-2 centroid gates, gate_context {context}"] = m
     for i, d in enumerate(domains):
         x = sample_windows(str(corpus.tokens_path(d, "test")), WINDOWS, LENGTH + 1)
         row = {"expert": nats(experts[i], x), **{n: nats(m, x) for n, m in loaded.items()},
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                "expert, attention mean": nats(with_mean(experts[i], experts, attn), x),
                "merge, oracle routing, plain means": oracle(merge_models(experts, 1).eval(), i, x),
                "merge, oracle routing, weighted embeddings": oracle(merge_models(experts, 1, w).eval(), i, x),
-               "merge route=all, oracle routing": oracle(merge_models(experts, 1, w, route="all").eval(), i, x)}
+               "merge route=all, oracle routing": oracle(merge_models(experts, 1, w, route="all").eval(), i, x),
+               **{n: nats(m, x) for n, m in centroid.items()}}
         if seed_sd is not None:
             sd = experts[i].state_dict()
             row["drift from seed"] = {k: round(((sd[k] - seed_sd[k]).norm() / seed_sd[k].norm()).item(), 3)
