@@ -3,7 +3,10 @@
 Copies ``SRC_RUN``'s seed and instruction items into ``runs/NAME``, plans the run of ``PRESET`` with
 the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``), trains only its math expert, and asks
 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings, greedy, with the
-calculator. Appends one JSON line to ``--out``.
+calculator, and the held-out items of the math corpus's expression families (``basic_arithmetic``,
+``chain_sum``, ``products``: 30 each, as the report asks them). ``--expr-share`` sets the share of
+expressions in the arithmetic curriculum (``training.data.instruct.EXPR_SHARE``) and writes the math
+instruction items anew instead of copying them. Appends one JSON line to ``--out``.
 
     python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}' \\
         --out docs/results/branch_probe_quick.jsonl
@@ -20,9 +23,10 @@ from pathlib import Path
 from experts.calculator import tool_for
 from experts.checkpoint import load_lm
 from training.data import load_corpora
-from training.data.instruct import PLAIN_PHRASINGS, arithmetic_items
+from training.data import instruct
+from training.data.instruct import PLAIN_PHRASINGS, arithmetic_items, task_items
 from training.loop import train
-from training.pipeline import plan_jobs
+from training.pipeline import INSTRUCT_DIR, plan_jobs, write_instruct_items
 from training.run_config import load_run_config
 from training.task_scores import answer, is_correct
 
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("name", help="the probe's run directory, runs/NAME")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
+    ap.add_argument("--expr-share", type=float, help="share of expressions in the arithmetic curriculum")
     args = ap.parse_args()
     src, preset, name, ov = args.src, args.preset, args.name, json.loads(args.overrides)
     run = Path("runs") / name
@@ -43,12 +48,16 @@ def main() -> None:
             shutil.copytree(src / d, run / d)
     cfg = load_run_config(preset, ov)
     corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
+    if args.expr_share is not None:
+        instruct.EXPR_SHARE = args.expr_share
+        (run / INSTRUCT_DIR / "math.npz").unlink(missing_ok=True)
+        write_instruct_items(cfg.model_copy(update={"experts": ("math",)}), corpus, run)
     tok = corpus.tokenizer()
     job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}["math"]
     t0 = time.perf_counter()
     train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
     m, _, meta = load_lm(run / "experts" / "math")
-    res = {"name": name, "overrides": ov, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
+    res = {"name": name, "overrides": ov, "expr_share": instruct.EXPR_SHARE, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
     for digits in [(2,), (3,)]:
         its = arithmetic_items(300, 777, split="test", digits=digits, phrasings=PLAIN_PHRASINGS)
         outs = answer(m, tok, its, 24, tool=tool_for(meta, tok))
@@ -56,6 +65,12 @@ def main() -> None:
         for i, o in zip(its, outs):
             by.setdefault(i["family"], []).append(is_correct(tok.decode(o), i["answer"]))
         res[f"{digits[0]}-digit"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
+    families = ("basic_arithmetic", "chain_sum", "products")
+    its = [it for it in task_items(corpus, "math", 30) if it["family"] in families]
+    outs = answer(m, tok, its, 48, tool=tool_for(meta, tok))
+    for fam in families:
+        ok = [is_correct(tok.decode(o), i["answer"]) for i, o in zip(its, outs) if i["family"] == fam]
+        res[fam] = round(sum(ok) / len(ok), 3)
     res["val"] = json.loads((run / "experts" / "math" / "train_result.json").read_text()).get("best_val_loss")
     print(json.dumps(res), flush=True)
     with open(args.out, "a") as f:

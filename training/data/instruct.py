@@ -106,6 +106,8 @@ EXPR_PHRASINGS = ("Calculate {e}.", "What is {e}?", "Compute {e}.", "{e} =", "Ev
                   "State the final answer to the following arithmetic problem: {e} =",
                   "Solve the following problem: {e}. Give only the result.")
 EXPR_TERMS = (2, 6)
+EXPR_SHARE = 0.2  # of the math curriculum's items, the share that are expressions (the rest two operands);
+# at 0.5 the math branch copied fewer plain two-operand questions (docs/benchmarks.md)
 
 
 def _expr_leaf(rng: random.Random, digits: int, signed: bool) -> str:
@@ -300,7 +302,8 @@ def train_items(corpus: Any, domain: str, seed: int = 0) -> list[Item]:
     if domain == "math":
         n = max(20_000, 2 * len(items))
         held = question_expressions(corpus.docs("math", "test") + corpus.docs("math", "val"))
-        items += arithmetic_items(n // 2, seed + 1) + expression_items(n // 2, seed + 2, exclude=held)
+        n_expr = round(n * EXPR_SHARE)
+        items += arithmetic_items(n - n_expr, seed + 1) + expression_items(n_expr, seed + 2, exclude=held)
     return items
 
 
