@@ -84,7 +84,9 @@ def _docs(n: int, prefix: str) -> list[dict]:
 def test_local_jsonl_and_in_memory_dataset_through_one_spec(tmp_path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _docs(60, "local")))
-    mem = datasets.Dataset.from_list(_docs(60, "memory"))
+    memory = _docs(60, "memory")
+    memory[0]["body"] += "a line\u2028separator, a next\x85line and a form\x0cfeed"  # not record breaks
+    mem = datasets.Dataset.from_list(memory)
     src = dict(text_field="body", key_field="id")
     spec = _spec(DomainSpec(domain="code", budget_bytes=100_000, sources=[
         SourceSpec(kind="local", name="mine", paths=[str(path)], **src),
@@ -93,6 +95,7 @@ def test_local_jsonl_and_in_memory_dataset_through_one_spec(tmp_path) -> None:
     docs = [r for s in ("train", "val", "test") for r in corpus.docs("code", s)]
     assert {r["key"] for r in docs} == {f"local{i}" for i in range(60)} | {f"memory{i}" for i in range(60)}
     assert {r["source"] for r in docs} == {"mine", "mem"}
+    assert next(r["text"] for r in docs if r["key"] == "memory0") == memory[0]["body"]
     verify(corpus)
 
 

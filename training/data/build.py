@@ -64,7 +64,8 @@ class CorpusSet:
 
     def docs(self, domain: str, split: str) -> list[Record]:
         path = self._path(domain, split, ".jsonl")
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        # split on newlines only: str.splitlines also breaks at U+2028 and U+0085 inside JSON strings
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
     def dataset(self, domain: str, split: str):
         """The documents of one split as a ``datasets.Dataset``."""
