@@ -71,7 +71,8 @@ def main() -> None:
     for fam in families:
         ok = [is_correct(tok.decode(o), i["answer"]) for i, o in zip(its, outs) if i["family"] == fam]
         res[fam] = round(sum(ok) / len(ok), 3)
-    res["val"] = json.loads((run / "experts" / "math" / "train_result.json").read_text()).get("best_val_loss")
+    result = json.loads((run / "experts" / "math" / "train_result.json").read_text())
+    res["val"], res["last_val"] = result.get("best_val_loss"), result.get("last_val_loss")  # nats/token, math val
     print(json.dumps(res), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(res) + "\n")
