@@ -20,7 +20,7 @@ from experts.atomic import atomic_write_text
 from experts.checkpoint import load_lm
 from training.data import load_corpora
 from training.run_config import load_run_config
-from training.task_scores import answer, code_scores
+from training.task_scores import code_answers, code_scores
 from training.data.instruct import task_items
 
 SETTINGS = ((1.0, 96), (1.0, 192), (1.1, 96), (1.2, 96), (1.3, 96))  # (repetition penalty, max new tokens)
@@ -43,10 +43,7 @@ def main() -> None:
         model, _, _ = load_lm(args.run / name)
         for penalty, budget in SETTINGS:
             t0 = time.perf_counter()
-            outs = answer(model.eval(), tok, items, budget, repetition_penalty=penalty, keep_stop=True)
-            stops = (tok.end_id, tok.eos_id)
-            finished = [bool(o) and o[-1] in stops for o in outs]
-            texts = [tok.decode([t for t in o if t not in stops]) for o in outs]
+            texts, finished = code_answers(model.eval(), tok, items, budget, repetition_penalty=penalty)
             s = code_scores(items, texts, finished=finished)
             row = {"model": name, "repetition_penalty": penalty, "max_new_tokens": budget, "n": s["n"],
                    "parse_rate": s["parse_rate"], "finished_rate": s["finished_rate"],

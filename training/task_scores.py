@@ -96,6 +96,15 @@ def answer(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int, *,
     return outs if keep_stop else [[t for t in o if t not in params.stop_ids] for o in outs]
 
 
+def code_answers(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int,
+                 **kw: Any) -> tuple[list[str], list[bool]]:
+    """Each item's answer as text, and whether it ended before ``max_new`` tokens (``answer``'s ``kw``)."""
+    outs = answer(model, tok, items, max_new, keep_stop=True, **kw)
+    stops = (tok.end_id, tok.eos_id)
+    return ([tok.decode([t for t in o if t not in stops]) for o in outs],
+            [bool(o) and o[-1] in stops for o in outs])
+
+
 def _examples(items: list[dict], texts: list[str], keys: list[bool] | None = None) -> list[dict]:
     picked, seen = [], set()
     for i, it in enumerate(items):  # one per family first, then the rest in order
@@ -163,9 +172,7 @@ def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dic
         ids = answer(model, tok, items, max_new, temperature=0.8, tool=tool)
         return conversation_scores(items, ids, [tok.decode(o) for o in ids])
     if domain == "code":
-        outs = answer(model, tok, items, 2 * max_new, tool=tool, keep_stop=True)
-        finished = [bool(o) and o[-1] in (tok.end_id, tok.eos_id) for o in outs]
-        texts = [tok.decode([t for t in o if t not in (tok.end_id, tok.eos_id)]) for o in outs]
+        texts, finished = code_answers(model, tok, items, 2 * max_new, tool=tool)
         return code_scores(items, texts, finished=finished)
     texts = [tok.decode(o) for o in answer(model, tok, items, max_new, tool=tool)]
     scores = exact_match_scores(items, texts)

