@@ -4,9 +4,9 @@ Copies ``SRC_RUN``'s seed and instruction items into ``runs/NAME``, plans the ru
 the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``), trains only its math expert, and asks
 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings, greedy, with the
 calculator, and the held-out items of the math corpus's expression families (``basic_arithmetic``,
-``chain_sum``, ``products``: 30 each, as the report asks them). ``--expr-share`` sets the share of
-expressions in the arithmetic curriculum (``training.data.instruct.EXPR_SHARE``) and writes the math
-instruction items anew instead of copying them. Appends one JSON line to ``--out``.
+``chain_sum``, ``products``: 30 each, as the report asks them). An override of ``train.expr_share``
+(the share of expressions in the arithmetic curriculum) writes the math instruction items anew
+instead of copying them. Appends one JSON line to ``--out``.
 
     python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}' \\
         --out docs/results/branch_probe_quick.jsonl
@@ -23,7 +23,6 @@ from pathlib import Path
 from experts.calculator import tool_for
 from experts.checkpoint import load_lm
 from training.data import load_corpora
-from training.data import instruct
 from training.data.instruct import PLAIN_PHRASINGS, arithmetic_items, task_items
 from training.loop import train
 from training.pipeline import INSTRUCT_DIR, plan_jobs, write_instruct_items
@@ -38,7 +37,6 @@ def main() -> None:
     ap.add_argument("name", help="the probe's run directory, runs/NAME")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
-    ap.add_argument("--expr-share", type=float, help="share of expressions in the arithmetic curriculum")
     args = ap.parse_args()
     src, preset, name, ov = args.src, args.preset, args.name, json.loads(args.overrides)
     run = Path("runs") / name
@@ -48,8 +46,7 @@ def main() -> None:
             shutil.copytree(src / d, run / d)
     cfg = load_run_config(preset, ov)
     corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
-    if args.expr_share is not None:
-        instruct.EXPR_SHARE = args.expr_share
+    if "train.expr_share" in ov:  # the math items anew, with that share of expressions
         (run / INSTRUCT_DIR / "math.npz").unlink(missing_ok=True)
         write_instruct_items(cfg.model_copy(update={"experts": ("math",)}), corpus, run)
     tok = corpus.tokenizer()
@@ -57,7 +54,7 @@ def main() -> None:
     t0 = time.perf_counter()
     train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
     m, _, meta = load_lm(run / "experts" / "math")
-    res = {"name": name, "overrides": ov, "expr_share": instruct.EXPR_SHARE, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
+    res = {"name": name, "overrides": ov, "expr_share": cfg.train.expr_share, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
     for digits in [(2,), (3,)]:
         its = arithmetic_items(300, 777, split="test", digits=digits, phrasings=PLAIN_PHRASINGS)
         outs = answer(m, tok, its, 24, tool=tool_for(meta, tok))

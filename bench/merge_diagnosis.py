@@ -11,8 +11,9 @@ windows of its test tokens of:
 - the merged model before any fine-tune, with every token sent to its own domain's expert
   (oracle routing), with plain and with per-token weighted embeddings, and a merge that routes
   attention and head too (``route="all"``, weighted input embeddings), so routed; and that merge
-  routed by its own top-2 routers started at the domain centroids (``centroid_gates``, no fine-tune),
-  reading each token's input or the running mean of the sequence's (``moe.gate_context``);
+  routed by its own top-2 routers, not fine-tuned, started at the domain centroids
+  (``centroid_gates``) reading each token's input or the running mean of the sequence's
+  (``moe.gate_context``), or fitted as classifiers of the domain on the running mean (``fitted_gates``);
 
 and how far each expert's weights moved from the seed (``|expert - seed| / |seed|``).
 
@@ -33,7 +34,7 @@ import torch
 from experts.checkpoint import load_lm
 from experts.model import Transformer
 from training.data import load_corpora
-from training.merge import centroid_gates, forced_route, merge_models, sample_windows, token_weights, weighted_mean
+from training.merge import forced_route, merge_models, sample_windows, start_gates, token_weights, weighted_mean
 from training.run_config import load_run_config
 from training.scoring import model_dirs
 
@@ -97,11 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     separate = [untied(e) for e in experts]
     out: dict = {"run": str(run), "windows": WINDOWS, "length": LENGTH, "by_domain": {}}
     centroid = {}
-    for context in ("token", "mean"):  # the gates of merged_job's centroid start (its windows and seeds)
-        m = merge_models(experts, 2, w, route="all", gate_context=context).eval()
-        centroid_gates(m, [sample_windows(str(corpus.tokens_path(d, "train")), 8, cfg.train.seq_len, seed=cfg.seed + 300 + i)
-                           for i, d in enumerate(domains)])
-        centroid[f"merge route=all, top-2 centroid gates, gate_context {context}"] = m
+    for init, context in (("centroids", "token"), ("centroids", "mean"), ("fitted", "mean")):
+        m = merge_models(experts, 2, w, route="all", gate_context=context).eval()  # merged_job's gate start
+        start_gates(m, init, [corpus.tokens_path(d, "train") for d in domains], cfg.train.seq_len, cfg.seed + 300)
+        centroid[f"merge route=all, top-2 {init} gates, gate_context {context}"] = m
     for i, d in enumerate(domains):
         x = sample_windows(str(corpus.tokens_path(d, "test")), WINDOWS, LENGTH + 1)
         row = {"expert": nats(experts[i], x), **{n: nats(m, x) for n, m in loaded.items()},

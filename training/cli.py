@@ -108,7 +108,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="routed experts per token (default: the run's merge.top_k)")
     p.add_argument("--steps", type=int, help="fine-tuning steps on the mixed corpus (default: merge.steps)")
     p.add_argument("--train", choices=["all", "routers"], help="what the fine-tune updates (default: merge.train)")
-    p.add_argument("--gate-init", choices=["zero", "centroids"],
+    p.add_argument("--gate-init", choices=["zero", "centroids", "fitted"],
                    help="how the routers start (default: merge.gate_init)")
     p.add_argument("--route", choices=["ffn", "all"],
                    help="what becomes routed experts: the FFNs, or also attention and head (default: merge.route)")

@@ -165,20 +165,15 @@ def forced_route(model: Transformer, expert: int) -> Iterator[Transformer]:
 
 
 @torch.no_grad()
-def centroid_gates(model: Transformer, texts: Sequence[torch.Tensor], spread: float = 2.0) -> None:
-    """Start every router as a nearest-centroid classifier of the experts' domains.
-
-    ``texts[i]``: token windows ``(B, T)`` of expert ``i``'s training text. Each is run through the
-    merged model with its tokens sent to their own expert (:func:`forced_route`), and the inputs of
-    every routed module are collected. Gate row ``i`` of a module is the unit direction from the mean
-    input over all domains to the mean input of domain ``i``, scaled so that the logits of the
-    collected inputs have standard deviation ``spread``: from its first step the merged model sends
-    most of a domain's tokens to that domain's expert, instead of the zero gates' first k experts."""
-    ffns = [m for m in model.modules() if isinstance(m, Routed)]
-    seen: list[list[torch.Tensor]] = [[] for _ in ffns]  # per layer: one (N, D) block per domain
+def _domain_inputs(model: Transformer, texts: Sequence[torch.Tensor]) -> list[tuple[Routed, list[torch.Tensor]]]:
+    """Every routed module with what its gate reads, ``(N, D)`` per domain, when ``texts[i]`` (token
+    windows ``(B, T)`` of expert ``i``'s training text) runs through the merged model with its tokens
+    sent to their own expert (:func:`forced_route`)."""
+    routed = [m for m in model.modules() if isinstance(m, Routed)]
+    seen: list[list[torch.Tensor]] = [[] for _ in routed]  # per module: one (N, D) block per domain
     hooks = [f.register_forward_pre_hook(
-        lambda mod, inp, i=i: seen[i].append(mod.gate_input(inp[0]).reshape(-1, inp[0].shape[-1])))
-        for i, f in enumerate(ffns)]
+        lambda mod, inp, i=i: seen[i].append(mod.gate_input(inp[0]).reshape(-1, inp[0].shape[-1]).float()))
+        for i, f in enumerate(routed)]
     try:
         for e, x in enumerate(texts):
             with forced_route(model, e):
@@ -186,12 +181,67 @@ def centroid_gates(model: Transformer, texts: Sequence[torch.Tensor], spread: fl
     finally:
         for h in hooks:
             h.remove()
-    for f, xs in zip(ffns, seen):
-        c = torch.stack([x.float().mean(0) for x in xs])  # (E, D): each domain's mean input
+    return list(zip(routed, seen))
+
+
+@torch.no_grad()
+def centroid_gates(model: Transformer, texts: Sequence[torch.Tensor], spread: float = 2.0) -> None:
+    """Start every router as a nearest-centroid classifier of the experts' domains.
+
+    ``texts[i]``: token windows of expert ``i``'s training text (:func:`_domain_inputs`). Gate row
+    ``i`` of a module is the unit direction from the mean input over all domains to the mean input
+    of domain ``i``, scaled so that the logits of the collected inputs have standard deviation
+    ``spread``: from its first step the merged model sends most of a domain's tokens to that
+    domain's expert, instead of the zero gates' first k experts."""
+    for f, xs in _domain_inputs(model, texts):
+        c = torch.stack([x.mean(0) for x in xs])  # (E, D): each domain's mean input
         dirs = c - c.mean(0, keepdim=True)
         dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp(min=1e-8)
-        scale = spread / (torch.cat(xs).float() @ dirs.T).std().clamp(min=1e-8)
+        scale = spread / (torch.cat(xs) @ dirs.T).std().clamp(min=1e-8)
         f.gate.weight.copy_((scale * dirs).to(f.gate.weight.dtype))
+
+
+def fitted_gates(model: Transformer, texts: Sequence[torch.Tensor], l2: float = 1e-3, iters: int = 100) -> None:
+    """Start every router as a linear classifier of the experts' domains, fitted to what it reads.
+
+    The inputs are collected as for :func:`centroid_gates`; each gate is then the multinomial
+    logistic regression (no bias, as the gate has none; ``l2`` times the squared norm of the weights
+    added to the mean cross-entropy) of the domain from the input, fitted by L-BFGS. Unlike the
+    centroids it weighs the directions in which domains differ against how much each varies, and its
+    probabilities are fitted too, which matters where the top-k outputs are mixed by them."""
+    for f, xs in _domain_inputs(model, texts):
+        x = torch.cat(xs)
+        y = torch.cat([torch.full((len(b),), e, dtype=torch.long) for e, b in enumerate(xs)])
+        w = torch.zeros(len(xs), x.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ w.T, y) + l2 * w.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            f.gate.weight.copy_(w.detach().to(f.gate.weight.dtype))
+
+
+GATE_INITS = {"centroids": centroid_gates, "fitted": fitted_gates}  # merge.gate_init -> how (besides "zero")
+# the training windows each start reads per domain, (count, length; None: the run's seq_len). A fitted
+# gate reading the running mean sees nearly one input per window, so it needs many: on standard,
+# 256 x 64 tokens per domain gave mean test nats 3.80, 64 x 256 gave 3.82 and 8 x 256 gave 3.99
+GATE_WINDOWS = {"centroids": (8, None), "fitted": (256, 64)}
+
+
+def start_gates(model: Transformer, init: str, token_paths: Sequence[str], seq_len: int, seed: int = 0) -> None:
+    """Set the routers of a fresh merge as ``init`` (``merge.gate_init``) says, from windows of each
+    expert's training tokens (``token_paths[i]``: expert ``i``'s)."""
+    if init == "zero":
+        return
+    count, length = GATE_WINDOWS[init]
+    GATE_INITS[init](model, [sample_windows(str(p), count, length or seq_len, seed=seed + i)
+                             for i, p in enumerate(token_paths)])
 
 
 def sample_windows(token_path: str, n: int, length: int, seed: int = 0) -> torch.Tensor:

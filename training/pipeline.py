@@ -106,7 +106,7 @@ def write_instruct_items(cfg: RunConfig, corpus: Any, run_dir: Path) -> None:
     for d in cfg.experts:
         path = run_dir / INSTRUCT_DIR / f"{d}.npz"
         if not path.is_file():
-            items = train_items(corpus, d, cfg.seed)
+            items = train_items(corpus, d, cfg.seed, cfg.train.expr_share)
             write_items(path, encode_items(tok, items, cfg.train.seq_len + 1,
                                            tool=Calculator(tok) if d == "math" else None))
             log.info("instruction items for %s: %d", d, len(items))

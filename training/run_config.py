@@ -143,6 +143,9 @@ class TrainSpec(LoopSettings):
     # the seed's own instruction stage: this share of the seed's steps ends on every domain's
     # instruction items, so each branch starts already following the chat format
     seed_instruct_fraction: float = Field(0.0, ge=0, lt=1)
+    # of the math curriculum's instruction items, the share that are multi-term expressions (the rest
+    # two operands): a branch with too few instruction batches stops copying plain questions at 0.5
+    expr_share: float = Field(0.2, ge=0, le=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=8)
     eval_batches: int = Field(10, ge=1)
@@ -193,9 +196,10 @@ class MergeSpec(_Strict):
     top_k: int = Field(2, ge=1)  # routed experts per token in the merged model
     steps: int = Field(100, ge=1)  # fine-tuning steps on the mixed corpus
     train: Literal["all", "routers"] = "all"  # what the fine-tune updates
-    # the routers' start: "zero" (the paper's; every expert equally likely) or "centroids" (each
-    # layer's gate a nearest-centroid classifier of the domains: training.merge.centroid_gates)
-    gate_init: Literal["zero", "centroids"] = "zero"
+    # the routers' start: "zero" (the paper's; every expert equally likely), "centroids" (each layer's
+    # gate a nearest-centroid classifier of the domains: training.merge.centroid_gates) or "fitted"
+    # (a logistic regression of the domain on what the gate reads: training.merge.fitted_gates)
+    gate_init: Literal["zero", "centroids", "fitted"] = "zero"
     # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged) or "all" (the
     # attention projections and LM head routed too, norms folded in, only input embeddings averaged)
     route: Literal["ffn", "all"] = "ffn"

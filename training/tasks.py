@@ -124,7 +124,7 @@ class LMTask:
     merge_from: tuple[str, ...] = ()  # finished dense experts to merge into this MoE (training.merge)
     merge_tokens: tuple[str, ...] = ()  # each merged expert's training tokens (per-token embedding weights)
     trainable: str = "all"  # "routers": only a merged model's MoE gates learn
-    gate_init: str = "zero"  # "centroids": training.merge.centroid_gates from the merge_tokens
+    gate_init: str = "zero"  # "centroids" | "fitted": training.merge.GATE_INITS, from the merge_tokens
     # the instruction stage: after ``instruct_from`` batches, batches come from these encoded
     # instruction items (training.data.sft), ``instruct_batches`` of them in all
     instruct_paths: tuple[str, ...] = ()
@@ -137,8 +137,7 @@ class LMTask:
         from experts.model import Transformer
 
         if self.merge_from:
-            from training.merge import (centroid_gates, freeze_all_but_routers, merge_models, sample_windows,
-                                        token_weights)
+            from training.merge import freeze_all_but_routers, merge_models, start_gates, token_weights
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             route = "all" if self.model_cfg.routed_head else "ffn"  # merged_config's two shapes
@@ -147,9 +146,7 @@ class LMTask:
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")
-            if self.gate_init == "centroids":
-                centroid_gates(model, [sample_windows(p, 8, self.seq_len, seed=self.seed + i)
-                                       for i, p in enumerate(self.merge_tokens)])
+            start_gates(model, self.gate_init, self.merge_tokens, self.seq_len, self.seed)
             if self.trainable == "routers":
                 freeze_all_but_routers(model)
             return model.train()

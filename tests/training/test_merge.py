@@ -137,12 +137,13 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
     assert (emb[7] - eb[7]).norm() < 0.1 * (ea[7] - eb[7]).norm()
 
 
+@pytest.mark.parametrize("init", ["centroids", "fitted"])
 @pytest.mark.parametrize("gate_context", ["token", "mean"])
-def test_centroid_gates_start_routing_each_domains_tokens_to_its_expert(gate_context):
+def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, init):
     """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
-    nearest-centroid gates send most of a domain's tokens to its own expert in every layer (zero
-    gates: all to the first), whether the routers read each token or the running mean."""
-    from training.merge import centroid_gates
+    nearest-centroid and the fitted gates send most of a domain's tokens to its own expert in every
+    layer (zero gates: all to the first), whether the routers read each token or the running mean."""
+    from training.merge import GATE_INITS
 
     merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context).eval()
     assert merged.cfg.moe.gate_context == gate_context
@@ -155,7 +156,7 @@ def test_centroid_gates_start_routing_each_domains_tokens_to_its_expert(gate_con
             for i, lo in enumerate((0, 100, 200))}
     zero = routing_shares(merged, docs, ["e0", "e1", "e2"])
     assert all(layer["e1"] == 0.0 and layer["e2"] == 0.0 for layer in zero["own"])
-    centroid_gates(merged, texts, spread=2.0)
+    GATE_INITS[init](merged, texts)
     own = routing_shares(merged, docs, ["e0", "e1", "e2"])["own"]
     assert all(share > 0.9 for layer in own for share in layer.values()), own
     assert all(not f.feed_forward._forward_pre_hooks for f in merged.layers)  # hooks removed

@@ -106,8 +106,6 @@ EXPR_PHRASINGS = ("Calculate {e}.", "What is {e}?", "Compute {e}.", "{e} =", "Ev
                   "State the final answer to the following arithmetic problem: {e} =",
                   "Solve the following problem: {e}. Give only the result.")
 EXPR_TERMS = (2, 6)
-EXPR_SHARE = 0.2  # of the math curriculum's items, the share that are expressions (the rest two operands);
-# at 0.5 the math branch copied fewer plain two-operand questions (docs/benchmarks.md)
 
 
 def _expr_leaf(rng: random.Random, digits: int, signed: bool) -> str:
@@ -295,14 +293,15 @@ def domain_items(domain: str, records: list[dict], seed: int = 0) -> list[Item]:
     raise ValueError(f"no instruction items for domain {domain!r}")
 
 
-def train_items(corpus: Any, domain: str, seed: int = 0) -> list[Item]:
+def train_items(corpus: Any, domain: str, seed: int = 0, expr_share: float = 0.2) -> list[Item]:
     """A domain's instruction training items: its train split, plus (math) the arithmetic curriculum,
-    twice as many items as the domain's others, each drawn :data:`ARITH_WEIGHT` times as often."""
+    twice as many items as the domain's others, each drawn :data:`ARITH_WEIGHT` times as often, of
+    which ``expr_share`` are expressions (``train.expr_share``)."""
     items = domain_items(domain, corpus.docs(domain, "train"), seed)
     if domain == "math":
         n = max(20_000, 2 * len(items))
         held = question_expressions(corpus.docs("math", "test") + corpus.docs("math", "val"))
-        n_expr = round(n * EXPR_SHARE)
+        n_expr = round(n * expr_share)
         items += arithmetic_items(n - n_expr, seed + 1) + expression_items(n_expr, seed + 2, exclude=held)
     return items
 
