@@ -262,6 +262,7 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
     are left as they are: generalists trained before count the compute they were planned with)."""
     from training import ray_jobs
 
+    _same_merge(resolve_run_dir(cfg), cfg)
     run_dir, corpus = prepare(cfg)
     missing = [d for d in cfg.experts if load_result(run_dir, _out(d)) is None]
     if missing:
@@ -274,6 +275,25 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
         from training.report import write_report
         write_report(run_dir, corpus=corpus, run_cfg=cfg)
     return model_dir(run_dir, "merged")
+
+
+def _same_merge(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to pass off a finished merged model as the one asked for when it was merged otherwise."""
+    from experts.checkpoint import read_meta
+
+    if load_result(run_dir, "merged") is None:
+        return
+    meta = read_meta(model_dir(run_dir, "merged"), kind="lm", verify=False)
+    moe, m = meta["config"]["moe"], cfg.merge
+    old = {"steps": meta["train"]["steps"], "train": meta.get("trainable"), "gate_init": meta.get("gate_init"),
+           "top_k": moe["top_k"], "gate_context": moe.get("gate_context", "token"),
+           "route": "all" if moe.get("routed_head") else "ffn"}
+    new = {"steps": m.steps, "train": m.train, "gate_init": m.gate_init, "top_k": m.top_k,
+           "gate_context": m.gate_context, "route": m.route}
+    differ = [f"{k} {old[k]!r} (asked: {new[k]!r})" for k in new if old[k] != new[k]]
+    if differ:
+        raise CheckpointError(f"{model_dir(run_dir, 'merged')} was merged with {', '.join(differ)}; move it "
+                              "away (or delete it) to merge again with these settings")
 
 
 def _gather(refs: dict[str, Any]) -> dict[str, Any]:

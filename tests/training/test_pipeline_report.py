@@ -198,3 +198,9 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert (run_dir / "report" / "merged_routing.png").is_file()
     assert "## Merged model" in (run_dir / "report" / "report.md").read_text()
     assert main(["merge", str(run_dir / "nope")]) == 2
+    before = (run_dir / "run.yaml").read_text()
+    capsys.readouterr()
+    assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "routers"]) == 2
+    err = capsys.readouterr().err
+    assert "was merged with train 'all' (asked: 'routers')" in err and "move it away" in err, err
+    assert (run_dir / "run.yaml").read_text() == before  # the refused settings are not written
