@@ -28,6 +28,7 @@ from router.domains import DOMAINS, check_domain
 from router.model import EXPERT_GROUP, RouterConfig, RouterModel, collate, encode_prompt, hierarchical_log_probs
 from router.prefix import prefix_text
 from training.data import load_corpora, router_examples
+from training.data.router_data import with_labels
 from training.loop import LoopConfig, train
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RouterTrainConfig:
     min_crop: int = 4
     opening_share: float = 0.5  # document openings per domain, as a share of per_domain (0: prompts only)
     view_share: float = 0.5  # user-style rephrasings per domain (training.data.prompt_views), share of per_domain
+    label_share: float = 0.1  # examples led by a generic label ("Problem:", "Q:", ...: training.data.router_data)
     router_only: bool = True  # add the router-only prompts of training.data.router_prompts
     seed: int = 0
 
@@ -62,6 +64,8 @@ class RouterTrainConfig:
             raise ValueError(f"RouterTrainConfig.min_share={self.min_share!r} is invalid: must be in [0, 1]")
         if not self.opening_share >= 0.0:
             raise ValueError(f"RouterTrainConfig.opening_share={self.opening_share!r} is invalid: must be >= 0")
+        if not 0.0 <= self.label_share <= 1.0:
+            raise ValueError(f"RouterTrainConfig.label_share={self.label_share!r} is invalid: must be in [0, 1]")
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"RouterTrainConfig.crop_prob={self.crop_prob!r} is invalid: must be in [0, 1]")
         if not self.lr > 0:
@@ -258,6 +262,8 @@ def _examples(corpus: Any, tokenizer: Any, split: str, per_domain: int | None, s
     if tc is not None and tc.opening_share > 0:
         n = None if per_domain is None else max(1, math.ceil(tc.opening_share * per_domain))
         out += document_openings(corpus, tokenizer, split, n, seed=seed)
+    if tc is not None and tc.label_share > 0:
+        out = with_labels(out, tc.label_share, seed)
     return out
 
 
@@ -315,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--view-share", type=float, default=RouterTrainConfig.view_share,
                     help="user-style rephrasings per domain, as a share of the prompts (0: none)")
+    ap.add_argument("--label-share", type=float, default=RouterTrainConfig.label_share,
+                    help="examples led by a generic label such as 'Problem:' (0: none)")
     ap.add_argument("--no-router-only", dest="router_only", action="store_false",
                     help="leave out the router-only prompts of training.data.router_prompts")
     args = ap.parse_args(argv)
@@ -323,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = load_corpora(args.cache_dir, args.size)
     result = train_router(corpus, corpus.tokenizer(), args.run_dir,
                           train_cfg=RouterTrainConfig(max_steps=args.steps, view_share=args.view_share,
-                                                      router_only=args.router_only),
+                                                      label_share=args.label_share, router_only=args.router_only),
                           tokenizer_file=corpus.tokenizer_path,
                           num_threads=args.threads, device="cpu", progress=False)
     metrics = evaluate_router(load_router(Path(args.run_dir) / "router"),

@@ -181,6 +181,26 @@ def test_router_examples_balanced_and_qa_items(tiny_corpus) -> None:
         qa_items(tiny_corpus, "code")
 
 
+def test_router_labels_lead_a_share_of_every_domains_prompts(tiny_corpus) -> None:
+    """Generic labels lead about ``share`` of the prompts of every domain, each prompt kept whole after
+    its label, so that a label says nothing about the domain."""
+    from training.data.router_data import LABELS, with_labels
+
+    ex = router_examples(tiny_corpus, "train", per_domain=200, seed=1)
+    out = with_labels(ex, 0.3, seed=2)
+    assert [d for _, d in out] == [d for _, d in ex] and out == with_labels(ex, 0.3, seed=2)
+    led = {d: [] for d in DOMAINS}
+    for (p, d), (q, _) in zip(ex, out):
+        if q != p:
+            label = q[:-len(p) - 1]
+            assert label in LABELS and q == f"{label} {p}"
+            led[d].append(label)
+    n = {d: sum(dd == d for _, dd in ex) for d in DOMAINS}
+    assert all(n[d] >= 20 and 0.15 < len(v) / n[d] < 0.45 for d, v in led.items()), (n, led)
+    assert all(len(set(v)) >= 4 for v in led.values())  # several labels in every domain
+    assert with_labels(ex, 0.0) == ex
+
+
 def test_cli_show(tiny_corpus, capsys) -> None:
     assert main(["data", "show", "--size", "tiny", "--cache-dir", str(tiny_corpus.root.parent), "--verify"]) == 0
     out = capsys.readouterr().out
