@@ -6,7 +6,8 @@ the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``), trains only its math e
 calculator, and the held-out items of the math corpus's expression families (``basic_arithmetic``,
 ``chain_sum``, ``products``: 30 each, as the report asks them). An override of ``train.expr_share``
 (the share of expressions in the arithmetic curriculum) writes the math instruction items anew
-instead of copying them. Appends one JSON line to ``--out``.
+instead of copying them. Appends one JSON line to ``--out``. With ``--score-only`` nothing trains:
+``SRC_RUN``'s own math expert is asked the same items.
 
     python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}' \\
         --out docs/results/branch_probe_quick.jsonl
@@ -37,8 +38,14 @@ def main() -> None:
     ap.add_argument("name", help="the probe's run directory, runs/NAME")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
+    ap.add_argument("--score-only", action="store_true", help="score SRC's math expert; train nothing")
     args = ap.parse_args()
     src, preset, name, ov = args.src, args.preset, args.name, json.loads(args.overrides)
+    if args.score_only:
+        cfg = load_run_config(str(src / "run.yaml"))
+        corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
+        return _append(args.out, {"name": name, "run": str(src),
+                                  **arithmetic_scores(src / "experts" / "math", corpus)})
     run = Path("runs") / name
     run.mkdir(parents=True, exist_ok=True)
     for d in ("seed", "instruct"):
@@ -53,8 +60,22 @@ def main() -> None:
     job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}["math"]
     t0 = time.perf_counter()
     train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
-    m, _, meta = load_lm(run / "experts" / "math")
-    res = {"name": name, "overrides": ov, "expr_share": cfg.train.expr_share, "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches}
+    _append(args.out, {"name": name, "overrides": ov, "expr_share": cfg.train.expr_share,
+                       "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches,
+                       **arithmetic_scores(run / "experts" / "math", corpus)})
+
+
+def _append(out: Path, res: dict) -> None:
+    print(json.dumps(res), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+def arithmetic_scores(expert_dir: Path, corpus) -> dict:
+    """The math expert in ``expert_dir`` on the held-out arithmetic items, and its validation loss."""
+    tok = corpus.tokenizer()
+    m, _, meta = load_lm(expert_dir)
+    res: dict = {}
     for digits in [(2,), (3,)]:
         its = arithmetic_items(300, 777, split="test", digits=digits, phrasings=PLAIN_PHRASINGS)
         outs = answer(m, tok, its, 24, tool=tool_for(meta, tok))
@@ -68,11 +89,9 @@ def main() -> None:
     for fam in families:
         ok = [is_correct(tok.decode(o), i["answer"]) for i, o in zip(its, outs) if i["family"] == fam]
         res[fam] = round(sum(ok) / len(ok), 3)
-    result = json.loads((run / "experts" / "math" / "train_result.json").read_text())
+    result = json.loads((expert_dir / "train_result.json").read_text())
     res["val"], res["last_val"] = result.get("best_val_loss"), result.get("last_val_loss")  # nats/token, math val
-    print(json.dumps(res), flush=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(res) + "\n")
+    return res
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ windows of its test tokens of:
   attention and head too (``route="all"``, weighted input embeddings), so routed; and that merge
   routed by its own top-2 routers, not fine-tuned, started at the domain centroids
   (``centroid_gates``) reading each token's input or the running mean of the sequence's
-  (``moe.gate_context``), or fitted as classifiers of the domain on the running mean (``fitted_gates``);
+  (``moe.gate_context``), or fitted as classifiers of the domain on the running mean (``fitted_gates``;
+  with top-2 and with top-1 routing);
 
 and how far each expert's weights moved from the seed (``|expert - seed| / |seed|``).
 
@@ -98,10 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     separate = [untied(e) for e in experts]
     out: dict = {"run": str(run), "windows": WINDOWS, "length": LENGTH, "by_domain": {}}
     centroid = {}
-    for init, context in (("centroids", "token"), ("centroids", "mean"), ("fitted", "mean")):
-        m = merge_models(experts, 2, w, route="all", gate_context=context).eval()  # merged_job's gate start
+    for init, context, k in (("centroids", "token", 2), ("centroids", "mean", 2), ("fitted", "mean", 2),
+                             ("fitted", "mean", 1)):
+        m = merge_models(experts, k, w, route="all", gate_context=context).eval()  # merged_job's gate start
         start_gates(m, init, [corpus.tokens_path(d, "train") for d in domains], cfg.train.seq_len, cfg.seed + 300)
-        centroid[f"merge route=all, top-2 {init} gates, gate_context {context}"] = m
+        centroid[f"merge route=all, top-{k} {init} gates, gate_context {context}"] = m
     for i, d in enumerate(domains):
         x = sample_windows(str(corpus.tokens_path(d, "test")), WINDOWS, LENGTH + 1)
         row = {"expert": nats(experts[i], x), **{n: nats(m, x) for n, m in loaded.items()},

@@ -115,6 +115,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-context", choices=["token", "mean"],
                    help="what the routers read: each token's input, or the running mean of its sequence's "
                         "(default: merge.gate_context)")
+    p.add_argument("--lr-scale", type=float,
+                   help="the fine-tune's learning rates as a multiple of the experts' (default: merge.lr_scale)")
     p.add_argument("--ray-address", help="Ray cluster to join; default a private local instance")
     p.set_defaults(func=run_merge)
 
@@ -127,7 +129,8 @@ def run_merge(args: argparse.Namespace) -> int:
     from training.run_config import RunConfigError, load_run_config
 
     ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train,
-          "merge.gate_init": args.gate_init, "merge.route": args.route, "merge.gate_context": args.gate_context}
+          "merge.gate_init": args.gate_init, "merge.route": args.route, "merge.gate_context": args.gate_context,
+          "merge.lr_scale": args.lr_scale}
     try:
         cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
         out = merge_run(cfg, ray_address=args.ray_address)

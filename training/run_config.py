@@ -196,6 +196,10 @@ class MergeSpec(_Strict):
     top_k: int = Field(2, ge=1)  # routed experts per token in the merged model
     steps: int = Field(100, ge=1)  # fine-tuning steps on the mixed corpus
     train: Literal["all", "routers"] = "all"  # what the fine-tune updates
+    # the fine-tune's learning rates (lr, min_lr, muon_lr) as a multiple of the experts' own: the
+    # merged model starts trained, and the experts' peak rate undoes much of what they learned
+    # (standard: merged/dense mixed perplexity 1.214 at 1.0, 0.947 at 0.3; docs/benchmarks.md)
+    lr_scale: float = Field(0.3, gt=0, le=1)
     # the routers' start: "zero" (the paper's; every expert equally likely), "centroids" (each layer's
     # gate a nearest-centroid classifier of the domains: training.merge.centroid_gates) or "fitted"
     # (a logistic regression of the domain on what the gate reads: training.merge.fitted_gates)

@@ -161,11 +161,16 @@ def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_g
 
     corpus = load_corpora(None, "tiny")
     ov = {"baselines.enabled": True, "merge.enabled": True, "merge.top_k": 2, "merge.steps": 7,
-          "merge.train": "routers", "train.seed_fraction": 0.3, "train.instruct_fraction": 0.5}
+          "merge.train": "routers", "merge.lr_scale": 0.25, "train.seed_fraction": 0.3,
+          "train.instruct_fraction": 0.5}
     cfg = load_run_config("tiny", ov)
     jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
     merged, expert, dense = jobs["merged"], jobs["math"], jobs["baseline-dense"]
     assert merged.after == cfg.experts and merged.loop.max_steps == 7 and merged.task.trainable == "routers"
+    # the fine-tune runs at a quarter of the experts' learning rates, and its checkpoint says so
+    assert [getattr(merged.loop, k) for k in ("lr", "min_lr", "muon_lr")] == pytest.approx(
+        [0.25 * getattr(expert.loop, k) for k in ("lr", "min_lr", "muon_lr")])
+    assert merged.task.meta["lr_scale"] == 0.25 and "lr_scale" not in expert.task.meta
     assert merged.task.model_cfg.moe.n_experts == 5 and merged.task.model_cfg.moe.top_k == 2
     # its fine-tune ends, as the experts' training did, on every domain's instruction items
     assert merged.task.instruct_batches == 4 and merged.task.instruct_from == 3
@@ -203,4 +208,6 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "routers"]) == 2
     err = capsys.readouterr().err
     assert "was merged with train 'all' (asked: 'routers')" in err and "move it away" in err, err
+    assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--lr-scale", "1"]) == 2
+    assert f"lr_scale {cfg.merge.lr_scale!r} (asked: 1.0)" in capsys.readouterr().err
     assert (run_dir / "run.yaml").read_text() == before  # the refused settings are not written
