@@ -1,16 +1,21 @@
-"""Retrain one run's math branch from its seed with changed settings; score held-out arithmetic.
+"""Retrain one run's branch (math by default) from its seed with changed settings, and score it.
 
 Copies ``SRC_RUN``'s seed and instruction items into ``runs/NAME``, plans the run of ``PRESET`` with
-the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``), trains only its math expert, and asks
-300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings, greedy, with the
-calculator, and the held-out items of the math corpus's expression families (``basic_arithmetic``,
-``chain_sum``, ``products``: 30 each, as the report asks them). An override of ``train.expr_share``
-(the share of expressions in the arithmetic curriculum) writes the math instruction items anew
-instead of copying them. Appends one JSON line to ``--out``. With ``--score-only`` nothing trains:
-``SRC_RUN``'s own math expert is asked the same items.
+the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``) and trains only the expert of ``--domain``.
+Every branch gets its validation loss, its perplexity on the report's test documents of its domain
+(after the routing prefix, as the report scores them) and its bits per byte on the domain's
+evaluation-only natural text, next to every expert of ``SRC_RUN`` on the same documents. The math
+branch is also asked 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings,
+greedy, with the calculator, and the held-out items of the math corpus's expression families
+(``basic_arithmetic``, ``chain_sum``, ``products``: 30 each, as the report asks them). An override
+of ``train.expr_share`` (the share of expressions in the arithmetic curriculum) writes the math
+instruction items anew instead of copying them. Appends one JSON line to ``--out``. With
+``--score-only`` nothing trains: ``SRC_RUN``'s own expert is scored.
 
     python -m bench.branch_probe runs/quick quick qp-replay02 '{"train.instruct_replay": 0.2}' \\
         --out docs/results/branch_probe_quick.jsonl
+    python -m bench.branch_probe runs/std16 standard rs-replay '{"train.branch_replay": 0.2}' \\
+        --domain reasoning --out docs/results/branch_probe_reasoning.jsonl
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ from pathlib import Path
 
 from experts.calculator import tool_for
 from experts.checkpoint import load_lm
+from router.domains import DOMAINS
 from training.data import load_corpora
 from training.data.instruct import PLAIN_PHRASINGS, arithmetic_items, task_items
 from training.loop import train
 from training.pipeline import INSTRUCT_DIR, plan_jobs, write_instruct_items
+from training.report import MAX_DOC_TOKENS, natural_texts
 from training.run_config import load_run_config
-from training.task_scores import answer, is_correct
+from training.scoring import build_context
+from training.task_scores import answer, domain_scores, is_correct
+
+
+TEST_DOCS = 400  # the first documents of the domain's test split (a fixed set, in the corpus's order)
 
 
 def main() -> None:
@@ -38,14 +49,15 @@ def main() -> None:
     ap.add_argument("name", help="the probe's run directory, runs/NAME")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
-    ap.add_argument("--score-only", action="store_true", help="score SRC's math expert; train nothing")
+    ap.add_argument("--domain", default="math", choices=DOMAINS, help="the branch to retrain (default: math)")
+    ap.add_argument("--score-only", action="store_true", help="score SRC's expert; train nothing")
     args = ap.parse_args()
-    src, preset, name, ov = args.src, args.preset, args.name, json.loads(args.overrides)
+    src, preset, name, ov, domain = args.src, args.preset, args.name, json.loads(args.overrides), args.domain
     if args.score_only:
         cfg = load_run_config(str(src / "run.yaml"))
         corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
-        return _append(args.out, {"name": name, "run": str(src),
-                                  **arithmetic_scores(src / "experts" / "math", corpus)})
+        return _append(args.out, {"name": name, "run": str(src), "domain": domain,
+                                  **branch_scores(src / "experts" / domain, domain, corpus, src)})
     run = Path("runs") / name
     run.mkdir(parents=True, exist_ok=True)
     for d in ("seed", "instruct"):
@@ -57,18 +69,43 @@ def main() -> None:
         (run / INSTRUCT_DIR / "math.npz").unlink(missing_ok=True)
         write_instruct_items(cfg.model_copy(update={"experts": ("math",)}), corpus, run)
     tok = corpus.tokenizer()
-    job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}["math"]
+    job = {j.task.name: j for j in plan_jobs(cfg, corpus, tok.vocab_size, run)}[domain]
     t0 = time.perf_counter()
     train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
-    _append(args.out, {"name": name, "overrides": ov, "expr_share": cfg.train.expr_share,
+    _append(args.out, {"name": name, "domain": domain, "overrides": ov, "expr_share": cfg.train.expr_share,
                        "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches,
-                       **arithmetic_scores(run / "experts" / "math", corpus)})
+                       **branch_scores(run / "experts" / domain, domain, corpus, src)})
 
 
 def _append(out: Path, res: dict) -> None:
     print(json.dumps(res), flush=True)
     with open(out, "a") as f:
         f.write(json.dumps(res) + "\n")
+
+
+def branch_scores(expert_dir: Path, domain: str, corpus, src: Path) -> dict:
+    """The branch's validation loss (nats/token), test perplexity and natural-text bits per byte on
+    its domain, those of ``src``'s experts on the same documents, and (math) the arithmetic scores."""
+    result = json.loads((expert_dir / "train_result.json").read_text())
+    res: dict = {"val": result.get("best_val_loss"), "last_val": result.get("last_val_loss")}
+    models = {"branch": load_lm(expert_dir)[0].eval(),
+              **{f"{src.name}/{d}": load_lm(src / "experts" / d)[0].eval() for d in DOMAINS
+                 if (src / "experts" / d / "train_result.json").is_file()}}
+    dev = next(iter(models.values())).tok_embeddings.weight.device
+    test = build_context(src, corpus, models, None, MAX_DOC_TOKENS, dev,
+                         texts={domain: [r["text"] for r in corpus.docs(domain, "test")][:TEST_DOCS]})
+    res["test_ppl"] = {n: round(test.score(n)[domain].ppl, 3) for n in models}
+    natural = natural_texts().get(domain)
+    if natural:
+        ctx = build_context(src, corpus, models, None, MAX_DOC_TOKENS, dev, texts={domain: natural}, name="natural")
+        res["natural_bpb"] = {n: round(ctx.score(n)[domain].bpb, 4) for n in models}
+    if domain == "math":
+        res.update(arithmetic_scores(expert_dir, corpus))
+    else:  # the report's task scores (its 30 items per family, 48 new tokens, 96 for code)
+        tok, meta = corpus.tokenizer(), load_lm(expert_dir)[2]
+        scores = domain_scores(models["branch"], tok, domain, task_items(corpus, domain, 30), 48, tool_for(meta, tok))
+        res["tasks"] = {k: v for k, v in scores.items() if k != "examples"}
+    return res
 
 
 def arithmetic_scores(expert_dir: Path, corpus) -> dict:
@@ -89,8 +126,6 @@ def arithmetic_scores(expert_dir: Path, corpus) -> dict:
     for fam in families:
         ok = [is_correct(tok.decode(o), i["answer"]) for i, o in zip(its, outs) if i["family"] == fam]
         res[fam] = round(sum(ok) / len(ok), 3)
-    result = json.loads((expert_dir / "train_result.json").read_text())
-    res["val"], res["last_val"] = result.get("best_val_loss"), result.get("last_val_loss")  # nats/token, math val
     return res
 
 

@@ -26,7 +26,7 @@ def _check(ok: bool, name: str, value: Any, rule: str) -> None:
     check_field(ok, "ModelConfig", name, value, rule)
 
 
-GATE_CONTEXTS = ("token", "mean")
+GATE_CONTEXTS = ("token", "mean", "doc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +43,12 @@ class MoEConfig:
     # copies (a Branch-Train-MiX merge that keeps every expert's weights: training.merge)
     routed_attention: bool = False
     routed_head: bool = False  # needs tie_embeddings=False: the head's experts are not the embedding
-    # what a router reads: "token" (the token's own input) or "mean" (the mean of the inputs of the
-    # token and every one before it in its sequence: a causal document-level choice, per token)
+    # what a router reads: "token" (the token's own input), "mean" (the mean of the inputs of the
+    # token and every one before it in its sequence: a causal document-level choice, per token) or
+    # "doc" (that mean restarted at every document start, a ``doc_start_id`` token: in a row packed
+    # with several documents each is routed from its own tokens alone, as when it is served alone)
     gate_context: str = "token"
+    doc_start_id: int = 1  # <|bos|> of the hmoe tokenizer (experts.tokenizer.SPECIALS)
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
@@ -58,6 +61,7 @@ class MoEConfig:
         _check(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
         _check(self.gate_context in GATE_CONTEXTS, "moe.gate_context", self.gate_context,
                f"must be one of {list(GATE_CONTEXTS)}")
+        _check(self.doc_start_id >= 0, "moe.doc_start_id", self.doc_start_id, "must be a token id (>= 0)")
 
 
 @dataclass(frozen=True, kw_only=True)

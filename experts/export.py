@@ -150,7 +150,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             "`hmoe merge RUN --route ffn` for a model that exports as Mixtral or Qwen3-MoE")
     if cfg.ffn == "moe" and cfg.moe.gate_context != "token":
         raise ExportError(
-            f"{ckpt}: its routers read the running mean of the sequence's inputs (moe.gate_context "
+            f"{ckpt}: its routers read a running mean of the sequence's inputs (moe.gate_context "
             f"{cfg.moe.gate_context!r}); transformers' MoE routers read each token's own input. Merge with "
             "`hmoe merge RUN --route ffn --gate-context token` for a model that exports")
     if not (ckpt / TOKENIZER).is_file():

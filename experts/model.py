@@ -93,12 +93,15 @@ class KVCache:
         self.inputs: dict[str, torch.Tensor] = {}
         self._dtype = dtype
         self.lengths = [0] * max_batch  # Python ints: reading them never syncs a device
+        # where each slot's current document starts (routers with moe.gate_context "doc")
+        self.doc_starts = [0] * max_batch
         self._slots: list[int] = [0]
         self._valid: list[int] | None = None
 
     def reset(self, slot: int) -> None:
         """Empty one slot (its old keys are simply overwritten later)."""
         self.lengths[slot] = 0
+        self.doc_starts[slot] = 0
 
     def bind(self, slots: Sequence[int], valid: Sequence[int] | None = None) -> None:
         """Choose the slots (one per batch row) that the next forward reads and writes.
@@ -153,10 +156,12 @@ class KVCache:
                                            device=x_BTD.device, dtype=self._dtype)
         return _write(self.inputs[key], step, x_BTD.unsqueeze(1).to(self._dtype)).squeeze(1)
 
-    def commit(self, step: _CacheStep) -> None:
-        """Advance the lengths of the rows written by ``step``."""
+    def commit(self, step: _CacheStep, doc_starts: Sequence[int] | None = None) -> None:
+        """Advance the lengths of the rows written by ``step`` (and, given, their document starts)."""
         for i, s in enumerate(step.slots):
             self.lengths[s] += step.n_new if step.n_valid is None else step.n_valid[i]
+            if doc_starts is not None:
+                self.doc_starts[s] = doc_starts[i]
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -241,10 +246,10 @@ class RoutedAttention(Routed):
                          key=f"attn{layer_id}")
         self.experts = nn.ModuleList(Attention(cfg, layer_id) for _ in range(cfg.moe.n_experts))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                step: _CacheStep | None, doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x.shape
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x, cache, step).reshape(B * T, D))
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x, cache, step, doc_BT).reshape(B * T, D))
         g_BTE = dense_gates(weights_NK, experts_NK, self.n_experts).to(x.dtype).view(B, T, self.n_experts)
         used = experts_NK.unique().tolist()
         qkv = sum(g_BTE[:, :, e, None, None] * self.experts[e].qkv(x) for e in used)
@@ -268,16 +273,18 @@ class Block(nn.Module):
         # functional and skipped when off: a no-op module call per residual costs at batch-1 decode
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, step: _CacheStep | None) -> tuple[torch.Tensor, list[MoEAux]]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                step: _CacheStep | None, doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """``doc_BT``: each token's document start, for routers that read their document's mean."""
         auxes = []
-        a = self.attention(self.attention_norm(x), cos, sin, cache, step)
+        routed = (doc_BT,) if isinstance(self.attention, RoutedAttention) else ()
+        a = self.attention(self.attention_norm(x), cos, sin, cache, step, *routed)
         if isinstance(a, tuple):
             a, aux = a
             auxes.append(aux)
         x = x + self._drop(a)
         if isinstance(self.feed_forward, MoEFFN):
-            y = self.feed_forward(self.ffn_norm(x), cache, step)
+            y = self.feed_forward(self.ffn_norm(x), cache, step, doc_BT)
         else:
             y = self.feed_forward(self.ffn_norm(x))
         if isinstance(y, tuple):
@@ -324,6 +331,26 @@ class Transformer(nn.Module):
         start = step.starts[0] if step is not None else 0
         return self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
 
+    def doc_starts(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                   step: _CacheStep | None = None) -> torch.Tensor:
+        """``(B, T)``: the position (absolute, as the cache counts) where each token's document
+        starts: its latest ``moe.doc_start_id`` token, else the row's first position (with a cache,
+        the slot's document so far)."""
+        B, T = tokens.shape
+        pos_BT = torch.arange(T, device=tokens.device).expand(B, T)
+        prev_B1 = torch.zeros(B, 1, dtype=torch.long, device=tokens.device)
+        if step is not None:
+            pos_BT = pos_BT + torch.tensor(step.starts, device=tokens.device)[:, None]
+            prev_B1 = torch.tensor([cache.doc_starts[s] for s in step.slots], device=tokens.device)[:, None]
+        marked_BT = torch.where(tokens == self.cfg.moe.doc_start_id, pos_BT, prev_B1)
+        return marked_BT.cummax(1).values
+
+    @staticmethod
+    def _last_doc_starts(doc_BT: torch.Tensor, step: _CacheStep) -> list[int]:
+        """Each row's document start after this forward (at its last valid token)."""
+        last = [step.n_new - 1] * len(step.slots) if step.n_valid is None else [n - 1 for n in step.n_valid]
+        return doc_BT[torch.arange(len(last), device=doc_BT.device), torch.tensor(last, device=doc_BT.device)].tolist()
+
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
         """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots.
@@ -337,15 +364,17 @@ class Transformer(nn.Module):
         if step is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self._rope(B, T, positions, step)
+        doc_BT = self.doc_starts(tokens, cache, step) if self.cfg.ffn == "moe" and \
+            self.cfg.moe.gate_context == "doc" else None
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.training and self.cfg.dropout:
             h = F.dropout(h, self.cfg.dropout, training=True)
         auxes = []
         for layer in self.layers:
-            h, aux = layer(h, cos, sin, cache, step)
+            h, aux = layer(h, cos, sin, cache, step, doc_BT)
             auxes += aux
         h = self.norm(h)
-        gate = self.output.gate_input(h, cache, step) if isinstance(self.output, RoutedHead) else None
+        gate = self.output.gate_input(h, cache, step, doc_BT) if isinstance(self.output, RoutedHead) else None
         if last_only:
             if step is not None and step.n_valid is not None:  # right-padded rows end at different places
                 last_B = torch.tensor(step.n_valid, device=h.device) - 1
@@ -360,7 +389,7 @@ class Transformer(nn.Module):
             auxes.append(aux)
         logits = logits.float()
         if cache is not None:
-            cache.commit(step)
+            cache.commit(step, None if doc_BT is None else self._last_doc_starts(doc_BT, step))
         if not auxes:
             zero = logits.new_zeros(())
             return ModelOutput(logits, zero, zero, None)

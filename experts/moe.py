@@ -70,27 +70,39 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
 class Routed(nn.Module):
     """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``.
 
-    The gate reads the token's input (``context="token"``) or the mean of the inputs of the token and
-    all before it in its row (``"mean"``: ``moe.gate_context``); with a KV cache those inputs are kept
-    in it under ``key``, so decoding one token at a time routes as the full forward does."""
+    The gate reads the token's input (``context="token"``), the mean of the inputs of the token and
+    all before it in its row (``"mean"``: ``moe.gate_context``), or that mean over the token's own
+    document only (``"doc"``: from ``doc_BT``, the position where each token's document starts);
+    with a KV cache those inputs are kept in it under ``key``, so decoding one token at a time
+    routes as the full forward does."""
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, *, context: str = "token", key: str = ""):
         super().__init__()
         self.n_experts, self.top_k, self.context, self.key = n_experts, top_k, context, key
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # router (HF Mixtral name)
 
-    def gate_input(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None) -> torch.Tensor:
-        """What the gate reads at every position, ``(B, T, D)``."""
+    def gate_input(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None,
+                   doc_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """What the gate reads at every position, ``(B, T, D)``. ``doc_BT`` (``"doc"`` only): each
+        token's document start, an absolute position like the cache's (``Transformer.doc_starts``)."""
         if self.context == "token":
             return x_BTD
+        if self.context == "doc" and doc_BT is None:
+            raise ValueError("a router with gate_context 'doc' needs each token's document start (doc_BT)")
         B, T, D = x_BTD.shape
         if cache is None:
-            sums_BTD, pos_T = x_BTD.float().cumsum(1), torch.arange(T, device=x_BTD.device)
-            return (sums_BTD / (pos_T + 1)[:, None]).to(x_BTD.dtype)
-        sums_BSD = cache.update_inputs(self.key, step, x_BTD).float().cumsum(1)
-        pos_BT = torch.tensor(step.starts, device=x_BTD.device)[:, None] + torch.arange(T, device=x_BTD.device)
-        sums_BTD = sums_BSD.gather(1, pos_BT[..., None].expand(B, T, D))
-        return (sums_BTD / (pos_BT + 1)[..., None]).to(x_BTD.dtype)
+            sums_BSD, pos_BT = x_BTD.float().cumsum(1), torch.arange(T, device=x_BTD.device).expand(B, T)
+            sums_BTD = sums_BSD
+        else:
+            sums_BSD = cache.update_inputs(self.key, step, x_BTD).float().cumsum(1)
+            pos_BT = torch.tensor(step.starts, device=x_BTD.device)[:, None] + torch.arange(T, device=x_BTD.device)
+            sums_BTD = sums_BSD.gather(1, pos_BT[..., None].expand(B, T, D))
+        if self.context == "mean":
+            return (sums_BTD / (pos_BT + 1)[..., None]).to(x_BTD.dtype)
+        # the document's mean: the running sum less the sum of everything before its start
+        before_BTD = sums_BSD.gather(1, (doc_BT - 1).clamp(min=0)[..., None].expand(B, T, D))
+        before_BTD = before_BTD * (doc_BT > 0)[..., None]
+        return ((sums_BTD - before_BTD) / (pos_BT - doc_BT + 1)[..., None]).to(x_BTD.dtype)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(logits_NE, probs_NE, weights_NK, experts_NK)``, all routing maths in fp32."""
@@ -149,10 +161,12 @@ class MoEFFN(Routed):
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
         self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
 
-    def forward(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None,
+                doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x_BTD, cache, step).reshape(B * T, D))
+        gate_BTD = self.gate_input(x_BTD, cache, step, doc_BT)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(gate_BTD.reshape(B * T, D))
 
         # dispatch: sort the N*K assignments by expert so each expert sees one contiguous group
         experts_A = experts_NK.flatten()  # (A,)

@@ -112,9 +112,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                    help="how the routers start (default: merge.gate_init)")
     p.add_argument("--route", choices=["ffn", "all"],
                    help="what becomes routed experts: the FFNs, or also attention and head (default: merge.route)")
-    p.add_argument("--gate-context", choices=["token", "mean"],
-                   help="what the routers read: each token's input, or the running mean of its sequence's "
-                        "(default: merge.gate_context)")
+    p.add_argument("--gate-context", choices=["token", "mean", "doc"],
+                   help="what the routers read: each token's input, the running mean of its sequence's, or "
+                        "of its document's (default: merge.gate_context)")
     p.add_argument("--lr-scale", type=float,
                    help="the fine-tune's learning rates as a multiple of the experts' (default: merge.lr_scale)")
     p.add_argument("--ray-address", help="Ray cluster to join; default a private local instance")

@@ -30,8 +30,9 @@ and expert width = the dense FFN's: it loads, trains and generates like any LM c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,10 @@ ROUTES = ("ffn", "all")
 
 
 def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn",
-                  gate_context: str = "token") -> ModelConfig:
+                  gate_context: str = "token", doc_start_id: int = 1) -> ModelConfig:
     """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN (and with
-    ``route="all"`` of its attention projections and LM head too), routed by ``gate_context``."""
+    ``route="all"`` of its attention projections and LM head too), routed by ``gate_context``
+    (``"doc"``: documents start at ``doc_start_id``, the tokenizer's ``<|bos|>``)."""
     if cfg.ffn != "dense":
         raise CheckpointError(f"only dense experts can be merged (this one has ffn={cfg.ffn!r})")
     if route not in ROUTES:
@@ -59,7 +61,8 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
     full = route == "all"
     return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not full,
                        moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
-                                     routed_attention=full, routed_head=full, gate_context=gate_context))
+                                     routed_attention=full, routed_head=full, gate_context=gate_context,
+                                     doc_start_id=doc_start_id))
 
 
 def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
@@ -102,7 +105,7 @@ def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> 
 
 @torch.no_grad()
 def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None,
-                 route: str = "ffn", gate_context: str = "token") -> Transformer:
+                 route: str = "ffn", gate_context: str = "token", doc_start_id: int = 1) -> Transformer:
     """One MoE Transformer from dense ``models`` of one config (see the module docstring); embedding
     rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean.
 
@@ -115,7 +118,7 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     cfg = models[0].cfg
     if any(m.cfg != cfg for m in models):
         raise CheckpointError("the experts to merge must share one model config")
-    merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context))
+    merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context, doc_start_id))
     states = [m.state_dict() for m in models]
     target = merged.state_dict()
     if route == "all":
@@ -171,16 +174,23 @@ def _domain_inputs(model: Transformer, texts: Sequence[torch.Tensor]) -> list[tu
     sent to their own expert (:func:`forced_route`)."""
     routed = [m for m in model.modules() if isinstance(m, Routed)]
     seen: list[list[torch.Tensor]] = [[] for _ in routed]  # per module: one (N, D) block per domain
-    hooks = [f.register_forward_pre_hook(
-        lambda mod, inp, i=i: seen[i].append(mod.gate_input(inp[0]).reshape(-1, inp[0].shape[-1]).float()))
-        for i, f in enumerate(routed)]
+
+    def recording(i: int, read: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def gate_input(*args: Any) -> torch.Tensor:
+            out = read(*args)
+            seen[i].append(out.reshape(-1, out.shape[-1]).float())
+            return out
+        return gate_input
+
+    for i, f in enumerate(routed):  # an instance attribute shadows the method for this pass only
+        f.gate_input = recording(i, f.gate_input)
     try:
         for e, x in enumerate(texts):
             with forced_route(model, e):
                 model(x.to(model.tok_embeddings.weight.device))
     finally:
-        for h in hooks:
-            h.remove()
+        for f in routed:
+            del f.gate_input
     return list(zip(routed, seen))
 
 

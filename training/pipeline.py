@@ -154,6 +154,9 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
         if init is not None:
             loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.branch_non_ffn_lr})
+            if cfg.train.branch_replay:
+                task = dataclasses.replace(task, replay=cfg.train.branch_replay, replay_paths=tuple(
+                    str(corpus.tokens_path(x, "train")) for x in cfg.experts))
         experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
                            after=("seed",) if seed_steps else ()))
     per_step = cfg.train.tokens_per_step  # the same for every model of the run
@@ -185,7 +188,8 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     domain's instruction items as the experts' own last stage was; it waits for every expert."""
     from training.merge import merged_config
 
-    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route, cfg.merge.gate_context)
+    mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route, cfg.merge.gate_context,
+                         doc_start_id=corpus.tokenizer().bos_id)
     task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),

@@ -134,6 +134,9 @@ class TrainSpec(LoopSettings):
     # lr: below 1 the experts keep those close to the seed's, so that merging them (Branch-Train-MiX,
     # which averages them) loses little; the FFNs, which stay separate experts, learn at full rate
     branch_non_ffn_lr: float = Field(1.0, ge=0, le=1)
+    # the share of a branch's pretraining batches that replay the seed's mixed corpus (every domain in
+    # turn), so that an expert keeps the general language it branched with while it specialises
+    branch_replay: float = Field(0.0, ge=0, lt=1)
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
     instruct_fraction: float = Field(0.0, ge=0, lt=1)
@@ -207,9 +210,11 @@ class MergeSpec(_Strict):
     # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged) or "all" (the
     # attention projections and LM head routed too, norms folded in, only input embeddings averaged)
     route: Literal["ffn", "all"] = "ffn"
-    # what the routers read: each token's own input ("token", the paper's), or the running mean of the
-    # inputs of its sequence so far ("mean": a document-level choice, still made per token and causal)
-    gate_context: Literal["token", "mean"] = "token"
+    # what the routers read: each token's own input ("token", the paper's), the running mean of the
+    # inputs of its sequence so far ("mean": a document-level choice, still made per token and causal),
+    # or that mean restarted at each document's <|bos|> ("doc": in the fine-tune's packed rows each
+    # document is routed from its own tokens, as a request is when served)
+    gate_context: Literal["token", "mean", "doc"] = "token"
 
 
 class RunConfig(_Strict):

@@ -131,6 +131,9 @@ class LMTask:
     instruct_from: int = 0
     instruct_batches: int = 0
     instruct_replay: float = 0.0  # share of the instruction stage's batches that are pretraining batches
+    # a branch's replay of the seed's corpus: this share of its pretraining batches from these splits
+    replay_paths: tuple[str, ...] = ()
+    replay: float = 0.0
     _val: list[Batch] | None = field(default=None, repr=False)
 
     def build_model(self) -> nn.Module:
@@ -141,8 +144,9 @@ class LMTask:
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             route = "all" if self.model_cfg.routed_head else "ffn"  # merged_config's two shapes
-            model = merge_models([load_lm(d)[0] for d in self.merge_from], self.model_cfg.moe.top_k, weights, route,
-                                 self.model_cfg.moe.gate_context)
+            moe = self.model_cfg.moe
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights, route,
+                                 moe.gate_context, moe.doc_start_id)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")
@@ -160,11 +164,15 @@ class LMTask:
 
     def train_batches(self) -> MixedBatches | Any:
         from training.data.packing import TokenBatches
+        from training.data.sft import InstructBatches, ReplayBatches, StagedBatches
         pretrain = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i)
                                  for i, p in enumerate(self.train_paths)])
+        if self.replay and self.replay_paths:
+            mixed = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 700 + 1000 * i)
+                                  for i, p in enumerate(self.replay_paths)])
+            pretrain = ReplayBatches(pretrain, mixed, self.replay)
         if not self.instruct_paths:
             return pretrain
-        from training.data.sft import InstructBatches, ReplayBatches, StagedBatches
         per = max(1, round(self.instruct_batches * (1 - self.instruct_replay) / len(self.instruct_paths)))
         instruct = MixedBatches([InstructBatches(p, self.batch_size, self.seq_len, seed=self.seed + 500 + 1000 * i,
                                                  total=per) for i, p in enumerate(self.instruct_paths)])
@@ -205,6 +213,8 @@ class LMTask:
 
     def save_model(self, model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
         extra = {"init_from": Path(self.init_from).name} if self.init_from else {}
+        if self.replay and self.replay_paths:
+            extra["replay"] = {"domains": [Path(p).parent.name for p in self.replay_paths], "share": self.replay}
         if self.merge_from:
             extra = {"init_from": "merge", "merged_from": [Path(d).name for d in self.merge_from],
                      "trainable": self.trainable, "gate_init": self.gate_init}

@@ -20,10 +20,12 @@ ROUTED = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed
 # "routed-mean": the same, its routers reading the running mean of their inputs (moe.gate_context)
 MEAN = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_attention=True, routed_head=True,
                                                   gate_context="mean")}
+# "routed-doc": that mean restarted at every <|bos|> (token 1): each packed document routed on its own
+DOC = {**MEAN, "moe": MoEConfig(**{**MEAN["moe"].__dict__, "gate_context": "doc"})}
 
 
 def _config(preset: str, **kw) -> ModelConfig:
-    extra = {"routed": ROUTED, "routed-mean": MEAN}.get(preset)
+    extra = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC}.get(preset)
     return ModelConfig.preset("tiny-moe", **{**extra, **kw}) if extra else ModelConfig.preset(preset, **kw)
 
 
@@ -37,7 +39,7 @@ def _model(preset: str, **kw) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
 def test_changing_a_later_token_never_changes_earlier_logits(preset):
     model = _model(preset)
     x = torch.randint(0, 512, (2, 16))
@@ -50,7 +52,7 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
 def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
     model = _model(preset, qk_norm=qk_norm)
@@ -236,7 +238,7 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         model(x, positions=torch.arange(5)[None])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
 def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
     torch.manual_seed(0)
     model = Transformer(_config(preset)).eval()
@@ -267,4 +269,55 @@ def test_a_mean_context_router_reads_the_running_mean_of_its_inputs_and_a_padded
         torch.testing.assert_close(last[1], model(x[1:, :7]).logits[0, -1], atol=1e-5, rtol=0)
         torch.testing.assert_close(nxt[0], model(x[:1, :5]).logits[0, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="moe.gate_context"):
-        MoEConfig(gate_context="doc")
+        MoEConfig(gate_context="sentence")
+
+
+def _no_bos(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == 1, 7, x)
+
+
+def test_a_doc_context_router_reads_only_its_own_documents_inputs():
+    """In a row packed with two documents, a router's mean restarts at the second one's <|bos|>: the
+    first layer's attention router (which reads normed embeddings) reads what it reads alone."""
+    from experts.moe import MoEFFN
+
+    cfg = _config("routed-doc")
+    ffn = MoEFFN(cfg, 0)
+    x = torch.randn(1, 9, cfg.d_model)
+    doc = torch.tensor([[0, 0, 0, 0, 4, 4, 4, 4, 4]])  # a document starts at position 4
+    want = torch.cat([torch.stack([x[:, :t + 1].mean(1) for t in range(4)], 1),
+                      torch.stack([x[:, 4:t + 1].mean(1) for t in range(4, 9)], 1)], 1)
+    torch.testing.assert_close(ffn.gate_input(x, doc_BT=doc), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="document start"):
+        ffn.gate_input(x)
+    model = _model("routed-doc")
+    first, second = _no_bos(torch.randint(0, 512, (1, 6))), _no_bos(torch.randint(0, 512, (1, 7)))
+    first[0, 0] = second[0, 0] = 1  # each document opens with <|bos|>
+    row = torch.cat([first, second], 1)
+    torch.testing.assert_close(model.doc_starts(row), torch.tensor([[0] * 6 + [6] * 7]))
+    seen = []
+    gate = model.layers[0].attention
+    gate.gate_input = lambda *a, read=gate.gate_input: seen.append(read(*a)) or seen[-1]
+    with torch.no_grad():
+        model(row), model(second)
+    torch.testing.assert_close(seen[0][:, 6:], seen[1], atol=1e-5, rtol=0)
+    mean = _model("routed-mean")  # the sequence-wide mean mixes the first document in
+    mean.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(row).logits[:, 6:], mean(row).logits[:, 6:])
+
+
+def test_a_doc_context_cache_carries_the_document_start_across_decode_steps():
+    model = _model("routed-doc")
+    x = _no_bos(torch.randint(0, 512, (1, 14)))
+    x[0, 0], x[0, 5] = 1, 1  # a second document starts inside the prompt
+    cache = KVCache(model.cfg, max_batch=2, max_len=32)
+    with torch.no_grad():
+        full = model(x).logits[0]
+        cache.bind([1])
+        got = [model(x[:, :8], cache=cache).logits[0]]
+        assert cache.doc_starts[1] == 5
+        for t in range(8, 14):
+            got.append(model(x[:, t:t + 1], cache=cache).logits[0])
+    torch.testing.assert_close(torch.cat(got), full, atol=1e-5, rtol=0)
+    cache.reset(1)
+    assert cache.doc_starts[1] == 0

@@ -138,7 +138,7 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
 
 
 @pytest.mark.parametrize("init", ["centroids", "fitted"])
-@pytest.mark.parametrize("gate_context", ["token", "mean"])
+@pytest.mark.parametrize("gate_context", ["token", "mean", "doc"])
 def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, init):
     """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
     nearest-centroid and the fitted gates send most of a domain's tokens to its own expert in every

@@ -211,3 +211,30 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--lr-scale", "1"]) == 2
     assert f"lr_scale {cfg.merge.lr_scale!r} (asked: 1.0)" in capsys.readouterr().err
     assert (run_dir / "run.yaml").read_text() == before  # the refused settings are not written
+
+
+def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
+    from training.data import load_corpora
+    from training.data.packing import load_tokens
+
+    corpus = load_corpora(None, "tiny")
+    cfg = load_run_config("tiny", {"train.seed_fraction": 0.3, "train.branch_replay": 0.25})
+    jobs = {j.task.name: j for j in plan_jobs(cfg, corpus, corpus.tokenizer().vocab_size)}
+    task = jobs["code"].task
+    assert task.replay == 0.25 and [p.split("/")[-2] for p in task.replay_paths] == list(cfg.experts)
+    assert jobs["seed"].task.replay == 0.0  # only branches replay
+    own = load_tokens(task.train_paths[0]).tobytes()
+    it = task.train_batches()
+    batches = [next(it)[0] for _ in range(8)]
+    from_own = [b[0, :16].numpy().astype(load_tokens(task.train_paths[0]).dtype).tobytes() in own for b in batches]
+    assert from_own == [True, True, True, False] * 2  # every 4th batch replays the mixed corpus
+    state = it.state_dict()  # and the stream resumes exactly
+    nxt = next(it)[0]
+    again = task.train_batches()
+    again.load_state_dict(state)
+    assert (next(again)[0] == nxt).all()
+    plain = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3}), corpus,
+                                               corpus.tokenizer().vocab_size)}
+    assert plain["code"].task.replay == 0.0
+    with pytest.raises(RunConfigError, match="branch_replay"):
+        load_run_config("tiny", {"train.branch_replay": 1.0})
