@@ -117,6 +117,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                         "of its document's (default: merge.gate_context)")
     p.add_argument("--lr-scale", type=float,
                    help="the fine-tune's learning rates as a multiple of the experts' (default: merge.lr_scale)")
+    p.add_argument("--router-lr", type=float,
+                   help="the routers' learning rate as a multiple of the experts' (default: merge.router_lr, "
+                        "else --lr-scale)")
     p.add_argument("--ray-address", help="Ray cluster to join; default a private local instance")
     p.set_defaults(func=run_merge)
 
@@ -130,7 +133,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train,
           "merge.gate_init": args.gate_init, "merge.route": args.route, "merge.gate_context": args.gate_context,
-          "merge.lr_scale": args.lr_scale}
+          "merge.lr_scale": args.lr_scale, "merge.router_lr": args.router_lr}
     try:
         cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
         out = merge_run(cfg, ray_address=args.ray_address)

@@ -85,6 +85,7 @@ class LoopConfig(LoopSettings):
     progress: bool = True  # tqdm bar when stderr is a terminal; log lines otherwise
     fail_at: str | None = None  # failure injection (tests); defaults to $HMOE_FAIL_AT_STEP
     non_ffn_lr_scale: float = Field(1.0, ge=0, le=1)  # lr multiplier outside the FFNs (optim.scale_non_ffn)
+    gate_lr_scale: float = Field(1.0, gt=0)  # lr multiplier of the MoE routers (optim.is_gate_param)
 
 
 @dataclass
@@ -319,7 +320,7 @@ def train(task: Task, cfg: LoopConfig, run_dir: str | Path) -> TrainResult:
     opt = optim.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                 eps=cfg.eps, device=device, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
                                 muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
-                                non_ffn_lr_scale=cfg.non_ffn_lr_scale)
+                                non_ffn_lr_scale=cfg.non_ffn_lr_scale, gate_lr_scale=cfg.gate_lr_scale)
     data = task.train_batches()
     metrics = MetricsLog(run_dir / "metrics" / f"{task.name}.jsonl")
     st = _try_resume(ckpt, model, opt, data, metrics)

@@ -22,6 +22,7 @@ AdamW groups (scale 1) and the Muon groups (scale ``muon_lr / lr``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -181,38 +182,54 @@ def is_ffn_param(name: str) -> bool:
     return ".feed_forward." in name
 
 
-def scale_non_ffn(model: nn.Module, groups: list[dict], scale: float) -> list[dict]:
-    """``groups`` with every parameter outside the FFNs (embeddings, head, attention, norms) moved
-    to a copy of its group whose ``lr_scale`` is multiplied by ``scale``. A branch trained so keeps
-    what the experts will share close to the seed's, which is what averaging them needs
-    (``training.merge``); its FFNs, which stay separate experts, learn at the full rate."""
+def is_gate_param(name: str) -> bool:
+    """A router of a mixture-of-experts module (``experts.moe.Routed.gate``)."""
+    return name.endswith("gate.weight")
+
+
+def scale_lr(model: nn.Module, groups: list[dict], pick: Callable[[str], bool], scale: float) -> list[dict]:
+    """``groups`` with every parameter whose name ``pick`` selects moved to a copy of its group
+    whose ``lr_scale`` is multiplied by ``scale``."""
     if scale == 1.0:
         return groups
-    ffn = {id(p) for name, p in model.named_parameters() if is_ffn_param(name)}
+    picked = {id(p) for name, p in model.named_parameters() if pick(name)}
     out = []
     for g in groups:
-        own = [p for p in g["params"] if id(p) in ffn]
-        shared = [p for p in g["params"] if id(p) not in ffn]
-        out += [{**g, "params": own}] if own else []
-        out += [{**g, "params": shared, "lr_scale": g.get("lr_scale", 1.0) * scale}] if shared else []
+        rest = [p for p in g["params"] if id(p) not in picked]
+        chosen = [p for p in g["params"] if id(p) in picked]
+        out += [{**g, "params": rest}] if rest else []
+        out += [{**g, "params": chosen, "lr_scale": g.get("lr_scale", 1.0) * scale}] if chosen else []
     return out
+
+
+def scale_non_ffn(model: nn.Module, groups: list[dict], scale: float) -> list[dict]:
+    """``groups`` with the learning rate of every parameter outside the FFNs (embeddings, head,
+    attention, norms) multiplied by ``scale``. A branch trained so keeps what the experts will share
+    close to the seed's, which is what averaging them needs (``training.merge``); its FFNs, which
+    stay separate experts, learn at the full rate."""
+    return scale_lr(model, groups, lambda name: not is_ffn_param(name), scale)
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, device: torch.device, optimizer: str = "adamw", muon_lr: float = 0.02,
                     muon_momentum: float = 0.95, muon_weight_decay: float = 0.0,
-                    non_ffn_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+                    non_ffn_lr_scale: float = 1.0, gate_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """``adamw``: torch AdamW (``fused`` on accelerators, ``foreach`` on CPU); ``muon``: :class:`MuonAdamW`.
-    ``non_ffn_lr_scale`` multiplies the learning rate of every parameter outside the FFNs."""
+    ``non_ffn_lr_scale`` multiplies the learning rate of every parameter outside the FFNs, and
+    ``gate_lr_scale`` that of the MoE routers (after ``non_ffn_lr_scale``)."""
+
+    def scaled(groups: list[dict]) -> list[dict]:
+        return scale_lr(model, scale_non_ffn(model, groups, non_ffn_lr_scale), is_gate_param, gate_lr_scale)
+
     if optimizer == "adamw":
         fused = device.type != "cpu"
-        groups = scale_non_ffn(model, param_groups(model, weight_decay), non_ffn_lr_scale)
+        groups = scaled(param_groups(model, weight_decay))
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps,
                                  fused=fused or None, foreach=None if fused else True)
     if optimizer == "muon":
         groups = muon_param_groups(model, lr=lr, muon_lr=muon_lr, weight_decay=weight_decay,
                                    muon_weight_decay=muon_weight_decay, momentum=muon_momentum)
-        return MuonAdamW(scale_non_ffn(model, groups, non_ffn_lr_scale), lr=lr, betas=betas, eps=eps,
+        return MuonAdamW(scaled(groups), lr=lr, betas=betas, eps=eps,
                          momentum=muon_momentum)
     raise ValueError(f"optimizer={optimizer!r} is invalid: choose one of {list(OPTIMIZERS)}")
 

@@ -196,8 +196,10 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
                                trainable=cfg.merge.train, gate_init=cfg.merge.gate_init)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
     s = cfg.merge.lr_scale
-    loop = loop.model_copy(update={"lr": loop.lr * s, "min_lr": loop.min_lr * s, "muon_lr": loop.muon_lr * s})
-    task = dataclasses.replace(task, meta={**task.meta, "lr_scale": s})
+    gate = 1.0 if cfg.merge.router_lr is None else cfg.merge.router_lr / s  # relative to the scaled lr
+    loop = loop.model_copy(update={"lr": loop.lr * s, "min_lr": loop.min_lr * s, "muon_lr": loop.muon_lr * s,
+                                   "gate_lr_scale": gate})
+    task = dataclasses.replace(task, meta={**task.meta, "lr_scale": s, "router_lr": cfg.merge.router_lr})
     task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts)
     return Job(task, loop, "merged", mcfg.num_params(active=True), after=tuple(cfg.experts))
 
@@ -294,9 +296,10 @@ def _same_merge(run_dir: Path, cfg: RunConfig) -> None:
     moe, m = meta["config"]["moe"], cfg.merge
     old = {"steps": meta["train"]["steps"], "train": meta.get("trainable"), "gate_init": meta.get("gate_init"),
            "top_k": moe["top_k"], "gate_context": moe.get("gate_context", "token"),
-           "route": "all" if moe.get("routed_head") else "ffn", "lr_scale": meta.get("lr_scale", 1.0)}
+           "route": "all" if moe.get("routed_head") else "ffn", "lr_scale": meta.get("lr_scale", 1.0),
+           "router_lr": meta.get("router_lr")}
     new = {"steps": m.steps, "train": m.train, "gate_init": m.gate_init, "top_k": m.top_k,
-           "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale}
+           "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale, "router_lr": m.router_lr}
     differ = [f"{k} {old[k]!r} (asked: {new[k]!r})" for k in new if old[k] != new[k]]
     if differ:
         raise CheckpointError(f"{model_dir(run_dir, 'merged')} was merged with {', '.join(differ)}; move it "

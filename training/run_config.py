@@ -203,6 +203,8 @@ class MergeSpec(_Strict):
     # merged model starts trained, and the experts' peak rate undoes much of what they learned
     # (standard: merged/dense mixed perplexity 1.214 at 1.0, 0.947 at 0.3; docs/benchmarks.md)
     lr_scale: float = Field(0.3, gt=0, le=1)
+    # the routers' learning rate as a multiple of the experts' (None: lr_scale, as every other weight)
+    router_lr: float | None = Field(None, gt=0, le=1)
     # the routers' start: "zero" (the paper's; every expert equally likely), "centroids" (each layer's
     # gate a nearest-centroid classifier of the domains: training.merge.centroid_gates) or "fitted"
     # (a logistic regression of the domain on what the gate reads: training.merge.fitted_gates)

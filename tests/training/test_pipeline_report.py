@@ -171,6 +171,10 @@ def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_g
     assert [getattr(merged.loop, k) for k in ("lr", "min_lr", "muon_lr")] == pytest.approx(
         [0.25 * getattr(expert.loop, k) for k in ("lr", "min_lr", "muon_lr")])
     assert merged.task.meta["lr_scale"] == 0.25 and "lr_scale" not in expert.task.meta
+    assert merged.loop.gate_lr_scale == 1.0 and merged.task.meta["router_lr"] is None  # routers as the rest
+    faster = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {**ov, "merge.router_lr": 0.5}), corpus,
+                                                corpus.tokenizer().vocab_size)}["merged"]
+    assert faster.loop.gate_lr_scale * faster.loop.lr == pytest.approx(0.5 * expert.loop.lr)  # the experts' x 0.5
     assert merged.task.model_cfg.moe.n_experts == 5 and merged.task.model_cfg.moe.top_k == 2
     # its fine-tune ends, as the experts' training did, on every domain's instruction items
     assert merged.task.instruct_batches == 4 and merged.task.instruct_from == 3

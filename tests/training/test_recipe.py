@@ -76,6 +76,21 @@ def test_a_zero_non_ffn_lr_trains_the_ffns_alone(optimizer):
         assert g["lr"] == pytest.approx(full if ffn == {True} else 0.25 * full)
 
 
+def test_the_routers_learning_rate_scales_on_its_own():
+    """``gate_lr_scale``: a merged model's routers can learn faster than the weights they route."""
+    from experts.model import Transformer
+
+    model = Transformer(tiny_cfg("moe"))
+    opt = optim.build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                                device=torch.device("cpu"), optimizer="muon", muon_lr=0.05, gate_lr_scale=3.0)
+    optim.set_lr(opt, 1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    gates = [g for g in opt.param_groups if any(names[id(p)].endswith("gate.weight") for p in g["params"])]
+    assert gates and all(names[id(p)].endswith("gate.weight") for g in gates for p in g["params"])
+    assert all(g["lr"] == pytest.approx(3e-2) and not g["use_muon"] for g in gates)
+    assert all(g["lr"] in (pytest.approx(1e-2), pytest.approx(0.05)) for g in opt.param_groups if g not in gates)
+
+
 def test_newton_schulz_orthogonalises():
     g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
     x = newton_schulz(g, steps=5)
