@@ -284,13 +284,16 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
     ffns = [layer.feed_forward for layer in model.layers]
     picked: list[list[torch.Tensor]] = [[] for _ in ffns]
 
-    def keep(i: int):
-        def hook(mod, inp, _out):
-            x = inp[0]
-            picked[i].append(mod.route(x.reshape(-1, x.shape[-1]))[3].cpu())  # (N, K) experts chosen
-        return hook
+    def keep(i: int, route: Callable[[torch.Tensor], tuple]) -> Callable[[torch.Tensor], tuple]:
+        def recorded(x_ND: torch.Tensor) -> tuple:  # what the gate read (its context included)
+            out = route(x_ND)
+            picked[i].append(out[3].cpu())  # (N, K) experts chosen
+            return out
+        return recorded
 
-    handles = [f.register_forward_hook(keep(i)) for i, f in enumerate(ffns)]
+    before = [f.__dict__.get("route") for f in ffns]  # a route already patched on the instance
+    for i, f in enumerate(ffns):  # an instance attribute shadows the method while we count
+        f.route = keep(i, f.route)
     top_k: list[dict[str, dict[str, float]]] = [{} for _ in ffns]
     try:
         for d, seqs in docs.items():
@@ -303,8 +306,10 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
                 hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
                 top_k[i][d] = {e: round(float(h) / max(1, len(chosen)), 4) for e, h in zip(experts, hits)}
     finally:
-        for h in handles:
-            h.remove()
+        for f, route in zip(ffns, before):
+            del f.route
+            if route is not None:
+                f.route = route
     own = [{d: shares[d].get(d) for d in shares} for shares in top_k]
     k = model.cfg.moe.top_k
     return {"experts": list(experts), "top_k": k, "chance": round(k / len(experts), 4), "top_k_share": top_k,

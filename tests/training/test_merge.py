@@ -108,7 +108,24 @@ def test_routing_shares_count_each_layers_top_k_per_domain():
     for layer in out["top_k_share"]:
         for shares in layer.values():
             assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
-    assert all(not layer.feed_forward._forward_hooks for layer in merged.layers)  # hooks removed
+    assert merged.layers[0].feed_forward.route is not None and "route" not in merged.layers[1].feed_forward.__dict__
+
+
+def test_routing_shares_count_what_a_context_reading_router_chose():
+    """With ``gate_context`` mean or doc the shares are those of the running mean the gate reads."""
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context="doc").eval()
+    with torch.no_grad():
+        for layer in merged.layers:
+            layer.feed_forward.gate.weight.normal_(0, 1.0)
+    docs = {"e0": [[1, 9, 3, 4, 8, 2], [1, 6, 5]], "e1": [[1, 8, 9, 7]]}
+    seen = []
+    f = merged.layers[-1].feed_forward
+    f.gate_input = lambda *a, read=f.gate_input: seen.append(read(*a)) or seen[-1]
+    out = routing_shares(merged, docs, ["e0", "e1", "e2"])
+    del f.gate_input
+    chosen = torch.cat([f.route(g.reshape(-1, g.shape[-1]))[3] for g in seen[:2]]).flatten()
+    assert out["top_k_share"][-1]["e0"] == {e: pytest.approx((chosen == i).float().mean().item(), abs=1e-4)
+                                             for i, e in enumerate(["e0", "e1", "e2"])}
 
 
 def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
