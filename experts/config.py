@@ -43,6 +43,9 @@ class MoEConfig:
     # copies (a Branch-Train-MiX merge that keeps every expert's weights: training.merge)
     routed_attention: bool = False
     routed_head: bool = False  # needs tie_embeddings=False: the head's experts are not the embedding
+    # the input embeddings too (needs tie_embeddings=False): a token's input is its top-k experts'
+    # rows, chosen by a router that reads (per gate_context) a shared embedding of the tokens
+    routed_embeddings: bool = False
     # what a router reads: "token" (the token's own input), "mean" (the mean of the inputs of the
     # token and every one before it in its sequence: a causal document-level choice, per token) or
     # "doc" (that mean restarted at every document start, a ``doc_start_id`` token: in a row packed
@@ -105,6 +108,8 @@ class ModelConfig:
         _check(isinstance(self.qk_norm, bool), "qk_norm", self.qk_norm, "must be true or false")
         _check(not (self.routed_head and self.tie_embeddings), "tie_embeddings",
                self.tie_embeddings, "must be false with moe.routed_head (each head expert is its own matrix)")
+        _check(not (self.routed_embeddings and self.tie_embeddings), "tie_embeddings", self.tie_embeddings,
+               "must be false with moe.routed_embeddings (each embedding expert is its own matrix)")
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -146,6 +151,10 @@ class ModelConfig:
     def routed_head(self) -> bool:
         return self.ffn == "moe" and self.moe.routed_head
 
+    @property
+    def routed_embeddings(self) -> bool:
+        return self.ffn == "moe" and self.moe.routed_embeddings
+
     def _head_params(self, active: bool) -> int:
         """The LM head: one ``vocab x d_model`` matrix, or top_k (active) of n_experts plus their gate."""
         if not self.routed_head:
@@ -166,8 +175,12 @@ class ModelConfig:
         if self.qk_norm and not self.routed_attention:  # routed: counted with each expert
             block += 2 * self.head_dim
         n = self.n_layers * block + self.d_model  # + final norm
+        if self.routed_embeddings:
+            n += self.d_model * self.moe.n_experts  # the embeddings' router (a real matmul per token)
         if embeddings:
             n += self.vocab_size * self.d_model
+            if self.routed_embeddings:  # the shared embedding the router reads, and the experts'
+                n += (self.moe.top_k if active else self.moe.n_experts) * self.vocab_size * self.d_model
             if not self.tie_embeddings:
                 n += self._head_params(active)
         return n

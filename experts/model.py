@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import MoEAux, MoEFFN, Routed, RoutedHead, SwiGLU, dense_gates
+from experts.moe import MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, SwiGLU, dense_gates
 
 
 @dataclass
@@ -297,7 +297,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings = RoutedEmbedding(cfg.vocab_size, cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k,
+                                              context=cfg.moe.gate_context) \
+            if cfg.routed_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = RoutedHead(cfg) if cfg.routed_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -366,10 +368,14 @@ class Transformer(nn.Module):
         cos, sin = self._rope(B, T, positions, step)
         doc_BT = self.doc_starts(tokens, cache, step) if self.cfg.ffn == "moe" and \
             self.cfg.moe.gate_context == "doc" else None
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        auxes = []
+        if isinstance(self.tok_embeddings, RoutedEmbedding):
+            h, aux = self.tok_embeddings(tokens, cache, step, doc_BT)
+            auxes.append(aux)
+        else:
+            h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.training and self.cfg.dropout:
             h = F.dropout(h, self.cfg.dropout, training=True)
-        auxes = []
         for layer in self.layers:
             h, aux = layer(h, cos, sin, cache, step, doc_BT)
             auxes += aux

@@ -123,6 +123,34 @@ def dense_gates(weights_NK: torch.Tensor, experts_NK: torch.Tensor, n_experts: i
                        device=weights_NK.device).scatter_(1, experts_NK, weights_NK)
 
 
+class RoutedEmbedding(Routed):
+    """Input embeddings that are ``n_experts`` experts (``moe.routed_embeddings``); returns ``(h, MoEAux)``.
+
+    The router reads (through ``gate_context``) ``shared``, one more embedding of the tokens; a
+    token's input is its top-k experts' rows weighted by the gate. With one expert per token it is
+    that expert's embedding exactly. ``weight`` is the shared matrix (where a caller asks an
+    embedding for its device or dtype)."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_experts: int, top_k: int, *, context: str = "token"):
+        super().__init__(d_model, n_experts, top_k, context=context, key="embed")
+        self.shared = nn.Embedding(vocab_size, d_model)
+        self.experts = nn.ModuleList(nn.Embedding(vocab_size, d_model) for _ in range(n_experts))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.shared.weight
+
+    def forward(self, tokens_BT: torch.Tensor, cache: Any = None, step: Any = None,
+                doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        B, T = tokens_BT.shape
+        gate_BTD = self.gate_input(self.shared(tokens_BT), cache, step, doc_BT)
+        logits_NE, probs_NE, weights_NK, experts_NK = self.route(gate_BTD.reshape(B * T, -1))
+        g_NE = dense_gates(weights_NK, experts_NK, self.n_experts).to(gate_BTD.dtype)
+        ids_N = tokens_BT.reshape(-1)
+        h_ND = sum(g_NE[:, e, None] * self.experts[e](ids_N) for e in experts_NK.unique().tolist())
+        return h_ND.view(B, T, -1), self.aux(logits_NE, probs_NE, experts_NK)
+
+
 class RoutedHead(Routed):
     """An LM head of ``n_experts`` output matrices; returns ``(log-probs (B, T, V), MoEAux)``.
 

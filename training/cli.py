@@ -110,8 +110,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", choices=["all", "routers"], help="what the fine-tune updates (default: merge.train)")
     p.add_argument("--gate-init", choices=["zero", "centroids", "fitted"],
                    help="how the routers start (default: merge.gate_init)")
-    p.add_argument("--route", choices=["ffn", "all"],
-                   help="what becomes routed experts: the FFNs, or also attention and head (default: merge.route)")
+    p.add_argument("--route", choices=["ffn", "all", "full"],
+                   help="what becomes routed experts: the FFNs, also attention and head, or also the input "
+                        "embeddings (default: merge.route)")
     p.add_argument("--gate-context", choices=["token", "mean", "doc"],
                    help="what the routers read: each token's input, the running mean of its sequence's, or "
                         "of its document's (default: merge.gate_context)")

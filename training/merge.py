@@ -23,6 +23,11 @@ At this scale the averaged parts hold most of what a branch learnt: on ``standar
 embedding/head matrix is three quarters of an expert's weights, and as the output head its
 weighted mean cost the experts 0.06-0.33 nats per token, as the input embedding 0.01-0.07.
 
+``route: full`` routes the input embeddings as well (``MoEConfig.routed_embeddings``): their router
+reads the running mean (``gate_context``) of the per-token weighted mean embedding, and a token's
+input is its top-k experts' own rows, so that every weight of every expert is kept and a merged
+model that sends all tokens to expert ``i`` computes expert ``i`` exactly.
+
 The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
 and expert width = the dense FFN's: it loads, trains and generates like any LM checkpoint.
 """
@@ -46,7 +51,7 @@ _FFN = re.compile(r"^layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight$")
 _PER_TOKEN = ("tok_embeddings.weight", "output.weight")  # (V, D): one row per token
 
 
-ROUTES = ("ffn", "all")
+ROUTES = ("ffn", "all", "full")
 
 
 def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn",
@@ -58,11 +63,11 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
         raise CheckpointError(f"only dense experts can be merged (this one has ffn={cfg.ffn!r})")
     if route not in ROUTES:
         raise ValueError(f"merge route={route!r} is invalid: choose one of {list(ROUTES)}")
-    full = route == "all"
-    return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not full,
+    every = route in ("all", "full")
+    return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not every,
                        moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
-                                     routed_attention=full, routed_head=full, gate_context=gate_context,
-                                     doc_start_id=doc_start_id))
+                                     routed_attention=every, routed_head=every, routed_embeddings=route == "full",
+                                     gate_context=gate_context, doc_start_id=doc_start_id))
 
 
 def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
@@ -101,6 +106,7 @@ def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> 
             yield ffn + "w2.weight", sd[pre + "feed_forward.w2.weight"]
         head = sd["tok_embeddings.weight"] if cfg.tie_embeddings else sd["output.weight"]
         yield f"output.experts.{i}.weight", head * sd["norm.weight"][None, :]
+        yield f"tok_embeddings.experts.{i}.weight", sd["tok_embeddings.weight"]  # used by route="full"
 
 
 @torch.no_grad()
@@ -112,7 +118,9 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     ``route="ffn"`` (Branch-Train-MiX as published): the FFNs become routed experts and the rest is
     averaged. ``route="all"``: the attention projections and the LM head are routed experts too, the
     norms are folded into them, and only the input embeddings are averaged; sending every token to
-    expert ``i`` then computes expert ``i`` up to those embeddings."""
+    expert ``i`` then computes expert ``i`` up to those embeddings. ``route="full"``: the input
+    embeddings are routed experts too, and their router reads the weighted mean embedding; expert
+    ``i`` alone then computes expert ``i`` exactly."""
     if not models:
         raise ValueError("merge_models needs at least one expert")
     cfg = models[0].cfg
@@ -121,10 +129,12 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context, doc_start_id))
     states = [m.state_dict() for m in models]
     target = merged.state_dict()
-    if route == "all":
+    if route in ("all", "full"):
         for name, value in _routed_all(states, cfg):
-            target[name].copy_(value.to(target[name].dtype))
-        target["tok_embeddings.weight"].copy_(weighted_mean([sd["tok_embeddings.weight"] for sd in states], token_weights))
+            if name in target:
+                target[name].copy_(value.to(target[name].dtype))
+        mean = "tok_embeddings.shared.weight" if route == "full" else "tok_embeddings.weight"
+        target[mean].copy_(weighted_mean([sd["tok_embeddings.weight"] for sd in states], token_weights))
         for name, p in target.items():
             if name.endswith("norm.weight") and ".experts." not in name:
                 p.fill_(1.0)

@@ -296,7 +296,8 @@ def _same_merge(run_dir: Path, cfg: RunConfig) -> None:
     moe, m = meta["config"]["moe"], cfg.merge
     old = {"steps": meta["train"]["steps"], "train": meta.get("trainable"), "gate_init": meta.get("gate_init"),
            "top_k": moe["top_k"], "gate_context": moe.get("gate_context", "token"),
-           "route": "all" if moe.get("routed_head") else "ffn", "lr_scale": meta.get("lr_scale", 1.0),
+           "route": "full" if moe.get("routed_embeddings") else "all" if moe.get("routed_head") else "ffn",
+           "lr_scale": meta.get("lr_scale", 1.0),
            "router_lr": meta.get("router_lr")}
     new = {"steps": m.steps, "train": m.train, "gate_init": m.gate_init, "top_k": m.top_k,
            "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale, "router_lr": m.router_lr}

@@ -209,9 +209,10 @@ class MergeSpec(_Strict):
     # gate a nearest-centroid classifier of the domains: training.merge.centroid_gates) or "fitted"
     # (a logistic regression of the domain on what the gate reads: training.merge.fitted_gates)
     gate_init: Literal["zero", "centroids", "fitted"] = "zero"
-    # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged) or "all" (the
+    # what becomes routed experts: "ffn" (the paper: FFNs routed, the rest averaged), "all" (the
     # attention projections and LM head routed too, norms folded in, only input embeddings averaged)
-    route: Literal["ffn", "all"] = "ffn"
+    # or "full" (the input embeddings routed too: nothing of an expert is averaged away)
+    route: Literal["ffn", "all", "full"] = "ffn"
     # what the routers read: each token's own input ("token", the paper's), the running mean of the
     # inputs of its sequence so far ("mean": a document-level choice, still made per token and causal),
     # or that mean restarted at each document's <|bos|> ("doc": in the fine-tune's packed rows each

@@ -143,7 +143,8 @@ class LMTask:
             from training.merge import freeze_all_but_routers, merge_models, start_gates, token_weights
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
-            route = "all" if self.model_cfg.routed_head else "ffn"  # merged_config's two shapes
+            cfg = self.model_cfg  # merged_config's three shapes
+            route = "full" if cfg.routed_embeddings else "all" if cfg.routed_head else "ffn"
             moe = self.model_cfg.moe
             model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights, route,
                                  moe.gate_context, moe.doc_start_id)

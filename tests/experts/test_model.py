@@ -22,10 +22,12 @@ MEAN = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_a
                                                   gate_context="mean")}
 # "routed-doc": that mean restarted at every <|bos|> (token 1): each packed document routed on its own
 DOC = {**MEAN, "moe": MoEConfig(**{**MEAN["moe"].__dict__, "gate_context": "doc"})}
+# "routed-full": the input embeddings routed too (a route="full" merge)
+FULL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, "routed_embeddings": True})}
 
 
 def _config(preset: str, **kw) -> ModelConfig:
-    extra = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC}.get(preset)
+    extra = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC, "routed-full": FULL}.get(preset)
     return ModelConfig.preset("tiny-moe", **{**extra, **kw}) if extra else ModelConfig.preset(preset, **kw)
 
 
@@ -39,7 +41,7 @@ def _model(preset: str, **kw) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
 def test_changing_a_later_token_never_changes_earlier_logits(preset):
     model = _model(preset)
     x = torch.randint(0, 512, (2, 16))
@@ -47,12 +49,14 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
     y[:, 10] = (y[:, 10] + 1) % 512
     with torch.no_grad():
         a, b = model(x).logits, model(y).logits
-    torch.testing.assert_close(a[:, :10], b[:, :10], atol=0, rtol=0)
+    # exact for a dense model; an MoE groups tokens by expert, so a later token can change the size
+    # of an expert's matmul, and with it the rounding (never more than ~1e-6)
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=0 if preset == "tiny" else 1e-5, rtol=0)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
 def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
     model = _model(preset, qk_norm=qk_norm)
@@ -238,7 +242,7 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         model(x, positions=torch.arange(5)[None])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
 def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
     torch.manual_seed(0)
     model = Transformer(_config(preset)).eval()

@@ -213,6 +213,29 @@ def test_a_merge_that_routes_everything_computes_each_expert_when_sent_to_it(top
         torch.testing.assert_close(same(_tokens()).logits, first(_tokens()).logits.log_softmax(-1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("gate_context", ["token", "doc"])
+def test_a_full_merge_computes_each_expert_exactly_even_with_its_own_embeddings(gate_context):
+    """route="full": the input embeddings are routed experts too, so experts that differ everywhere
+    are reproduced when every token is sent to one; the shared embedding the routers read is the
+    (per-token weighted) mean; the config counts every parameter."""
+    from training.merge import forced_route
+
+    experts = [_with_norms(i) for i in range(3)]
+    merged = merge_models(experts, 2, route="full", gate_context=gate_context).eval()
+    assert merged.cfg.routed_embeddings and merged.cfg.num_params() == sum(p.numel() for p in merged.parameters())
+    torch.testing.assert_close(merged.tok_embeddings.shared.weight,
+                               torch.stack([e.tok_embeddings.weight for e in experts]).mean(0))
+    with torch.no_grad():
+        for i, expert in enumerate(experts):
+            with forced_route(merged, i):
+                torch.testing.assert_close(merged(_tokens()).logits, expert(_tokens()).logits.log_softmax(-1),
+                                           atol=1e-5, rtol=0)
+        out = merged(_tokens())  # its own (zero) routers: one counts row per routed module, embeddings first
+    assert out.expert_counts.shape[0] == 2 * CFG.n_layers + 2
+    with pytest.raises(ValueError, match="route"):
+        merge_models(experts, 2, route="every")
+
+
 def test_a_fully_routed_merge_trains_its_heads_with_adamw_and_its_matrices_with_muon():
     from training import optim
 
