@@ -88,7 +88,8 @@ def branch_scores(expert_dir: Path, domain: str, corpus, src: Path) -> dict:
     its domain, those of ``src``'s experts on the same documents, and (math) the arithmetic scores."""
     result = json.loads((expert_dir / "train_result.json").read_text())
     res: dict = {"val": result.get("best_val_loss"), "last_val": result.get("last_val_loss")}
-    models = {"branch": load_lm(expert_dir)[0].eval(),
+    branch, _, meta = load_lm(expert_dir)
+    models = {"branch": branch.eval(),
               **{f"{src.name}/{d}": load_lm(src / "experts" / d)[0].eval() for d in DOMAINS
                  if (src / "experts" / d / "train_result.json").is_file()}}
     dev = next(iter(models.values())).tok_embeddings.weight.device
@@ -102,8 +103,8 @@ def branch_scores(expert_dir: Path, domain: str, corpus, src: Path) -> dict:
     if domain == "math":
         res.update(arithmetic_scores(expert_dir, corpus))
     else:  # the report's task scores (its 30 items per family, 48 new tokens, 96 for code)
-        tok, meta = corpus.tokenizer(), load_lm(expert_dir)[2]
-        scores = domain_scores(models["branch"], tok, domain, task_items(corpus, domain, 30), 48, tool_for(meta, tok))
+        tok = corpus.tokenizer()
+        scores = domain_scores(branch, tok, domain, task_items(corpus, domain, 30), 48, tool_for(meta, tok))
         res["tasks"] = {k: v for k, v in scores.items() if k != "examples"}
     return res
 

@@ -93,8 +93,9 @@ class KVCache:
         self.inputs: dict[str, torch.Tensor] = {}
         self._dtype = dtype
         self.lengths = [0] * max_batch  # Python ints: reading them never syncs a device
-        # where each slot's current document starts (routers with moe.gate_context "doc")
-        self.doc_starts = [0] * max_batch
+        # where each slot's current document starts (routers with moe.gate_context "doc"): a device
+        # tensor, read and written by index, so that decoding never waits on it
+        self.doc_starts = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._slots: list[int] = [0]
         self._valid: list[int] | None = None
 
@@ -156,12 +157,15 @@ class KVCache:
                                            device=x_BTD.device, dtype=self._dtype)
         return _write(self.inputs[key], step, x_BTD.unsqueeze(1).to(self._dtype)).squeeze(1)
 
-    def commit(self, step: _CacheStep, doc_starts: Sequence[int] | None = None) -> None:
-        """Advance the lengths of the rows written by ``step`` (and, given, their document starts)."""
+    def commit(self, step: _CacheStep, doc_BT: torch.Tensor | None = None) -> None:
+        """Advance the lengths of the rows written by ``step``; with ``doc_BT`` (each new token's
+        document start) keep each row's, at its last valid token, for the next forward."""
         for i, s in enumerate(step.slots):
             self.lengths[s] += step.n_new if step.n_valid is None else step.n_valid[i]
-            if doc_starts is not None:
-                self.doc_starts[s] = doc_starts[i]
+        if doc_BT is not None:
+            last = [step.n_new - 1] * len(step.slots) if step.n_valid is None else [n - 1 for n in step.n_valid]
+            rows = torch.arange(len(last), device=doc_BT.device)
+            self.doc_starts[step.slot_idx] = doc_BT[rows, torch.tensor(last, device=doc_BT.device)]
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -343,15 +347,9 @@ class Transformer(nn.Module):
         prev_B1 = torch.zeros(B, 1, dtype=torch.long, device=tokens.device)
         if step is not None:
             pos_BT = pos_BT + torch.tensor(step.starts, device=tokens.device)[:, None]
-            prev_B1 = torch.tensor([cache.doc_starts[s] for s in step.slots], device=tokens.device)[:, None]
+            prev_B1 = cache.doc_starts[step.slot_idx][:, None]
         marked_BT = torch.where(tokens == self.cfg.moe.doc_start_id, pos_BT, prev_B1)
         return marked_BT.cummax(1).values
-
-    @staticmethod
-    def _last_doc_starts(doc_BT: torch.Tensor, step: _CacheStep) -> list[int]:
-        """Each row's document start after this forward (at its last valid token)."""
-        last = [step.n_new - 1] * len(step.slots) if step.n_valid is None else [n - 1 for n in step.n_valid]
-        return doc_BT[torch.arange(len(last), device=doc_BT.device), torch.tensor(last, device=doc_BT.device)].tolist()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
@@ -395,7 +393,7 @@ class Transformer(nn.Module):
             auxes.append(aux)
         logits = logits.float()
         if cache is not None:
-            cache.commit(step, None if doc_BT is None else self._last_doc_starts(doc_BT, step))
+            cache.commit(step, doc_BT)
         if not auxes:
             zero = logits.new_zeros(())
             return ModelOutput(logits, zero, zero, None)

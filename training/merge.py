@@ -70,6 +70,11 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
                                      gate_context=gate_context, doc_start_id=doc_start_id))
 
 
+def route_of(cfg: ModelConfig) -> str:
+    """The ``route`` that :func:`merged_config` gave a merged model of this config."""
+    return "full" if cfg.routed_embeddings else "all" if cfg.routed_head else "ffn"
+
+
 def token_weights(token_paths: Sequence[str], vocab_size: int) -> torch.Tensor:
     """``(E, V)``: each expert's share of every token's occurrences in the experts' training tokens
     (``token_paths[i]``: expert i's packed tokens), with add-one smoothing so that a token nobody saw
@@ -156,6 +161,23 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
 
 
 @contextmanager
+def shadowed(modules: Sequence[torch.nn.Module], name: str,
+             make: Callable[[int, Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Within the block, method ``name`` of ``modules[i]`` is ``make(i, the method as it was)``: an
+    instance attribute that shadows it (and whatever shadowed it before), restored afterwards."""
+    before = [m.__dict__.get(name) for m in modules]
+    for i, m in enumerate(modules):
+        setattr(m, name, make(i, getattr(m, name)))
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before):
+            delattr(m, name)
+            if old is not None:
+                setattr(m, name, old)
+
+
+@contextmanager
 def forced_route(model: Transformer, expert: int) -> Iterator[Transformer]:
     """Within the block, every routed module of ``model`` (FFNs, and attention and head when they are
     routed) sends every token to ``expert`` alone."""
@@ -167,14 +189,8 @@ def forced_route(model: Transformer, expert: int) -> Iterator[Transformer]:
         return (torch.zeros_like(probs), probs, torch.ones(len(x), 1, device=x.device),
                 torch.full((len(x), 1), expert, device=x.device))
 
-    routed = [m for m in model.modules() if isinstance(m, Routed)]
-    for m in routed:
-        m.route = route
-    try:
+    with shadowed([m for m in model.modules() if isinstance(m, Routed)], "route", lambda _i, _own: route):
         yield model
-    finally:
-        for m in routed:
-            del m.route
 
 
 @torch.no_grad()
@@ -192,15 +208,10 @@ def _domain_inputs(model: Transformer, texts: Sequence[torch.Tensor]) -> list[tu
             return out
         return gate_input
 
-    for i, f in enumerate(routed):  # an instance attribute shadows the method for this pass only
-        f.gate_input = recording(i, f.gate_input)
-    try:
+    with shadowed(routed, "gate_input", recording):
         for e, x in enumerate(texts):
             with forced_route(model, e):
                 model(x.to(model.tok_embeddings.weight.device))
-    finally:
-        for f in routed:
-            del f.gate_input
     return list(zip(routed, seen))
 
 
@@ -301,11 +312,8 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
             return out
         return recorded
 
-    before = [f.__dict__.get("route") for f in ffns]  # a route already patched on the instance
-    for i, f in enumerate(ffns):  # an instance attribute shadows the method while we count
-        f.route = keep(i, f.route)
     top_k: list[dict[str, dict[str, float]]] = [{} for _ in ffns]
-    try:
+    with shadowed(ffns, "route", keep):
         for d, seqs in docs.items():
             for p in picked:
                 p.clear()
@@ -315,11 +323,6 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
                 chosen = torch.cat(p) if p else torch.zeros(0, model.cfg.moe.top_k, dtype=torch.long)
                 hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
                 top_k[i][d] = {e: round(float(h) / max(1, len(chosen)), 4) for e, h in zip(experts, hits)}
-    finally:
-        for f, route in zip(ffns, before):
-            del f.route
-            if route is not None:
-                f.route = route
     own = [{d: shares[d].get(d) for d in shares} for shares in top_k]
     k = model.cfg.moe.top_k
     return {"experts": list(experts), "top_k": k, "chance": round(k / len(experts), 4), "top_k_share": top_k,

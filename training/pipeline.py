@@ -289,16 +289,15 @@ def merge_run(cfg: RunConfig, *, ray_address: str | None = None, report: bool = 
 def _same_merge(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse to pass off a finished merged model as the one asked for when it was merged otherwise."""
     from experts.checkpoint import read_meta
+    from training.merge import route_of
 
     if load_result(run_dir, "merged") is None:
         return
     meta = read_meta(model_dir(run_dir, "merged"), kind="lm", verify=False)
-    moe, m = meta["config"]["moe"], cfg.merge
+    mcfg, m = ModelConfig.from_dict(meta["config"]), cfg.merge
     old = {"steps": meta["train"]["steps"], "train": meta.get("trainable"), "gate_init": meta.get("gate_init"),
-           "top_k": moe["top_k"], "gate_context": moe.get("gate_context", "token"),
-           "route": "full" if moe.get("routed_embeddings") else "all" if moe.get("routed_head") else "ffn",
-           "lr_scale": meta.get("lr_scale", 1.0),
-           "router_lr": meta.get("router_lr")}
+           "top_k": mcfg.moe.top_k, "gate_context": mcfg.moe.gate_context, "route": route_of(mcfg),
+           "lr_scale": meta.get("lr_scale", 1.0), "router_lr": meta.get("router_lr")}
     new = {"steps": m.steps, "train": m.train, "gate_init": m.gate_init, "top_k": m.top_k,
            "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale, "router_lr": m.router_lr}
     differ = [f"{k} {old[k]!r} (asked: {new[k]!r})" for k in new if old[k] != new[k]]

@@ -140,14 +140,12 @@ class LMTask:
         from experts.model import Transformer
 
         if self.merge_from:
-            from training.merge import freeze_all_but_routers, merge_models, start_gates, token_weights
+            from training.merge import freeze_all_but_routers, merge_models, route_of, start_gates, token_weights
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
-            cfg = self.model_cfg  # merged_config's three shapes
-            route = "full" if cfg.routed_embeddings else "all" if cfg.routed_head else "ffn"
             moe = self.model_cfg.moe
-            model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights, route,
-                                 moe.gate_context, moe.doc_start_id)
+            model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights,
+                                 route_of(self.model_cfg), moe.gate_context, moe.doc_start_id)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")
