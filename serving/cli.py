@@ -122,11 +122,37 @@ def _proxy_env(proxy: str) -> None:
             _set_own(name, str(free_port()))
 
 
+# Ray's workers take ports 10002-19999 by default, and Ray's other processes (raylet, agents, metrics
+# exporter) bind port 0, i.e. the kernel's ephemeral range. A port chosen for a server that Ray starts
+# later is taken from between the two, so that nothing Ray starts in the meantime can take it first.
+_QUIET_PORTS_FROM = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):  # not Linux: IANA's dynamic range
+        return 49152, 65535
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now and outside the ports the kernel hands out
+    for ``bind(0)`` (so that no process started before the port is used can be given it)."""
+    import random
     import socket
 
-    with socket.socket() as s:
+    lo, hi = _ephemeral_ports()
+    candidates = [p for span in ((_QUIET_PORTS_FROM, lo), (hi + 1, 65536)) for p in range(*span)]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no quiet port is free: any free one
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -169,6 +195,14 @@ def _app_args(ns: argparse.Namespace, run_dir: str) -> AppArgs:
     return AppArgs(**fields)
 
 
+def _start_error(e: BaseException) -> str:
+    """The lines of a failed start that say why: HAProxy's alerts (the listener it could not bind
+    is named in an earlier line than its final "failed to start" one), else the last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    alerts = [line for line in lines if "[ALERT]" in line]
+    return " / ".join(alerts[-4:]) if alerts else (lines[-1] if lines else type(e).__name__)
+
+
 def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
     from experts.checkpoint import CheckpointError
 
@@ -181,7 +215,7 @@ def _serve_forever(app_args: AppArgs, ns: argparse.Namespace) -> int:
         import ray
 
         ray.shutdown()
-        print(f"error: could not start serving on {ns.host}:{ns.port}: {str(e).splitlines()[-1]}; "
+        print(f"error: could not start serving on {ns.host}:{ns.port}: {_start_error(e)}; "
               "is the port free? (--port to choose another)", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _raise_interrupt)  # before saying so: Ray's own handler aborts

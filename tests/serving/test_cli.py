@@ -88,3 +88,28 @@ def test_the_serve_config_yaml_is_valid_app_args(tmp_path):
     assert args.engine == "process" and args.experts == ["math", "reasoning", "conversation", "knowledge", "code"]
     with pytest.raises(ValueError, match="engine"):
         AppArgs.model_validate({**app["args"], "run_dir": str(tmp_path), "engine": "fiber"})
+
+
+def test_free_ports_are_never_ones_the_kernel_could_hand_to_a_bind_on_port_zero():
+    """Ray's processes bind port 0 while the server starts; a port chosen before Ray starts must not
+    be one of those (a collision made HAProxy fail to start its listeners)."""
+    import socket
+
+    from serving import cli
+
+    lo, hi = cli._ephemeral_ports()
+    ports = {cli.free_port() for _ in range(50)}
+    assert all(not lo <= p <= hi and p >= cli._QUIET_PORTS_FROM for p in ports)
+    assert len(ports) > 10  # spread over the range, so two servers started together do not collide
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # and free
+
+
+def test_a_failed_start_says_which_listener_haproxy_could_not_bind():
+    from serving import cli
+
+    e = RuntimeError("Traceback ...\n[ALERT]    (3543) : Starting proxy stats: cannot bind socket (Address "
+                     "already in use) [0.0.0.0:41000]\n[ALERT]    (3543) : Some protocols failed to start "
+                     "their listeners! Exiting.\n")
+    assert "stats: cannot bind socket" in cli._start_error(e) and "Exiting" in cli._start_error(e)
+    assert cli._start_error(RuntimeError("a\nport 80 in use\n")) == "port 80 in use"
