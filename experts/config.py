@@ -27,6 +27,7 @@ def _check(ok: bool, name: str, value: Any, rule: str) -> None:
 
 
 GATE_CONTEXTS = ("token", "mean", "doc")
+GATE_SCOPES = ("layer", "model")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,11 @@ class MoEConfig:
     # with several documents each is routed from its own tokens alone, as when it is served alone)
     gate_context: str = "token"
     doc_start_id: int = 1  # <|bos|> of the hmoe tokenizer (experts.tokenizer.SPECIALS)
+    # "layer": every routed module has its own router; "model": one router (reading, per gate_context,
+    # the input embeddings) chooses each token's experts once, for every routed module of every layer
+    # (as DEMix layers do with a document's domain): a token sent to expert i alone is computed by
+    # expert i's weights throughout
+    gate_scope: str = "layer"
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
@@ -64,6 +70,7 @@ class MoEConfig:
         _check(self.z_loss_coef >= 0, "moe.z_loss_coef", self.z_loss_coef, "must be >= 0")
         _check(self.gate_context in GATE_CONTEXTS, "moe.gate_context", self.gate_context,
                f"must be one of {list(GATE_CONTEXTS)}")
+        _check(self.gate_scope in GATE_SCOPES, "moe.gate_scope", self.gate_scope, f"must be one of {list(GATE_SCOPES)}")
         _check(self.doc_start_id >= 0, "moe.doc_start_id", self.doc_start_id, "must be a token id (>= 0)")
 
 
@@ -140,7 +147,7 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         one = d * self.n_heads * hd + 2 * d * self.kv_heads * hd + self.n_heads * hd * d
         if self.routed_attention:
-            return self.moe.n_experts * (one + (2 * hd if self.qk_norm else 0)) + d * self.moe.n_experts
+            return self.moe.n_experts * (one + (2 * hd if self.qk_norm else 0)) + self._gate_params
         return one
 
     @property
@@ -155,19 +162,29 @@ class ModelConfig:
     def routed_embeddings(self) -> bool:
         return self.ffn == "moe" and self.moe.routed_embeddings
 
+    @property
+    def model_router(self) -> bool:
+        """One router for the whole model (``moe.gate_scope == "model"``), none in the routed modules."""
+        return self.ffn == "moe" and self.moe.gate_scope == "model"
+
+    @property
+    def _gate_params(self) -> int:
+        """A routed module's own router: ``d_model x n_experts``, or nothing under a model router."""
+        return 0 if self.model_router else self.d_model * self.moe.n_experts
+
     def _head_params(self, active: bool) -> int:
         """The LM head: one ``vocab x d_model`` matrix, or top_k (active) of n_experts plus their gate."""
         if not self.routed_head:
             return self.vocab_size * self.d_model
         return (self.moe.top_k if active else self.moe.n_experts) * self.vocab_size * self.d_model + \
-            self.d_model * self.moe.n_experts
+            self._gate_params
 
     def _ffn_params(self, active: bool) -> int:
         if self.ffn == "dense":
             return 3 * self.d_model * self.hidden_dim
         per_expert = 3 * self.d_model * self.expert_hidden_dim
         routed = self.moe.top_k if active else self.moe.n_experts
-        return (routed + self.moe.n_shared) * per_expert + self.d_model * self.moe.n_experts
+        return (routed + self.moe.n_shared) * per_expert + self._gate_params
 
     def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
         """Total parameters, or with ``active=True`` the parameters used per token."""
@@ -176,7 +193,9 @@ class ModelConfig:
             block += 2 * self.head_dim
         n = self.n_layers * block + self.d_model  # + final norm
         if self.routed_embeddings:
-            n += self.d_model * self.moe.n_experts  # the embeddings' router (a real matmul per token)
+            n += self._gate_params  # the embeddings' router (a real matmul per token)
+        if self.model_router:
+            n += self.d_model * self.moe.n_experts  # the one router of every routed module
         if embeddings:
             n += self.vocab_size * self.d_model
             if self.routed_embeddings:  # the shared embedding the router reads, and the experts'

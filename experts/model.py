@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, SwiGLU, dense_gates
+from experts.moe import MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates
 
 
 @dataclass
@@ -247,13 +247,14 @@ class RoutedAttention(Routed):
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context,
-                         key=f"attn{layer_id}")
+                         key=f"attn{layer_id}", gated=not cfg.model_router)
         self.experts = nn.ModuleList(Attention(cfg, layer_id) for _ in range(cfg.moe.n_experts))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                step: _CacheStep | None, doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+                step: _CacheStep | None, doc_BT: torch.Tensor | None = None,
+                routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x.shape
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(self.gate_input(x, cache, step, doc_BT).reshape(B * T, D))
+        logits_NE, probs_NE, weights_NK, experts_NK = self.decide(x, cache, step, doc_BT, routing)
         g_BTE = dense_gates(weights_NK, experts_NK, self.n_experts).to(x.dtype).view(B, T, self.n_experts)
         used = experts_NK.unique().tolist()
         qkv = sum(g_BTE[:, :, e, None, None] * self.experts[e].qkv(x) for e in used)
@@ -278,17 +279,19 @@ class Block(nn.Module):
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                step: _CacheStep | None, doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
-        """``doc_BT``: each token's document start, for routers that read their document's mean."""
+                step: _CacheStep | None, doc_BT: torch.Tensor | None = None,
+                routing: Routing | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """``doc_BT``: each token's document start, for routers that read their document's mean;
+        ``routing``: the model router's choice, for routed modules without a router of their own."""
         auxes = []
-        routed = (doc_BT,) if isinstance(self.attention, RoutedAttention) else ()
+        routed = (doc_BT, routing) if isinstance(self.attention, RoutedAttention) else ()
         a = self.attention(self.attention_norm(x), cos, sin, cache, step, *routed)
         if isinstance(a, tuple):
             a, aux = a
             auxes.append(aux)
         x = x + self._drop(a)
         if isinstance(self.feed_forward, MoEFFN):
-            y = self.feed_forward(self.ffn_norm(x), cache, step, doc_BT)
+            y = self.feed_forward(self.ffn_norm(x), cache, step, doc_BT, routing)
         else:
             y = self.feed_forward(self.ffn_norm(x))
         if isinstance(y, tuple):
@@ -302,8 +305,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = RoutedEmbedding(cfg.vocab_size, cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k,
-                                              context=cfg.moe.gate_context) \
+                                              context=cfg.moe.gate_context, gated=not cfg.model_router) \
             if cfg.routed_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # moe.gate_scope "model": one router, reading (per gate_context) the input embeddings (the shared
+        # one of routed embeddings), chooses every token's experts for all routed modules
+        self.router = Routed(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context,
+                             key="router") if cfg.model_router else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = RoutedHead(cfg) if cfg.routed_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -366,19 +373,25 @@ class Transformer(nn.Module):
         cos, sin = self._rope(B, T, positions, step)
         doc_BT = self.doc_starts(tokens, cache, step) if self.cfg.ffn == "moe" and \
             self.cfg.moe.gate_context == "doc" else None
-        auxes = []
+        auxes, routing, h = [], None, None
+        if self.router is not None:  # one choice per token for every routed module
+            routed_embeddings = isinstance(self.tok_embeddings, RoutedEmbedding)
+            h = None if routed_embeddings else self.tok_embeddings(tokens)
+            reads = self.tok_embeddings.shared(tokens) if routed_embeddings else h
+            routing = self.router.decide(reads, cache, step, doc_BT)
         if isinstance(self.tok_embeddings, RoutedEmbedding):
-            h, aux = self.tok_embeddings(tokens, cache, step, doc_BT)
+            h, aux = self.tok_embeddings(tokens, cache, step, doc_BT, routing)
             auxes.append(aux)
-        else:
+        elif h is None:
             h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.training and self.cfg.dropout:
             h = F.dropout(h, self.cfg.dropout, training=True)
         for layer in self.layers:
-            h, aux = layer(h, cos, sin, cache, step, doc_BT)
+            h, aux = layer(h, cos, sin, cache, step, doc_BT, routing)
             auxes += aux
         h = self.norm(h)
-        gate = self.output.gate_input(h, cache, step, doc_BT) if isinstance(self.output, RoutedHead) else None
+        gate = self.output.gate_input(h, cache, step, doc_BT) \
+            if isinstance(self.output, RoutedHead) and routing is None else None
         if last_only:
             if step is not None and step.n_valid is not None:  # right-padded rows end at different places
                 last_B = torch.tensor(step.n_valid, device=h.device) - 1
@@ -386,8 +399,10 @@ class Transformer(nn.Module):
             else:
                 pick = lambda t: t[:, -1:]  # noqa: E731
             h, gate = pick(h), (pick(gate) if gate is not None else None)
+            if routing is not None:  # (N, .) rows of the tokens kept
+                routing = tuple(pick(r.view(B, T, -1)).reshape(-1, r.shape[-1]) for r in routing)
         # (B, T or 1, V); a routed head gives log-probs
-        logits = self.output(h, gate) if isinstance(self.output, RoutedHead) else self.output(h)
+        logits = self.output(h, gate, routing) if isinstance(self.output, RoutedHead) else self.output(h)
         if isinstance(logits, tuple):
             logits, aux = logits
             auxes.append(aux)

@@ -67,6 +67,10 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_NE, dim=-1).square().mean()
 
 
+# a router's choice for N tokens: (logits_NE, probs_NE, weights_NK, experts_NK)
+Routing = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class Routed(nn.Module):
     """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``.
 
@@ -74,12 +78,15 @@ class Routed(nn.Module):
     all before it in its row (``"mean"``: ``moe.gate_context``), or that mean over the token's own
     document only (``"doc"``: from ``doc_BT``, the position where each token's document starts);
     with a KV cache those inputs are kept in it under ``key``, so decoding one token at a time
-    routes as the full forward does."""
+    routes as the full forward does. ``gated=False``: no router of its own; the model's one router
+    (``moe.gate_scope == "model"``) hands every forward its ``routing``."""
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, *, context: str = "token", key: str = ""):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, *, context: str = "token", key: str = "",
+                 gated: bool = True):
         super().__init__()
         self.n_experts, self.top_k, self.context, self.key = n_experts, top_k, context, key
-        self.gate = nn.Linear(d_model, n_experts, bias=False)  # router (HF Mixtral name)
+        # router (HF Mixtral name)
+        self.gate = nn.Linear(d_model, n_experts, bias=False) if gated else None
 
     def gate_input(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None,
                    doc_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +111,17 @@ class Routed(nn.Module):
         before_BTD = before_BTD * (doc_BT > 0)[..., None]
         return ((sums_BTD - before_BTD) / (pos_BT - doc_BT + 1)[..., None]).to(x_BTD.dtype)
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decide(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None, doc_BT: torch.Tensor | None = None,
+               routing: Routing | None = None) -> Routing:
+        """:meth:`route` on what the gate reads at every position, unless the model's router already
+        chose (``routing``)."""
+        if routing is not None:
+            return routing
+        if self.gate is None:
+            raise ValueError(f"routed module {self.key!r} has no router of its own: pass the model router's routing")
+        return self.route(self.gate_input(x_BTD, cache, step, doc_BT).reshape(-1, x_BTD.shape[-1]))
+
+    def route(self, x_ND: torch.Tensor) -> Routing:
         """Return ``(logits_NE, probs_NE, weights_NK, experts_NK)``, all routing maths in fp32."""
         logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
         probs_NE = logits_NE.softmax(dim=-1)
@@ -131,8 +148,9 @@ class RoutedEmbedding(Routed):
     that expert's embedding exactly. ``weight`` is the shared matrix (where a caller asks an
     embedding for its device or dtype)."""
 
-    def __init__(self, vocab_size: int, d_model: int, n_experts: int, top_k: int, *, context: str = "token"):
-        super().__init__(d_model, n_experts, top_k, context=context, key="embed")
+    def __init__(self, vocab_size: int, d_model: int, n_experts: int, top_k: int, *, context: str = "token",
+                 gated: bool = True):
+        super().__init__(d_model, n_experts, top_k, context=context, key="embed", gated=gated)
         self.shared = nn.Embedding(vocab_size, d_model)
         self.experts = nn.ModuleList(nn.Embedding(vocab_size, d_model) for _ in range(n_experts))
 
@@ -141,11 +159,11 @@ class RoutedEmbedding(Routed):
         return self.shared.weight
 
     def forward(self, tokens_BT: torch.Tensor, cache: Any = None, step: Any = None,
-                doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+                doc_BT: torch.Tensor | None = None, routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T = tokens_BT.shape
-        gate_BTD = self.gate_input(self.shared(tokens_BT), cache, step, doc_BT)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(gate_BTD.reshape(B * T, -1))
-        g_NE = dense_gates(weights_NK, experts_NK, self.n_experts).to(gate_BTD.dtype)
+        shared_BTD = self.shared(tokens_BT) if routing is None else None
+        logits_NE, probs_NE, weights_NK, experts_NK = self.decide(shared_BTD, cache, step, doc_BT, routing)
+        g_NE = dense_gates(weights_NK, experts_NK, self.n_experts).to(self.shared.weight.dtype)
         ids_N = tokens_BT.reshape(-1)
         h_ND = sum(g_NE[:, e, None] * self.experts[e](ids_N) for e in experts_NK.unique().tolist())
         return h_ND.view(B, T, -1), self.aux(logits_NE, probs_NE, experts_NK)
@@ -160,15 +178,19 @@ class RoutedHead(Routed):
     are valid logits (their softmax is the mixture), so sampling and scoring need nothing else."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context, key="head")
+        super().__init__(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context, key="head",
+                         gated=not cfg.model_router)
         self.experts = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
                                      for _ in range(cfg.moe.n_experts))
 
-    def forward(self, x_BTD: torch.Tensor, gate_BTD: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
-        """``gate_BTD``: what the gate reads, when not ``x_BTD`` itself (:meth:`gate_input`)."""
+    def forward(self, x_BTD: torch.Tensor, gate_BTD: torch.Tensor | None = None,
+                routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """``gate_BTD``: what the gate reads, when not ``x_BTD`` itself (:meth:`gate_input`);
+        ``routing``: the model router's choice instead."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(x_ND if gate_BTD is None else gate_BTD.reshape(B * T, D))
+        logits_NE, probs_NE, weights_NK, experts_NK = routing if routing is not None else \
+            self.route(x_ND if gate_BTD is None else gate_BTD.reshape(B * T, D))
         V = self.experts[0].out_features
         logp_NKV = x_ND.new_empty(B * T, experts_NK.shape[1], V, dtype=torch.float32)
         for e in range(self.n_experts):
@@ -184,17 +206,17 @@ class MoEFFN(Routed):
 
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         m = cfg.moe
-        super().__init__(cfg.d_model, m.n_experts, m.top_k, context=m.gate_context, key=f"ffn{layer_id}")
+        super().__init__(cfg.d_model, m.n_experts, m.top_k, context=m.gate_context, key=f"ffn{layer_id}",
+                         gated=not cfg.model_router)
         hidden = cfg.expert_hidden_dim
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(m.n_experts))
         self.shared_expert = SwiGLU(cfg.d_model, m.n_shared * hidden) if m.n_shared else None
 
     def forward(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None,
-                doc_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+                doc_BT: torch.Tensor | None = None, routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
-        gate_BTD = self.gate_input(x_BTD, cache, step, doc_BT)
-        logits_NE, probs_NE, weights_NK, experts_NK = self.route(gate_BTD.reshape(B * T, D))
+        logits_NE, probs_NE, weights_NK, experts_NK = self.decide(x_BTD, cache, step, doc_BT, routing)
 
         # dispatch: sort the N*K assignments by expert so each expert sees one contiguous group
         experts_A = experts_NK.flatten()  # (A,)

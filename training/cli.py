@@ -116,6 +116,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-context", choices=["token", "mean", "doc"],
                    help="what the routers read: each token's input, the running mean of its sequence's, or "
                         "of its document's (default: merge.gate_context)")
+    p.add_argument("--gate-scope", choices=["layer", "model"],
+                   help="a router in every routed module, or one router choosing each token's experts for "
+                        "every layer (default: merge.gate_scope)")
     p.add_argument("--lr-scale", type=float,
                    help="the fine-tune's learning rates as a multiple of the experts' (default: merge.lr_scale)")
     p.add_argument("--router-lr", type=float,
@@ -134,7 +137,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train,
           "merge.gate_init": args.gate_init, "merge.route": args.route, "merge.gate_context": args.gate_context,
-          "merge.lr_scale": args.lr_scale, "merge.router_lr": args.router_lr}
+          "merge.lr_scale": args.lr_scale, "merge.router_lr": args.router_lr, "merge.gate_scope": args.gate_scope}
     try:
         cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
         out = merge_run(cfg, ray_address=args.ray_address)

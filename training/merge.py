@@ -55,7 +55,7 @@ ROUTES = ("ffn", "all", "full")
 
 
 def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ffn",
-                  gate_context: str = "token", doc_start_id: int = 1) -> ModelConfig:
+                  gate_context: str = "token", doc_start_id: int = 1, gate_scope: str = "layer") -> ModelConfig:
     """The MoE config whose routed experts are ``n_experts`` copies of ``cfg``'s dense FFN (and with
     ``route="all"`` of its attention projections and LM head too), routed by ``gate_context``
     (``"doc"``: documents start at ``doc_start_id``, the tokenizer's ``<|bos|>``)."""
@@ -67,7 +67,7 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
     return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not every,
                        moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
                                      routed_attention=every, routed_head=every, routed_embeddings=route == "full",
-                                     gate_context=gate_context, doc_start_id=doc_start_id))
+                                     gate_context=gate_context, doc_start_id=doc_start_id, gate_scope=gate_scope))
 
 
 def route_of(cfg: ModelConfig) -> str:
@@ -116,7 +116,8 @@ def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> 
 
 @torch.no_grad()
 def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None,
-                 route: str = "ffn", gate_context: str = "token", doc_start_id: int = 1) -> Transformer:
+                 route: str = "ffn", gate_context: str = "token", doc_start_id: int = 1,
+                 gate_scope: str = "layer") -> Transformer:
     """One MoE Transformer from dense ``models`` of one config (see the module docstring); embedding
     rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean.
 
@@ -131,7 +132,7 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     cfg = models[0].cfg
     if any(m.cfg != cfg for m in models):
         raise CheckpointError("the experts to merge must share one model config")
-    merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context, doc_start_id))
+    merged = Transformer(merged_config(cfg, len(models), top_k, route, gate_context, doc_start_id, gate_scope))
     states = [m.state_dict() for m in models]
     target = merged.state_dict()
     if route in ("all", "full"):
@@ -198,7 +199,7 @@ def _domain_inputs(model: Transformer, texts: Sequence[torch.Tensor]) -> list[tu
     """Every routed module with what its gate reads, ``(N, D)`` per domain, when ``texts[i]`` (token
     windows ``(B, T)`` of expert ``i``'s training text) runs through the merged model with its tokens
     sent to their own expert (:func:`forced_route`)."""
-    routed = [m for m in model.modules() if isinstance(m, Routed)]
+    routed = [m for m in model.modules() if isinstance(m, Routed) and m.gate is not None]
     seen: list[list[torch.Tensor]] = [[] for _ in routed]  # per module: one (N, D) block per domain
 
     def recording(i: int, read: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -301,9 +302,11 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
     ``docs``: domain -> token ids of its test documents; ``experts``: the domain each routed expert
     came from (``merged_from``). Per layer and domain, ``top_k[layer][domain][expert]`` is the share
     of the domain's tokens whose top-k includes that expert, and ``own[layer][domain]`` the share
-    sent to the domain's own expert (chance: ``top_k / n_experts``)."""
+    sent to the domain's own expert (chance: ``top_k / n_experts``). Under a model router
+    (``moe.gate_scope == "model"``) every layer's row is that router's."""
     ffns = [layer.feed_forward for layer in model.layers]
-    picked: list[list[torch.Tensor]] = [[] for _ in ffns]
+    routers = [model.router] if model.router is not None else ffns
+    picked: list[list[torch.Tensor]] = [[] for _ in routers]
 
     def keep(i: int, route: Callable[[torch.Tensor], tuple]) -> Callable[[torch.Tensor], tuple]:
         def recorded(x_ND: torch.Tensor) -> tuple:  # what the gate read (its context included)
@@ -312,8 +315,8 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
             return out
         return recorded
 
-    top_k: list[dict[str, dict[str, float]]] = [{} for _ in ffns]
-    with shadowed(ffns, "route", keep):
+    top_k: list[dict[str, dict[str, float]]] = [{} for _ in routers]
+    with shadowed(routers, "route", keep):
         for d, seqs in docs.items():
             for p in picked:
                 p.clear()
@@ -323,6 +326,7 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
                 chosen = torch.cat(p) if p else torch.zeros(0, model.cfg.moe.top_k, dtype=torch.long)
                 hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
                 top_k[i][d] = {e: round(float(h) / max(1, len(chosen)), 4) for e, h in zip(experts, hits)}
+    top_k = top_k * (len(ffns) // len(routers))
     own = [{d: shares[d].get(d) for d in shares} for shares in top_k]
     k = model.cfg.moe.top_k
     return {"experts": list(experts), "top_k": k, "chance": round(k / len(experts), 4), "top_k_share": top_k,

@@ -189,7 +189,7 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     from training.merge import merged_config
 
     mcfg = merged_config(expert_cfg, len(cfg.experts), cfg.merge.top_k, cfg.merge.route, cfg.merge.gate_context,
-                         doc_start_id=corpus.tokenizer().bos_id)
+                         doc_start_id=corpus.tokenizer().bos_id, gate_scope=cfg.merge.gate_scope)
     task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),
@@ -297,9 +297,11 @@ def _same_merge(run_dir: Path, cfg: RunConfig) -> None:
     mcfg, m = ModelConfig.from_dict(meta["config"]), cfg.merge
     old = {"steps": meta["train"]["steps"], "train": meta.get("trainable"), "gate_init": meta.get("gate_init"),
            "top_k": mcfg.moe.top_k, "gate_context": mcfg.moe.gate_context, "route": route_of(mcfg),
+           "gate_scope": mcfg.moe.gate_scope,
            "lr_scale": meta.get("lr_scale", 1.0), "router_lr": meta.get("router_lr")}
     new = {"steps": m.steps, "train": m.train, "gate_init": m.gate_init, "top_k": m.top_k,
-           "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale, "router_lr": m.router_lr}
+           "gate_context": m.gate_context, "route": m.route, "lr_scale": m.lr_scale, "router_lr": m.router_lr,
+           "gate_scope": m.gate_scope}
     differ = [f"{k} {old[k]!r} (asked: {new[k]!r})" for k in new if old[k] != new[k]]
     if differ:
         raise CheckpointError(f"{model_dir(run_dir, 'merged')} was merged with {', '.join(differ)}; move it "

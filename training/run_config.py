@@ -218,6 +218,10 @@ class MergeSpec(_Strict):
     # or that mean restarted at each document's <|bos|> ("doc": in the fine-tune's packed rows each
     # document is routed from its own tokens, as a request is when served)
     gate_context: Literal["token", "mean", "doc"] = "token"
+    # where the routers are: one per routed module ("layer", the paper's), or one for the whole model
+    # ("model": each token's experts are chosen once, from its input embeddings, for every layer, as
+    # DEMix layers route by domain; a token sent to expert i alone is then computed by expert i alone)
+    gate_scope: Literal["layer", "model"] = "layer"
 
 
 class RunConfig(_Strict):

@@ -145,7 +145,7 @@ class LMTask:
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             moe = self.model_cfg.moe
             model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights,
-                                 route_of(self.model_cfg), moe.gate_context, moe.doc_start_id)
+                                 route_of(self.model_cfg), moe.gate_context, moe.doc_start_id, moe.gate_scope)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")

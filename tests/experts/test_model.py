@@ -24,10 +24,17 @@ MEAN = {"tie_embeddings": False, "moe": MoEConfig(n_experts=4, top_k=2, routed_a
 DOC = {**MEAN, "moe": MoEConfig(**{**MEAN["moe"].__dict__, "gate_context": "doc"})}
 # "routed-full": the input embeddings routed too (a route="full" merge)
 FULL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, "routed_embeddings": True})}
+# "model-router": one router for the whole model (moe.gate_scope "model"), of a route="full" merge
+# ("model-router-all": of a route="all" one, reading the averaged input embeddings)
+ONE = {**FULL, "moe": MoEConfig(**{**FULL["moe"].__dict__, "gate_scope": "model"})}
+ONE_ALL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, "gate_scope": "model"})}
+PRESETS = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC, "routed-full": FULL, "model-router": ONE,
+           "model-router-all": ONE_ALL}
+EVERY = ["tiny", "tiny-moe", *PRESETS]
 
 
 def _config(preset: str, **kw) -> ModelConfig:
-    extra = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC, "routed-full": FULL}.get(preset)
+    extra = PRESETS.get(preset)
     return ModelConfig.preset("tiny-moe", **{**extra, **kw}) if extra else ModelConfig.preset(preset, **kw)
 
 
@@ -41,7 +48,7 @@ def _model(preset: str, **kw) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
+@pytest.mark.parametrize("preset", EVERY)
 def test_changing_a_later_token_never_changes_earlier_logits(preset):
     model = _model(preset)
     x = torch.randint(0, 512, (2, 16))
@@ -56,7 +63,7 @@ def test_changing_a_later_token_never_changes_earlier_logits(preset):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
+@pytest.mark.parametrize("preset", EVERY)
 def test_kv_cache_decoding_equals_full_forward(preset, qk_norm):
     """Prefill slots with prompts of different lengths, then batched decode at different positions."""
     model = _model(preset, qk_norm=qk_norm)
@@ -242,7 +249,7 @@ def test_rope_is_relative_shifting_all_positions_keeps_logits():
         model(x, positions=torch.arange(5)[None])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "routed", "routed-mean", "routed-doc", "routed-full"])
+@pytest.mark.parametrize("preset", EVERY)
 def test_last_only_logits_equal_the_last_row_of_the_full_logits(preset):
     torch.manual_seed(0)
     model = Transformer(_config(preset)).eval()
@@ -325,3 +332,18 @@ def test_a_doc_context_cache_carries_the_document_start_across_decode_steps():
     torch.testing.assert_close(torch.cat(got), full, atol=1e-5, rtol=0)
     cache.reset(1)
     assert cache.doc_starts[1] == 0
+
+
+@pytest.mark.parametrize("preset", ["model-router", "model-router-all"])
+def test_a_model_router_chooses_once_for_every_routed_module(preset):
+    model = _model(preset)
+    names = [n for n, _ in model.named_parameters() if n.endswith("gate.weight")]
+    assert names == ["router.gate.weight"]  # no routed module has a router of its own
+    x = torch.randint(2, 512, (2, 16))
+    x[:, 0], x[1, 7] = 1, 1  # documents start at <|bos|>
+    with torch.no_grad():
+        out = model(x)
+    counts = out.expert_counts  # (routed modules, E): every one sent the same tokens to the same experts
+    assert counts.shape[0] == 2 * model.cfg.n_layers + 2 - (preset == "model-router-all")
+    assert (counts == counts[0]).all() and counts[0].sum() == x.numel() * model.cfg.moe.top_k
+    assert len(counts[0].nonzero()) > 1  # and not all to one expert

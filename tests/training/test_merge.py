@@ -155,14 +155,18 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
 
 
 @pytest.mark.parametrize("init", ["centroids", "fitted"])
-@pytest.mark.parametrize("gate_context", ["token", "mean", "doc"])
-def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, init):
+@pytest.mark.parametrize("gate_context,gate_scope", [("token", "layer"), ("mean", "layer"), ("doc", "layer"),
+                                                     ("doc", "model")])
+def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, gate_scope, init):
     """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
     nearest-centroid and the fitted gates send most of a domain's tokens to its own expert in every
-    layer (zero gates: all to the first), whether the routers read each token or the running mean."""
+    layer (zero gates: all to the first), whether the routers read each token or the running mean,
+    and whether each layer has its router or the model has one."""
     from training.merge import GATE_INITS
 
-    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context).eval()
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context,
+                          gate_scope=gate_scope).eval()
+    assert (merged.router is not None) == (gate_scope == "model")
     assert merged.cfg.moe.gate_context == gate_context
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -213,15 +217,15 @@ def test_a_merge_that_routes_everything_computes_each_expert_when_sent_to_it(top
         torch.testing.assert_close(same(_tokens()).logits, first(_tokens()).logits.log_softmax(-1), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("gate_context", ["token", "doc"])
-def test_a_full_merge_computes_each_expert_exactly_even_with_its_own_embeddings(gate_context):
+@pytest.mark.parametrize("gate_context,gate_scope", [("token", "layer"), ("doc", "layer"), ("doc", "model")])
+def test_a_full_merge_computes_each_expert_exactly_even_with_its_own_embeddings(gate_context, gate_scope):
     """route="full": the input embeddings are routed experts too, so experts that differ everywhere
     are reproduced when every token is sent to one; the shared embedding the routers read is the
     (per-token weighted) mean; the config counts every parameter."""
     from training.merge import forced_route
 
     experts = [_with_norms(i) for i in range(3)]
-    merged = merge_models(experts, 2, route="full", gate_context=gate_context).eval()
+    merged = merge_models(experts, 2, route="full", gate_context=gate_context, gate_scope=gate_scope).eval()
     assert merged.cfg.routed_embeddings and merged.cfg.num_params() == sum(p.numel() for p in merged.parameters())
     torch.testing.assert_close(merged.tok_embeddings.shared.weight,
                                torch.stack([e.tok_embeddings.weight for e in experts]).mean(0))
@@ -248,3 +252,20 @@ def test_a_fully_routed_merge_trains_its_heads_with_adamw_and_its_matrices_with_
     assert not any(n.startswith("output.") or n.endswith("gate.weight") for n in muon)
     n = freeze_all_but_routers(merged)  # every router: attention, FFN and head
     assert n == (2 * CFG.n_layers + 1) * 2 * CFG.d_model
+
+
+def test_a_model_router_that_picks_one_expert_computes_that_expert_and_its_shares_fill_every_layer():
+    """gate_scope="model", top-1: a token goes through one expert's weights in every layer, so a
+    router that sends a document to expert i reproduces expert i; the routing shares are the
+    router's, one row per layer."""
+    experts = [_with_norms(i) for i in range(3)]
+    merged = merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model").eval()
+    merged.router.route = _always(2, 3)
+    docs = {"e0": [[1, 5, 6, 7]], "e2": [[1, 8, 9]]}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_tokens()).logits, experts[2](_tokens()).logits.log_softmax(-1),
+                                   atol=1e-5, rtol=0)
+    shares = routing_shares(merged, docs, ["e0", "e1", "e2"])
+    assert shares["own"] == [{"e0": 0.0, "e2": 1.0}] * CFG.n_layers
+    with pytest.raises(ValueError, match="no router of its own"):
+        merged.layers[0].feed_forward(torch.zeros(1, 2, CFG.d_model))
