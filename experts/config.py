@@ -53,11 +53,17 @@ class MoEConfig:
     # with several documents each is routed from its own tokens alone, as when it is served alone)
     gate_context: str = "token"
     doc_start_id: int = 1  # <|bos|> of the hmoe tokenizer (experts.tokenizer.SPECIALS)
-    # "layer": every routed module has its own router; "model": one router (reading, per gate_context,
-    # the input embeddings) chooses each token's experts once, for every routed module of every layer
-    # (as DEMix layers do with a document's domain): a token sent to expert i alone is computed by
-    # expert i's weights throughout
+    # "layer": every routed module has its own router; "model": one router chooses each token's experts
+    # once, for every routed module of every layer (as DEMix layers route by a document's domain), so a
+    # token sent to expert i alone is computed by expert i's weights throughout. That router is a prompt
+    # classifier (router.model.RouterModel: embeddings of router_embed wide, router_buckets hashed
+    # bigrams, an MLP of router_hidden) reading the first router_window tokens of the token's document
+    # up to the token itself: from there on a document goes where its opening is sent
     gate_scope: str = "layer"
+    router_embed: int = 64
+    router_buckets: int = 16384
+    router_hidden: int = 128
+    router_window: int = 12
 
     def __post_init__(self) -> None:
         _check(self.n_experts >= 1, "moe.n_experts", self.n_experts, "must be >= 1")
@@ -71,6 +77,11 @@ class MoEConfig:
         _check(self.gate_context in GATE_CONTEXTS, "moe.gate_context", self.gate_context,
                f"must be one of {list(GATE_CONTEXTS)}")
         _check(self.gate_scope in GATE_SCOPES, "moe.gate_scope", self.gate_scope, f"must be one of {list(GATE_SCOPES)}")
+        _check(self.gate_scope == "layer" or self.gate_context == "doc", "moe.gate_context", self.gate_context,
+               "must be 'doc' with gate_scope 'model' (its router reads each token's document)")
+        for name in ("router_embed", "router_hidden", "router_window"):
+            _check(getattr(self, name) >= 1, f"moe.{name}", getattr(self, name), "must be >= 1")
+        _check(self.router_buckets >= 0, "moe.router_buckets", self.router_buckets, "must be >= 0")
         _check(self.doc_start_id >= 0, "moe.doc_start_id", self.doc_start_id, "must be a token id (>= 0)")
 
 
@@ -168,6 +179,13 @@ class ModelConfig:
         return self.ffn == "moe" and self.moe.gate_scope == "model"
 
     @property
+    def _router_mlp_params(self) -> int:
+        """The model router's layer norm, MLP and group (3) and expert heads (router.model.RouterModel)."""
+        m = self.moe
+        feats = (4 if m.router_buckets else 2) * m.router_embed
+        return 2 * feats + (feats + 1) * m.router_hidden + (m.router_hidden + 1) * (3 + m.n_experts)
+
+    @property
     def _gate_params(self) -> int:
         """A routed module's own router: ``d_model x n_experts``, or nothing under a model router."""
         return 0 if self.model_router else self.d_model * self.moe.n_experts
@@ -194,8 +212,9 @@ class ModelConfig:
         n = self.n_layers * block + self.d_model  # + final norm
         if self.routed_embeddings:
             n += self._gate_params  # the embeddings' router (a real matmul per token)
-        if self.model_router:
-            n += self.d_model * self.moe.n_experts  # the one router of every routed module
+        if self.model_router:  # the one router: its MLP and heads, and its embeddings
+            m = self.moe
+            n += self._router_mlp_params + (embeddings and (self.vocab_size + m.router_buckets) * m.router_embed)
         if embeddings:
             n += self.vocab_size * self.d_model
             if self.routed_embeddings:  # the shared embedding the router reads, and the experts'

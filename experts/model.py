@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates
+from experts.moe import DocRouter, MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates
 
 
 @dataclass
@@ -151,11 +151,13 @@ class KVCache:
 
     def update_inputs(self, key: str, step: _CacheStep, x_BTD: torch.Tensor) -> torch.Tensor:
         """Write a router's new inputs under ``key`` and return every input of the rows so far,
-        ``(B, S, D)`` (positions past a row's length hold stale values: the caller reads only its own)."""
+        ``(B, S, D)`` (positions past a row's length hold stale values: the caller reads only its own).
+        Integer inputs (token ids) are kept as they are, floating ones in the cache's dtype."""
+        dtype = self._dtype if x_BTD.is_floating_point() else x_BTD.dtype
         if key not in self.inputs:
             self.inputs[key] = torch.zeros(self.max_batch, 1, self.max_len, x_BTD.shape[-1],
-                                           device=x_BTD.device, dtype=self._dtype)
-        return _write(self.inputs[key], step, x_BTD.unsqueeze(1).to(self._dtype)).squeeze(1)
+                                           device=x_BTD.device, dtype=dtype)
+        return _write(self.inputs[key], step, x_BTD.unsqueeze(1).to(dtype)).squeeze(1)
 
     def commit(self, step: _CacheStep, doc_BT: torch.Tensor | None = None) -> None:
         """Advance the lengths of the rows written by ``step``; with ``doc_BT`` (each new token's
@@ -307,10 +309,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = RoutedEmbedding(cfg.vocab_size, cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k,
                                               context=cfg.moe.gate_context, gated=not cfg.model_router) \
             if cfg.routed_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # moe.gate_scope "model": one router, reading (per gate_context) the input embeddings (the shared
-        # one of routed embeddings), chooses every token's experts for all routed modules
-        self.router = Routed(cfg.d_model, cfg.moe.n_experts, cfg.moe.top_k, context=cfg.moe.gate_context,
-                             key="router") if cfg.model_router else None
+        # moe.gate_scope "model": one router, reading each token's document opening, chooses every
+        # token's experts for all routed modules
+        self.router = DocRouter(cfg) if cfg.model_router else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = RoutedHead(cfg) if cfg.routed_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -373,16 +374,13 @@ class Transformer(nn.Module):
         cos, sin = self._rope(B, T, positions, step)
         doc_BT = self.doc_starts(tokens, cache, step) if self.cfg.ffn == "moe" and \
             self.cfg.moe.gate_context == "doc" else None
-        auxes, routing, h = [], None, None
-        if self.router is not None:  # one choice per token for every routed module
-            routed_embeddings = isinstance(self.tok_embeddings, RoutedEmbedding)
-            h = None if routed_embeddings else self.tok_embeddings(tokens)
-            reads = self.tok_embeddings.shared(tokens) if routed_embeddings else h
-            routing = self.router.decide(reads, cache, step, doc_BT)
+        auxes = []
+        # one choice per token for every routed module
+        routing = self.router.choose(tokens, cache, step, doc_BT) if self.router is not None else None
         if isinstance(self.tok_embeddings, RoutedEmbedding):
             h, aux = self.tok_embeddings(tokens, cache, step, doc_BT, routing)
             auxes.append(aux)
-        elif h is None:
+        else:
             h = self.tok_embeddings(tokens)  # (B, T, D)
         if self.training and self.cfg.dropout:
             h = F.dropout(h, self.cfg.dropout, training=True)

@@ -134,6 +134,63 @@ class Routed(nn.Module):
                       counts=torch.bincount(experts_NK.flatten(), minlength=self.n_experts))
 
 
+class DocRouter(Routed):
+    """The one router of a model with ``moe.gate_scope == "model"``: a prompt classifier
+    (``router.model.RouterModel``, the run's router) that reads, for every token, the first
+    ``moe.router_window`` tokens of the token's document (after its ``<|bos|>``) that are not after
+    the token itself. Its expert probabilities are P(group) x P(expert | group); a token's top-k
+    experts compute it in every routed module. From the window's last token on, every token of a
+    document goes where its opening is sent, as the served router sends a prompt. With a KV cache
+    the tokens are kept in it under ``"router"``, so decoding routes as the full forward does."""
+
+    def __init__(self, cfg: ModelConfig):
+        from router.model import RouterConfig, RouterModel
+
+        from router.domains import DOMAINS
+
+        m = cfg.moe
+        if m.n_experts != len(DOMAINS):
+            raise ValueError(f"moe.gate_scope 'model' routes over the router's {len(DOMAINS)} domains "
+                             f"{list(DOMAINS)}; this model has {m.n_experts} experts")
+        super().__init__(cfg.d_model, m.n_experts, m.top_k, context="doc", key="router", gated=False)
+        self.window, self.doc_start_id = m.router_window, m.doc_start_id
+        self.classifier = RouterModel(RouterConfig(vocab_size=cfg.vocab_size, d_embed=m.router_embed,
+                                                   n_bigram_buckets=m.router_buckets, hidden=m.router_hidden,
+                                                   dropout=0.0, max_len=m.router_window, fold_caps=False))
+
+    def openings(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor) -> torch.Tensor:
+        """``(N, W)``: each token's document opening as far as the token has seen it (-1: not yet)."""
+        B, T = tokens_BT.shape
+        if cache is None:
+            ids_BS, pos_BT = tokens_BT, torch.arange(T, device=tokens_BT.device).expand(B, T)
+        else:
+            ids_BS = cache.update_inputs(self.key, step, tokens_BT[..., None])[..., 0]
+            pos_BT = torch.tensor(step.starts, device=tokens_BT.device)[:, None] + \
+                torch.arange(T, device=tokens_BT.device)
+        last = ids_BS.shape[1] - 1
+        first_BT = doc_BT + (ids_BS.gather(1, doc_BT.clamp(max=last)) == self.doc_start_id).long()
+        idx_BTW = first_BT[..., None] + torch.arange(self.window, device=tokens_BT.device)
+        mask_BTW = idx_BTW <= pos_BT[..., None]
+        ids_BTW = ids_BS.gather(1, idx_BTW.clamp(max=last).reshape(B, -1)).view(B, T, self.window)
+        return ids_BTW.masked_fill(~mask_BTW, -1).reshape(B * T, -1)
+
+    def choose(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor) -> Routing:
+        """Every token's routing, for all routed modules (an empty opening, a ``<|bos|>`` alone, reads
+        as no tokens: the classifier's zero features)."""
+        return self.route(self.openings(tokens_BT, cache, step, doc_BT))
+
+    def route(self, opening_NW: torch.Tensor) -> Routing:
+        """``opening_NW`` (:meth:`openings`) -> ``(log P(expert), P(expert), top-k weights renormalised,
+        top-k experts)``."""
+        from router.model import hierarchical_log_probs
+
+        out = self.classifier(opening_NW.clamp(min=0), opening_NW >= 0)
+        _, logp_NE = hierarchical_log_probs(out.group_logits, out.expert_logits)
+        probs_NE = logp_NE.exp()
+        weights_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
+        return logp_NE, probs_NE, weights_NK / weights_NK.sum(dim=-1, keepdim=True), experts_NK
+
+
 def dense_gates(weights_NK: torch.Tensor, experts_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """``(N, E)``: each token's weight on every expert, zero off its top-k."""
     return torch.zeros(len(weights_NK), n_experts, dtype=weights_NK.dtype,

@@ -64,10 +64,13 @@ def merged_config(cfg: ModelConfig, n_experts: int, top_k: int, route: str = "ff
     if route not in ROUTES:
         raise ValueError(f"merge route={route!r} is invalid: choose one of {list(ROUTES)}")
     every = route in ("all", "full")
+    from router.prefix import ROUTING_PREFIX_TOKENS  # the model router reads what the report's router reads
+
     return cfg.replace(ffn="moe", tie_embeddings=cfg.tie_embeddings and not every,
                        moe=MoEConfig(n_experts=n_experts, top_k=top_k, n_shared=0, expert_hidden=cfg.hidden_dim,
                                      routed_attention=every, routed_head=every, routed_embeddings=route == "full",
-                                     gate_context=gate_context, doc_start_id=doc_start_id, gate_scope=gate_scope))
+                                     gate_context=gate_context, doc_start_id=doc_start_id, gate_scope=gate_scope,
+                                     router_window=ROUTING_PREFIX_TOKENS))
 
 
 def route_of(cfg: ModelConfig) -> str:
@@ -117,7 +120,7 @@ def _routed_all(states: Sequence[dict[str, torch.Tensor]], cfg: ModelConfig) -> 
 @torch.no_grad()
 def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch.Tensor | None = None,
                  route: str = "ffn", gate_context: str = "token", doc_start_id: int = 1,
-                 gate_scope: str = "layer") -> Transformer:
+                 gate_scope: str = "layer", router: torch.nn.Module | None = None) -> Transformer:
     """One MoE Transformer from dense ``models`` of one config (see the module docstring); embedding
     rows are weighted per token by ``token_weights`` ``(E, V)`` (columns sum to 1), else a plain mean.
 
@@ -126,7 +129,11 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     norms are folded into them, and only the input embeddings are averaged; sending every token to
     expert ``i`` then computes expert ``i`` up to those embeddings. ``route="full"``: the input
     embeddings are routed experts too, and their router reads the weighted mean embedding; expert
-    ``i`` alone then computes expert ``i`` exactly."""
+    ``i`` alone then computes expert ``i`` exactly.
+
+    ``gate_scope="model"``: no routed module has a router; ``router`` (the run's trained
+    ``router.model.RouterModel``, over the five domains in order) chooses each token's experts for all
+    of them from its document's opening (``experts.moe.DocRouter``)."""
     if not models:
         raise ValueError("merge_models needs at least one expert")
     cfg = models[0].cfg
@@ -157,6 +164,14 @@ def merge_models(models: Sequence[Transformer], top_k: int, token_weights: torch
     for name, p in target.items():
         if name.endswith("gate.weight"):
             p.zero_()
+    if merged.router is not None:
+        if router is None:
+            raise ValueError("a merge with gate_scope 'model' needs the run's trained router (router=)")
+        mine = merged.router.classifier
+        if any(getattr(router.cfg, k) != getattr(mine.cfg, k) for k in ("vocab_size", "d_embed", "n_bigram_buckets", "hidden")):
+            raise CheckpointError(f"the router ({router.cfg}) differs in size from the merged model's ({mine.cfg})")
+        for name, value in router.state_dict().items():
+            target[f"router.classifier.{name}"].copy_(value)
     merged.load_state_dict(target)
     return merged
 
@@ -269,7 +284,7 @@ GATE_WINDOWS = {"centroids": (8, None), "fitted": (256, 64)}
 def start_gates(model: Transformer, init: str, token_paths: Sequence[str], seq_len: int, seed: int = 0) -> None:
     """Set the routers of a fresh merge as ``init`` (``merge.gate_init``) says, from windows of each
     expert's training tokens (``token_paths[i]``: expert ``i``'s)."""
-    if init == "zero":
+    if init == "zero" or model.router is not None:  # a model router comes trained
         return
     count, length = GATE_WINDOWS[init]
     GATE_INITS[init](model, [sample_windows(str(p), count, length or seq_len, seed=seed + i)

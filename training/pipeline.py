@@ -193,7 +193,8 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
     task = _lm_task(cfg, corpus, "merged", _out("merged"), mcfg, cfg.experts, cfg.seed + 300)
     task = dataclasses.replace(task, merge_from=tuple(str(model_dir(run_dir, d)) for d in cfg.experts),
                                merge_tokens=tuple(str(corpus.tokens_path(d, "train")) for d in cfg.experts),
-                               trainable=cfg.merge.train, gate_init=cfg.merge.gate_init)
+                               trainable=cfg.merge.train, gate_init=cfg.merge.gate_init,
+                               merge_router=str(run_dir / "router") if mcfg.model_router else None)
     loop = loop_config(cfg.train, steps=cfg.merge.steps, seed=cfg.seed + 300, device=cfg.device)
     s = cfg.merge.lr_scale
     gate = 1.0 if cfg.merge.router_lr is None else cfg.merge.router_lr / s  # relative to the scaled lr
@@ -201,7 +202,8 @@ def merged_job(cfg: RunConfig, corpus: Any, expert_cfg: ModelConfig, run_dir: Pa
                                    "gate_lr_scale": gate})
     task = dataclasses.replace(task, meta={**task.meta, "lr_scale": s, "router_lr": cfg.merge.router_lr})
     task = with_instruct(task, loop, cfg.train, run_dir, cfg.experts)
-    return Job(task, loop, "merged", mcfg.num_params(active=True), after=tuple(cfg.experts))
+    return Job(task, loop, "merged", mcfg.num_params(active=True),
+               after=(*cfg.experts, *(("router",) if mcfg.model_router else ())))
 
 
 def _finished(run_dir: Path, job: Job) -> TrainResult | None:

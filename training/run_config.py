@@ -275,6 +275,14 @@ class RunConfig(_Strict):
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds the model's max_seq_len={max_len}")
         if self.merge.enabled and self.merge.top_k > len(self.experts):
             raise ValueError(f"merge.top_k={self.merge.top_k} exceeds the {len(self.experts)} experts")
+        m = self.merge
+        if m.enabled and m.gate_scope == "model":
+            if tuple(self.experts) != DOMAINS or not self.router.enabled:
+                raise ValueError(f"merge.gate_scope 'model' routes with the run's router over all of {list(DOMAINS)}: "
+                                 "train every expert and the router, or use gate_scope 'layer'")
+            if m.train == "routers" or m.gate_context != "doc":
+                raise ValueError("merge.gate_scope 'model' keeps the run's router as trained and reads each "
+                                 "token's document: use merge.train 'all' and merge.gate_context 'doc'")
         return self
 
     def to_yaml(self) -> str:

@@ -125,6 +125,7 @@ class LMTask:
     merge_tokens: tuple[str, ...] = ()  # each merged expert's training tokens (per-token embedding weights)
     trainable: str = "all"  # "routers": only a merged model's MoE gates learn
     gate_init: str = "zero"  # "centroids" | "fitted": training.merge.GATE_INITS, from the merge_tokens
+    merge_router: str | None = None  # the run's trained router, the merged model's own (moe.gate_scope "model")
     # the instruction stage: after ``instruct_from`` batches, batches come from these encoded
     # instruction items (training.data.sft), ``instruct_batches`` of them in all
     instruct_paths: tuple[str, ...] = ()
@@ -144,14 +145,21 @@ class LMTask:
 
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             moe = self.model_cfg.moe
+            router = None
+            if self.merge_router is not None:
+                from router.router import load_router
+
+                router = load_router(self.merge_router).model
             model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights,
-                                 route_of(self.model_cfg), moe.gate_context, moe.doc_start_id, moe.gate_scope)
+                                 route_of(self.model_cfg), moe.gate_context, moe.doc_start_id, moe.gate_scope, router)
             if model.cfg != self.model_cfg:
                 raise CheckpointError(f"merging {list(self.merge_from)} gives {model.cfg}, not {self.name}'s "
                                       f"{self.model_cfg}")
             start_gates(model, self.gate_init, self.merge_tokens, self.seq_len, self.seed)
             if self.trainable == "routers":
                 freeze_all_but_routers(model)
+            if model.router is not None:  # the run's router, trained on the domains' openings, stays as it is
+                model.router.requires_grad_(False)
             return model.train()
         if self.init_from is None:
             return Transformer(self.model_cfg)

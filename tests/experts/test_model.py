@@ -26,8 +26,10 @@ DOC = {**MEAN, "moe": MoEConfig(**{**MEAN["moe"].__dict__, "gate_context": "doc"
 FULL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, "routed_embeddings": True})}
 # "model-router": one router for the whole model (moe.gate_scope "model"), of a route="full" merge
 # ("model-router-all": of a route="all" one, reading the averaged input embeddings)
-ONE = {**FULL, "moe": MoEConfig(**{**FULL["moe"].__dict__, "gate_scope": "model"})}
-ONE_ALL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, "gate_scope": "model"})}
+_ONE = {"n_experts": 5, "gate_scope": "model", "router_embed": 8, "router_buckets": 64, "router_hidden": 16,
+        "router_window": 4}
+ONE = {**FULL, "moe": MoEConfig(**{**FULL["moe"].__dict__, **_ONE})}
+ONE_ALL = {**DOC, "moe": MoEConfig(**{**DOC["moe"].__dict__, **_ONE})}
 PRESETS = {"routed": ROUTED, "routed-mean": MEAN, "routed-doc": DOC, "routed-full": FULL, "model-router": ONE,
            "model-router-all": ONE_ALL}
 EVERY = ["tiny", "tiny-moe", *PRESETS]
@@ -336,14 +338,20 @@ def test_a_doc_context_cache_carries_the_document_start_across_decode_steps():
 
 @pytest.mark.parametrize("preset", ["model-router", "model-router-all"])
 def test_a_model_router_chooses_once_for_every_routed_module(preset):
+    """Every routed module follows the model's router, which reads each token's document opening: the
+    tokens of a document past its opening (router_window tokens after <|bos|>) go where it sends it."""
     model = _model(preset)
-    names = [n for n, _ in model.named_parameters() if n.endswith("gate.weight")]
-    assert names == ["router.gate.weight"]  # no routed module has a router of its own
-    x = torch.randint(2, 512, (2, 16))
-    x[:, 0], x[1, 7] = 1, 1  # documents start at <|bos|>
+    assert not [n for n, _ in model.named_parameters() if n.endswith("gate.weight")]  # no per-module routers
+    assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
+    x = torch.randint(2, 512, (2, 24))
+    x[:, 0], x[1, 9] = 1, 1  # documents start at <|bos|>
     with torch.no_grad():
         out = model(x)
+        chosen = model.router.choose(x, None, None, model.doc_starts(x))[3].view(2, 24, -1)
     counts = out.expert_counts  # (routed modules, E): every one sent the same tokens to the same experts
     assert counts.shape[0] == 2 * model.cfg.n_layers + 2 - (preset == "model-router-all")
     assert (counts == counts[0]).all() and counts[0].sum() == x.numel() * model.cfg.moe.top_k
-    assert len(counts[0].nonzero()) > 1  # and not all to one expert
+    w = model.cfg.moe.router_window
+    assert (chosen[0, w:] == chosen[0, w]).all() and (chosen[1, 9 + w:] == chosen[1, 9 + w]).all()
+    alone = model.router.choose(x[1:, 9:], None, None, model.doc_starts(x[1:, 9:]))[3]
+    assert torch.equal(alone.view(1, -1, chosen.shape[-1])[0], chosen[1, 9:])  # the packed document as alone

@@ -155,18 +155,14 @@ def test_embedding_rows_are_weighted_per_token_by_who_trained_them(tmp_path):
 
 
 @pytest.mark.parametrize("init", ["centroids", "fitted"])
-@pytest.mark.parametrize("gate_context,gate_scope", [("token", "layer"), ("mean", "layer"), ("doc", "layer"),
-                                                     ("doc", "model")])
-def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, gate_scope, init):
+@pytest.mark.parametrize("gate_context", ["token", "mean", "doc"])
+def test_started_gates_route_each_domains_tokens_to_its_expert(gate_context, init):
     """Three domains with disjoint vocabularies whose embeddings share a per-domain direction: the
     nearest-centroid and the fitted gates send most of a domain's tokens to its own expert in every
-    layer (zero gates: all to the first), whether the routers read each token or the running mean,
-    and whether each layer has its router or the model has one."""
+    layer (zero gates: all to the first), whether the routers read each token or the running mean."""
     from training.merge import GATE_INITS
 
-    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context,
-                          gate_scope=gate_scope).eval()
-    assert (merged.router is not None) == (gate_scope == "model")
+    merged = merge_models([_model(0), _model(1), _model(2)], top_k=1, gate_context=gate_context).eval()
     assert merged.cfg.moe.gate_context == gate_context
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -224,8 +220,9 @@ def test_a_full_merge_computes_each_expert_exactly_even_with_its_own_embeddings(
     (per-token weighted) mean; the config counts every parameter."""
     from training.merge import forced_route
 
-    experts = [_with_norms(i) for i in range(3)]
-    merged = merge_models(experts, 2, route="full", gate_context=gate_context, gate_scope=gate_scope).eval()
+    experts = [_with_norms(i) for i in range(5 if gate_scope == "model" else 3)]
+    merged = merge_models(experts, 2, route="full", gate_context=gate_context, gate_scope=gate_scope,
+                          router=_router() if gate_scope == "model" else None).eval()
     assert merged.cfg.routed_embeddings and merged.cfg.num_params() == sum(p.numel() for p in merged.parameters())
     torch.testing.assert_close(merged.tok_embeddings.shared.weight,
                                torch.stack([e.tok_embeddings.weight for e in experts]).mean(0))
@@ -254,18 +251,40 @@ def test_a_fully_routed_merge_trains_its_heads_with_adamw_and_its_matrices_with_
     assert n == (2 * CFG.n_layers + 1) * 2 * CFG.d_model
 
 
-def test_a_model_router_that_picks_one_expert_computes_that_expert_and_its_shares_fill_every_layer():
-    """gate_scope="model", top-1: a token goes through one expert's weights in every layer, so a
-    router that sends a document to expert i reproduces expert i; the routing shares are the
-    router's, one row per layer."""
-    experts = [_with_norms(i) for i in range(3)]
-    merged = merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model").eval()
-    merged.router.route = _always(2, 3)
+def _router():
+    """A (random) router of the default size, as the merged config's model router has."""
+    from router.model import RouterConfig, RouterModel
+
+    torch.manual_seed(7)
+    return RouterModel(RouterConfig(vocab_size=CFG.vocab_size)).eval()
+
+
+def test_a_model_router_is_the_runs_router_and_a_token_it_sends_to_one_expert_is_that_expert():
+    """gate_scope="model": the merged model's one router holds the run's router's weights and chooses
+    what that router chooses for each token's document opening; top-1, a token goes through one
+    expert's weights in every layer, so a document sent to expert i is computed by expert i; the
+    routing shares are the router's, one row per layer."""
+    from router.model import RouterConfig, RouterModel, hierarchical_log_probs
+
+    experts, router = [_with_norms(i) for i in range(5)], _router()
+    merged = merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model", router=router).eval()
+    assert merged.cfg.moe.router_window == 12 and not merged.router.classifier.training
+    doc = torch.tensor([[1, *range(40, 60)]])  # <|bos|> and 20 tokens: the opening is the first 12 after it
+    with torch.no_grad():
+        chosen = merged.router.choose(doc, None, None, merged.doc_starts(doc))[3][:, 0]
+        out = router(doc[:, 1:13])  # the router itself on the opening
+    assert chosen[12:].tolist() == [int(hierarchical_log_probs(out.group_logits, out.expert_logits)[1].argmax())] * 9
+    merged.router.route = _always(2, 5)
     docs = {"e0": [[1, 5, 6, 7]], "e2": [[1, 8, 9]]}
     with torch.no_grad():
         torch.testing.assert_close(merged(_tokens()).logits, experts[2](_tokens()).logits.log_softmax(-1),
                                    atol=1e-5, rtol=0)
-    shares = routing_shares(merged, docs, ["e0", "e1", "e2"])
+    shares = routing_shares(merged, docs, ["e0", "e1", "e2", "e3", "e4"])
     assert shares["own"] == [{"e0": 0.0, "e2": 1.0}] * CFG.n_layers
     with pytest.raises(ValueError, match="no router of its own"):
         merged.layers[0].feed_forward(torch.zeros(1, 2, CFG.d_model))
+    with pytest.raises(ValueError, match="needs the run's trained router"):
+        merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model")
+    small = RouterModel(RouterConfig(vocab_size=CFG.vocab_size, d_embed=8))
+    with pytest.raises(CheckpointError, match="differs in size"):
+        merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model", router=small)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -176,9 +177,15 @@ def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_g
                                                 corpus.tokenizer().vocab_size)}["merged"]
     assert faster.loop.gate_lr_scale * faster.loop.lr == pytest.approx(0.5 * expert.loop.lr)  # the experts' x 0.5
     assert merged.task.model_cfg.moe.n_experts == 5 and merged.task.model_cfg.moe.top_k == 2
-    one = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {**ov, "merge.gate_scope": "model"}), corpus,
-                                             corpus.tokenizer().vocab_size)}["merged"]
+    one_ov = {**ov, "merge.gate_scope": "model", "merge.gate_context": "doc", "merge.train": "all"}
+    one = {j.task.name: j for j in plan_jobs(load_run_config("tiny", one_ov), corpus, corpus.tokenizer().vocab_size,
+                                             Path("runs/x"))}["merged"]
     assert one.task.model_cfg.model_router and not merged.task.model_cfg.model_router  # one router, or one a module
+    assert one.after == (*cfg.experts, "router") and one.task.merge_router == str(Path("runs/x") / "router")
+    for bad, says in (({"merge.train": "routers"}, "keeps the run's router"), ({"experts": "math,code"}, "over all of"),
+                      ({"router.enabled": False}, "over all of")):
+        with pytest.raises(RunConfigError, match=says):
+            load_run_config("tiny", {**one_ov, **bad})
     # its fine-tune ends, as the experts' training did, on every domain's instruction items
     assert merged.task.instruct_batches == 4 and merged.task.instruct_from == 3
     assert [p.rsplit("/", 1)[-1] for p in merged.task.instruct_paths] == [f"{d}.npz" for d in cfg.experts]
@@ -215,8 +222,9 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "routers"]) == 2
     err = capsys.readouterr().err
     assert "was merged with train 'all' (asked: 'routers')" in err and "move it away" in err, err
-    assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--gate-scope", "model"]) == 2
-    assert "gate_scope 'layer' (asked: 'model')" in capsys.readouterr().err
+    assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--gate-scope", "model",
+                 "--gate-context", "doc"]) == 2
+    assert "train every expert and the router, or use gate_scope 'layer'" in capsys.readouterr().err  # a 2-expert run
     assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--lr-scale", "1"]) == 2
     assert f"lr_scale {cfg.merge.lr_scale!r} (asked: 1.0)" in capsys.readouterr().err
     assert (run_dir / "run.yaml").read_text() == before  # the refused settings are not written
