@@ -138,7 +138,7 @@ class DocRouter(Routed):
     """The one router of a model with ``moe.gate_scope == "model"``: a prompt classifier
     (``router.model.RouterModel``, the run's router) that reads, for every token, the first
     ``moe.router_window`` tokens of the token's document (after its ``<|bos|>``) that are not after
-    the token itself. Its expert probabilities are P(group) x P(expert | group); a token's top-k
+    the token itself (special tokens, ids below ``len(SPECIALS)``, are not read). Its expert probabilities are P(group) x P(expert | group); a token's top-k
     experts compute it in every routed module. From the window's last token on, every token of a
     document goes where its opening is sent, as the served router sends a prompt. With a KV cache
     the tokens are kept in it under ``"router"``, so decoding routes as the full forward does."""
@@ -146,6 +146,7 @@ class DocRouter(Routed):
     def __init__(self, cfg: ModelConfig):
         from router.model import RouterConfig, RouterModel
 
+        from experts.tokenizer import SPECIALS
         from router.domains import DOMAINS
 
         m = cfg.moe
@@ -153,7 +154,7 @@ class DocRouter(Routed):
             raise ValueError(f"moe.gate_scope 'model' routes over the router's {len(DOMAINS)} domains "
                              f"{list(DOMAINS)}; this model has {m.n_experts} experts")
         super().__init__(cfg.d_model, m.n_experts, m.top_k, context="doc", key="router", gated=False)
-        self.window, self.doc_start_id = m.router_window, m.doc_start_id
+        self.window, self.doc_start_id, self.n_specials = m.router_window, m.doc_start_id, len(SPECIALS)
         self.classifier = RouterModel(RouterConfig(vocab_size=cfg.vocab_size, d_embed=m.router_embed,
                                                    n_bigram_buckets=m.router_buckets, hidden=m.router_hidden,
                                                    dropout=0.0, max_len=m.router_window, fold_caps=False))
@@ -172,6 +173,7 @@ class DocRouter(Routed):
         idx_BTW = first_BT[..., None] + torch.arange(self.window, device=tokens_BT.device)
         mask_BTW = idx_BTW <= pos_BT[..., None]
         ids_BTW = ids_BS.gather(1, idx_BTW.clamp(max=last).reshape(B, -1)).view(B, T, self.window)
+        mask_BTW &= ids_BTW >= self.n_specials  # the chat template's role markers are not text it was trained on
         return ids_BTW.masked_fill(~mask_BTW, -1).reshape(B * T, -1)
 
     def choose(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor) -> Routing:

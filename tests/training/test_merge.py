@@ -274,6 +274,11 @@ def test_a_model_router_is_the_runs_router_and_a_token_it_sends_to_one_expert_is
         chosen = merged.router.choose(doc, None, None, merged.doc_starts(doc))[3][:, 0]
         out = router(doc[:, 1:13])  # the router itself on the opening
     assert chosen[12:].tolist() == [int(hierarchical_log_probs(out.group_logits, out.expert_logits)[1].argmax())] * 9
+    chat = torch.tensor([[1, 4, *range(40, 60)]])  # a role marker (<|user|>) is not read: 11 tokens of text
+    with torch.no_grad():
+        chosen = merged.router.choose(chat, None, None, merged.doc_starts(chat))[3][:, 0]
+        out = router(chat[:, 2:13])
+    assert chosen[12:].tolist() == [int(hierarchical_log_probs(out.group_logits, out.expert_logits)[1].argmax())] * 10
     merged.router.route = _always(2, 5)
     docs = {"e0": [[1, 5, 6, 7]], "e2": [[1, 8, 9]]}
     with torch.no_grad():
