@@ -148,16 +148,16 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             f"{ckpt}: its attention projections and LM head are routed experts too (a merge with "
             "merge.route: all); transformers' MoE architectures route only the FFN. Merge with "
             "`hmoe merge RUN --route ffn` for a model that exports as Mixtral or Qwen3-MoE")
-    if cfg.ffn == "moe" and cfg.moe.gate_context != "token":
-        raise ExportError(
-            f"{ckpt}: its routers read a running mean of the sequence's inputs (moe.gate_context "
-            f"{cfg.moe.gate_context!r}); transformers' MoE routers read each token's own input. Merge with "
-            "`hmoe merge RUN --route ffn --gate-context token` for a model that exports")
     if cfg.model_router:
         raise ExportError(
             f"{ckpt}: one router chooses every layer's experts (moe.gate_scope 'model'); transformers' MoE "
             "layers each have their own. Merge with `hmoe merge RUN --route ffn --gate-context token "
             "--gate-scope layer` for a model that exports")
+    if cfg.ffn == "moe" and cfg.moe.gate_context != "token":
+        raise ExportError(
+            f"{ckpt}: its routers read a running mean of the sequence's inputs (moe.gate_context "
+            f"{cfg.moe.gate_context!r}); transformers' MoE routers read each token's own input. Merge with "
+            "`hmoe merge RUN --route ffn --gate-context token` for a model that exports")
     if not (ckpt / TOKENIZER).is_file():
         raise ExportError(f"{ckpt / TOKENIZER}: missing; the export needs the checkpoint's tokenizer")
     tensors = hf_state_dict(model)

@@ -136,7 +136,7 @@ class Routed(nn.Module):
 
 class DocRouter(Routed):
     """The one router of a model with ``moe.gate_scope == "model"``: a prompt classifier
-    (``router.model.RouterModel``, the run's router) that reads, for every token, the first
+    (``experts.classifier.RouterModel``, the run's router) that reads, for every token, the first
     ``moe.router_window`` tokens of the token's document (after its ``<|bos|>``) that are not after
     the token itself (special tokens, ids below ``len(SPECIALS)``, are not read). Its expert probabilities are P(group) x P(expert | group); a token's top-k
     experts compute it in every routed module. From the window's last token on, every token of a
@@ -144,10 +144,9 @@ class DocRouter(Routed):
     the tokens are kept in it under ``"router"``, so decoding routes as the full forward does."""
 
     def __init__(self, cfg: ModelConfig):
-        from router.model import RouterConfig, RouterModel
-
+        from experts.classifier import RouterConfig, RouterModel
+        from experts.domains import DOMAINS
         from experts.tokenizer import SPECIALS
-        from router.domains import DOMAINS
 
         m = cfg.moe
         if m.n_experts != len(DOMAINS):
@@ -184,7 +183,7 @@ class DocRouter(Routed):
     def route(self, opening_NW: torch.Tensor) -> Routing:
         """``opening_NW`` (:meth:`openings`) -> ``(log P(expert), P(expert), top-k weights renormalised,
         top-k experts)``."""
-        from router.model import hierarchical_log_probs
+        from experts.classifier import hierarchical_log_probs
 
         out = self.classifier(opening_NW.clamp(min=0), opening_NW >= 0)
         _, logp_NE = hierarchical_log_probs(out.group_logits, out.expert_logits)

@@ -1,17 +1,8 @@
-"""The fixed domain hierarchy: three groups, five experts."""
+"""The domain hierarchy (defined in ``experts.domains``) and how the served router treats each domain."""
 
 from __future__ import annotations
 
-DOMAINS: tuple[str, ...] = ("math", "reasoning", "conversation", "knowledge", "code")
-
-GROUPS: dict[str, tuple[str, ...]] = {
-    "analytical": ("math", "reasoning"),
-    "language": ("conversation", "knowledge"),
-    "technical": ("code",),
-}
-
-GROUP_OF: dict[str, str] = {d: g for g, ds in GROUPS.items() for d in ds}
-GROUP_NAMES: tuple[str, ...] = tuple(GROUPS)
+from experts.domains import DOMAINS, GROUP_NAMES, GROUP_OF, GROUPS  # noqa: F401  (re-exported)
 
 # Experts trained on dialogues in the tokenizer's chat format: a plain prompt for them is sent
 # as a user turn (``<|user|>prompt<|end|><|assistant|>``), or they would just close the turn.

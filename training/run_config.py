@@ -219,8 +219,9 @@ class MergeSpec(_Strict):
     # document is routed from its own tokens, as a request is when served)
     gate_context: Literal["token", "mean", "doc"] = "token"
     # where the routers are: one per routed module ("layer", the paper's), or one for the whole model
-    # ("model": each token's experts are chosen once, from its input embeddings, for every layer, as
-    # DEMix layers route by domain; a token sent to expert i alone is then computed by expert i alone)
+    # ("model": the run's router, frozen, reads the opening of each token's document and chooses its
+    # experts once for every routed module, as DEMix layers route by domain; a token sent to expert i
+    # alone is then computed by expert i alone; needs all five experts, the router and gate_context "doc")
     gate_scope: Literal["layer", "model"] = "layer"
 
 

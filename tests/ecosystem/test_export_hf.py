@@ -72,7 +72,8 @@ def test_a_merge_that_routes_attention_and_head_is_refused_with_a_clear_error(tm
     _, ckpt = _checkpoint(tmp_path / "mean", tokenizer_file, ffn="moe", moe=moe)
     with pytest.raises(ExportError, match="running mean.*--gate-context token"):
         export_hf(ckpt, tmp_path / "hf")
-    moe = MoEConfig(n_experts=2, top_k=1, n_shared=0, gate_scope="model")  # one router for every layer
+    moe = MoEConfig(n_experts=5, top_k=1, n_shared=0, gate_scope="model", gate_context="doc",
+                    router_embed=8, router_buckets=64, router_hidden=16)  # one router for every layer
     _, ckpt = _checkpoint(tmp_path / "one", tokenizer_file, ffn="moe", moe=moe)
     with pytest.raises(ExportError, match="one router chooses every layer's experts.*--gate-scope layer"):
         export_hf(ckpt, tmp_path / "hf")
