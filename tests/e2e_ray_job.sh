@@ -48,10 +48,32 @@ for _ in $(seq 90); do
 done
 echo "ray head up at $ADDR (gcs 127.0.0.1:$GCS_PORT); run dir $RUN_DIR"
 
+# The dashboard answers before the node's job agent has registered; until then a submission is
+# refused ("No available agent to submit job") and no job exists, so it is safe to submit again.
 START=$(date +%s)
-"$BIN/ray" job submit --address "$ADDR" --working-dir . \
-    --runtime-env-json '{"excludes": [".venv", ".hmoe", "runs", ".git", "bench/results"], "env_vars": {"HMOE_DATA_DIR": "'"$HMOE_DATA_DIR"'"}}' \
-    -- hmoe train --preset tiny --run-dir "$RUN_DIR"
+JOB=hmoe-e2e-$$
+for attempt in $(seq 30); do
+    if OUT=$("$BIN/ray" job submit --address "$ADDR" --working-dir . --no-wait --submission-id "$JOB" \
+        --runtime-env-json '{"excludes": [".venv", ".hmoe", "runs", ".git", "bench/results"], "env_vars": {"HMOE_DATA_DIR": "'"$HMOE_DATA_DIR"'"}}' \
+        -- hmoe train --preset tiny --run-dir "$RUN_DIR" 2>&1); then
+        break
+    fi
+    if ! grep -q "No available agent" <<<"$OUT" || [ "$attempt" = 30 ]; then
+        echo "$OUT" >&2
+        tail -n 30 "$WORK"/ray/session_latest/logs/dashboard_agent.log 2>/dev/null >&2 || true
+        exit 1
+    fi
+    echo "the job agent is not up yet (attempt $attempt); submitting again in 2s"
+    sleep 2
+done
+"$BIN/ray" job logs --address "$ADDR" --follow "$JOB"
+for _ in $(seq 30); do  # the logs end with the job; its status can follow a moment later
+    STATUS=$("$BIN/ray" job status --address "$ADDR" "$JOB" 2>&1)
+    grep -q "succeeded" <<<"$STATUS" && break
+    grep -qE "failed|was stopped" <<<"$STATUS" && break
+    sleep 1
+done
+grep -q "succeeded" <<<"$STATUS" || { echo "$STATUS" >&2; exit 1; }
 echo "job finished in $(( $(date +%s) - START ))s"
 
 "$BIN/python" - "$RUN_DIR" <<'PY'
