@@ -25,12 +25,15 @@ PY
 }
 GCS_PORT=$(free_port 6390)
 DASH_PORT=$(free_port 8265)
+AGENT_PORT=$(free_port 52366)  # Ray's default 52365 is another cluster's on a shared host
+CLIENT_PORT=$(free_port 9901)  # below the worker ports (10002-19999)
 WORK=$(mktemp -d /tmp/hmoe-e2e-XXXX)
 RUN_DIR=${RUN_DIR:-$WORK/run}
 export HMOE_DATA_DIR=${HMOE_DATA_DIR:-$ROOT/.hmoe/data}  # absolute: the job runs in a copy of the repo
 
 setsid "$BIN/ray" start --head --block --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
-    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus 2 --num-gpus 0 \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" --num-cpus 2 --num-gpus 0 \
     --include-dashboard true --temp-dir "$WORK/ray" --disable-usage-stats >"$WORK/head.log" 2>&1 &
 HEAD_PID=$!
 stop_head() {
