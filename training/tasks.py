@@ -146,10 +146,12 @@ class LMTask:
             weights = token_weights(self.merge_tokens, self.model_cfg.vocab_size) if self.merge_tokens else None
             moe = self.model_cfg.moe
             router = None
-            if self.merge_router is not None:
-                from router.router import load_router
+            if self.merge_router is not None:  # the classifier's weights: the merged model reads token ids
+                from experts.checkpoint import load_model
+                from experts.classifier import RouterConfig, RouterModel
 
-                router = load_router(self.merge_router).model
+                router = load_model(self.merge_router, kind="router", config_from_dict=RouterConfig.from_dict,
+                                    build=RouterModel)[0]
             model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights,
                                  route_of(self.model_cfg), moe.gate_context, moe.doc_start_id, moe.gate_scope, router)
             if model.cfg != self.model_cfg:

@@ -116,24 +116,39 @@ def test_a_branch_starts_from_the_seeds_exact_weights(synth_splits, tmp_path):
         other.build_model()
 
 
-def test_a_merged_model_resumes_bit_identically(synth_splits, tmp_path):
+@pytest.mark.parametrize("gate_scope", ["layer", "model"])
+def test_a_merged_model_resumes_bit_identically(synth_splits, tmp_path, gate_scope):
     """The Branch-Train-MiX fine-tune (an LMTask that merges finished experts, with per-token
-    embedding weights) resumes like any other run: the same weights as an uninterrupted one."""
+    embedding weights) resumes like any other run: the same weights as an uninterrupted one. With
+    ``gate_scope="model"`` the run's router checkpoint is the merged model's router and stays frozen."""
     import dataclasses
 
-    from experts.checkpoint import save_lm
+    from experts.checkpoint import save_checkpoint, save_lm
+    from experts.classifier import RouterConfig, RouterModel
     from experts.model import Transformer
     from training.merge import merged_config
 
     from .conftest import tiny_cfg
 
+    n = 2 if gate_scope == "layer" else 5  # a model router chooses among the five domains
     experts = []
-    for i in range(2):
+    for i in range(n):
         torch.manual_seed(i)
         experts.append(str(save_lm(tmp_path / "experts" / f"e{i}", Transformer(tiny_cfg()), tiny_cfg())))
+    tokens = [str(synth_splits[("math", "code")[i % 2]]["train"]) for i in range(n)]
+    mcfg = merged_config(tiny_cfg(), n, 1, **({} if gate_scope == "layer" else
+                                              {"route": "full", "gate_context": "doc", "gate_scope": "model"}))
+    router = None
+    if gate_scope == "model":
+        m = mcfg.moe
+        rcfg = RouterConfig(vocab_size=mcfg.vocab_size, d_embed=m.router_embed, n_bigram_buckets=m.router_buckets,
+                            hidden=m.router_hidden)
+        torch.manual_seed(9)
+        router = RouterModel(rcfg)
+        save_checkpoint(tmp_path / "router", router.state_dict(), config=rcfg.to_dict(), kind="router")
     task = dataclasses.replace(
-        lm_task(synth_splits, "math", "merged"), name="merged", model_cfg=merged_config(tiny_cfg(), 2, 1),
-        merge_from=tuple(experts), merge_tokens=(str(synth_splits["math"]["train"]), str(synth_splits["code"]["train"])))
+        lm_task(synth_splits, "math", "merged"), name="merged", model_cfg=mcfg, merge_from=tuple(experts),
+        merge_tokens=tuple(tokens), merge_router=str(tmp_path / "router") if router is not None else None)
     a, b = tmp_path / "a", tmp_path / "b"
     train(task, _cfg(), a)
     with pytest.raises(InjectedFailure):
@@ -143,3 +158,6 @@ def test_a_merged_model_resumes_bit_identically(synth_splits, tmp_path):
     wa, wb = load_tensors(a / "merged"), load_tensors(b / "merged")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any("feed_forward.experts.1" in k for k in wa)
+    if router is not None:  # frozen through the fine-tune: the run's router as trained
+        for k, v in router.state_dict().items():
+            assert torch.equal(wa[f"router.classifier.{k}"], v), k
