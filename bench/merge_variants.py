@@ -8,7 +8,11 @@ the same tokens as the report's rows, so its ``router-top1`` and ``router-mixtur
 with each expert alone as the reference ("own expert" per domain).
 
     python -m bench.merge_variants runs/standard --out docs/results/merge_variants.json \\
-        [--variant 'name={"route": "all", "gate_scope": "layer", "top_k": 2, "gate_init": "fitted"}' ...]
+        [--variant 'name={"route": "all", "gate_scope": "layer", "top_k": 2, "gate_init": "fitted"}' ...] \\
+        [--checkpoint NAME=DIR ...] [--split val]
+
+``--checkpoint`` scores finished LMs too (fine-tuned merges of other run directories); ``--split val``
+scores the validation split's documents the same way, to choose between merges without the test split.
 """
 
 from __future__ import annotations
@@ -53,18 +57,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON of merge.* fields (repeatable; "
                     "default: the built-in list)")
+    ap.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR: a finished LM to score too")
+    ap.add_argument("--split", choices=("test", "val"), default="test", help="whose documents are scored")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = dict(parse_variant(v) for v in args.variant) or VARIANTS
+    variants = dict(parse_variant(v) for v in args.variant) or ({} if args.checkpoint else VARIANTS)
     cfg = load_run_config(str(args.run_dir / "run.yaml"))
     corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
     expert_cfg = cfg.model.build(vocab_size=corpus.tokenizer().vocab_size)
     experts = {d: load_lm(model_dir(args.run_dir, d))[0] for d in cfg.experts}
     budget = min(cfg.report.eval_batches * cfg.train.batch_size * cfg.train.seq_len, MAX_TOKENS_PER_DOMAIN)
-    ctx = build_context(args.run_dir, corpus, experts, budget, MAX_DOC_TOKENS, torch.device("cpu"))
+    texts = {d: (r["text"] for r in corpus.docs(d, args.split)) for d in cfg.experts}
+    ctx = build_context(args.run_dir, corpus, experts, budget, MAX_DOC_TOKENS, torch.device("cpu"), texts=texts)
     matrix = {"own expert": {d: ctx.score(d)[d] for d in ctx.domains}}
     seconds = {}
+    for name, path in (c.split("=", 1) for c in args.checkpoint):
+        matrix[name] = ctx.score(name, load_lm(path)[0].eval())
     for name, fields in variants.items():
         t0 = time.perf_counter()
         vcfg = load_run_config(str(args.run_dir / "run.yaml"), {f"merge.{k}": v for k, v in fields.items()})
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
         cells = {d: round(c.ppl, 2) for d, c in matrix[name].items()}
         print(f"{name}: {cells} mixed {mixed_rows({name: matrix[name]}, ctx.domains)[name]['ppl']:.2f}", flush=True)
-    out = {"run_dir": str(args.run_dir), "variants": variants, "seconds": seconds,
+    out = {"run_dir": str(args.run_dir), "split": args.split, "variants": variants, "seconds": seconds,
+           "checkpoints": args.checkpoint,
            "tokens": sum(ctx.docs[d].tokens for d in ctx.domains), "prefix_tokens": ctx.prefix_tokens,
            "matrix": {n: {d: c.to_dict() for d, c in cells.items()} for n, cells in matrix.items()},
            "mixed_test": mixed_rows(matrix, ctx.domains)}
