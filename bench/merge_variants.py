@@ -28,7 +28,7 @@ from experts.atomic import atomic_write_json
 from experts.checkpoint import load_lm
 from training.data import load_corpora
 from training.pipeline import merged_job
-from training.report import MAX_DOC_TOKENS, MAX_TOKENS_PER_DOMAIN
+from training.report import MAX_DOC_TOKENS, scored_budget
 from training.run_config import load_run_config
 from training.scoring import build_context, mixed_rows, model_dir
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
     expert_cfg = cfg.model.build(vocab_size=corpus.tokenizer().vocab_size)
     experts = {d: load_lm(model_dir(args.run_dir, d))[0] for d in cfg.experts}
-    budget = min(cfg.report.eval_batches * cfg.train.batch_size * cfg.train.seq_len, MAX_TOKENS_PER_DOMAIN)
+    budget = scored_budget(cfg)
     texts = {d: (r["text"] for r in corpus.docs(d, args.split)) for d in cfg.experts}
     ctx = build_context(args.run_dir, corpus, experts, budget, MAX_DOC_TOKENS, torch.device("cpu"), texts=texts)
     matrix = {"own expert": {d: ctx.score(d)[d] for d in ctx.domains}}

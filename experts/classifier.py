@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from experts.checkpoint import load_model
 from experts.config import check_field
 from experts.domains import DOMAINS, EXPERT_GROUP, GROUP_NAMES
 
@@ -148,3 +150,10 @@ class RouterModel(nn.Module):
         out = self.forward(tokens, mask)
         g_logp, e_logp = hierarchical_log_probs(out.group_logits, out.expert_logits, temperature)
         return g_logp.exp(), e_logp.exp()
+
+
+def load_classifier(path: str | Path, *, verify: bool = True) -> tuple[RouterModel, RouterConfig]:
+    """The classifier of a router checkpoint (kind "router"), in eval mode, and its config."""
+    model, cfg, _ = load_model(path, kind="router", config_from_dict=RouterConfig.from_dict, build=RouterModel,
+                               verify=verify)
+    return model, cfg

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experts.classifier import RouterConfig, RouterModel, hierarchical_log_probs
 from experts.config import ModelConfig
+from experts.domains import DOMAINS
+from experts.tokenizer import SPECIALS
 
 
 class SwiGLU(nn.Module):
@@ -144,10 +147,6 @@ class DocRouter(Routed):
     the tokens are kept in it under ``"router"``, so decoding routes as the full forward does."""
 
     def __init__(self, cfg: ModelConfig):
-        from experts.classifier import RouterConfig, RouterModel
-        from experts.domains import DOMAINS
-        from experts.tokenizer import SPECIALS
-
         m = cfg.moe
         if m.n_experts != len(DOMAINS):
             raise ValueError(f"moe.gate_scope 'model' routes over the router's {len(DOMAINS)} domains "
@@ -183,8 +182,6 @@ class DocRouter(Routed):
     def route(self, opening_NW: torch.Tensor) -> Routing:
         """``opening_NW`` (:meth:`openings`) -> ``(log P(expert), P(expert), top-k weights renormalised,
         top-k experts)``."""
-        from experts.classifier import hierarchical_log_probs
-
         out = self.classifier(opening_NW.clamp(min=0), opening_NW >= 0)
         _, logp_NE = hierarchical_log_probs(out.group_logits, out.expert_logits)
         probs_NE = logp_NE.exp()

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
-from experts.checkpoint import TOKENIZER, CheckpointError, load_model
+from experts.checkpoint import TOKENIZER, CheckpointError
+from experts.classifier import load_classifier
 from router.domains import DOMAINS, GROUP_NAMES
 from router.model import RouterConfig, RouterModel, collate, encode_prompt
 from router.policy import Decision, check_policy_args, decide, default_decision
@@ -80,8 +81,7 @@ def load_router(path: str | Path, *, device: str | torch.device = "cpu", thresho
                 top_k: int = 2, tokenizer: Any = None, verify: bool = True) -> Router:
     """Load a router checkpoint (kind "router"): model, tokenizer.json and calibrated temperature."""
     path = Path(path)
-    model, cfg, _ = load_model(path, kind="router", config_from_dict=RouterConfig.from_dict,
-                               build=RouterModel, verify=verify)
+    model, cfg = load_classifier(path, verify=verify)
     temperature = 1.0
     if (path / CALIBRATION).is_file():
         temperature = float(json.loads((path / CALIBRATION).read_text()).get("temperature", 1.0))

@@ -181,6 +181,13 @@ def report_threads(device: torch.device) -> int:
     return cur if idle is None else max(1, min(cur, int(idle + 0.5)))
 
 
+def scored_budget(run_cfg: Any, max_tokens_per_domain: int | None = MAX_TOKENS_PER_DOMAIN) -> int:
+    """Scored test tokens per domain: ``report.eval_batches x batch_size x seq_len``, capped at
+    ``max_tokens_per_domain`` (None: no cap)."""
+    budget = run_cfg.report.eval_batches * run_cfg.train.batch_size * run_cfg.train.seq_len
+    return budget if max_tokens_per_domain is None else min(budget, max_tokens_per_domain)
+
+
 def write_report(run_dir: str | Path, *, corpus: Any = None, run_cfg: Any = None,
                  extra_rows: Iterable[Callable] = (), device: str = "auto",
                  max_tokens_per_domain: int | None = MAX_TOKENS_PER_DOMAIN,
@@ -203,9 +210,7 @@ def write_report(run_dir: str | Path, *, corpus: Any = None, run_cfg: Any = None
     if not names:
         raise CheckpointError(f"{run_dir}: no finished expert or baseline checkpoints to report on")
     rc = run_cfg.report
-    budget = rc.eval_batches * run_cfg.train.batch_size * run_cfg.train.seq_len
-    if max_tokens_per_domain is not None:
-        budget = min(budget, max_tokens_per_domain)
+    budget = scored_budget(run_cfg, max_tokens_per_domain)
     threads, prev_threads = report_threads(dev), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

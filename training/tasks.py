@@ -147,11 +147,9 @@ class LMTask:
             moe = self.model_cfg.moe
             router = None
             if self.merge_router is not None:  # the classifier's weights: the merged model reads token ids
-                from experts.checkpoint import load_model
-                from experts.classifier import RouterConfig, RouterModel
+                from experts.classifier import load_classifier
 
-                router = load_model(self.merge_router, kind="router", config_from_dict=RouterConfig.from_dict,
-                                    build=RouterModel)[0]
+                router = load_classifier(self.merge_router)[0]
             model = merge_models([load_lm(d)[0] for d in self.merge_from], moe.top_k, weights,
                                  route_of(self.model_cfg), moe.gate_context, moe.doc_start_id, moe.gate_scope, router)
             if model.cfg != self.model_cfg:
