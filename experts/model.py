@@ -322,6 +322,11 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    @property
+    def reads_openings(self) -> int:
+        """How many ids of a document's opening the model router reads (0: no model router)."""
+        return self.router.window if self.router is not None else 0
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std); residual projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2)."""
         resid_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
@@ -360,8 +365,13 @@ class Transformer(nn.Module):
         return marked_BT.cummax(1).values
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
+                positions: torch.Tensor | None = None, last_only: bool = False,
+                opening: torch.Tensor | None = None) -> ModelOutput:
         """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots.
+
+        ``opening (B, router window)``: for rows that continue a document begun before them, its
+        opening (``experts.moe.document_opening``), which the model router reads for their tokens as
+        if it were in the row (only a model with one, :attr:`reads_openings`).
 
         ``last_only=True`` returns logits ``(B, 1, V)`` for the last position only (each row's last
         valid one in a padded prefill): a prefill that only needs the next token skips T-1 rows of
@@ -376,7 +386,9 @@ class Transformer(nn.Module):
             self.cfg.moe.gate_context == "doc" else None
         auxes = []
         # one choice per token for every routed module
-        routing = self.router.choose(tokens, cache, step, doc_BT) if self.router is not None else None
+        if opening is not None and self.router is None:
+            raise ValueError("only a model with a model router (moe.gate_scope 'model') reads a document opening")
+        routing = self.router.choose(tokens, cache, step, doc_BT, opening) if self.router is not None else None
         if isinstance(self.tok_embeddings, RoutedEmbedding):
             h, aux = self.tok_embeddings(tokens, cache, step, doc_BT, routing)
             auxes.append(aux)

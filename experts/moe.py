@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,8 +158,15 @@ class DocRouter(Routed):
                                                    n_bigram_buckets=m.router_buckets, hidden=m.router_hidden,
                                                    dropout=0.0, max_len=m.router_window, fold_caps=False))
 
-    def openings(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor) -> torch.Tensor:
-        """``(N, W)``: each token's document opening as far as the token has seen it (-1: not yet)."""
+    def openings(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor,
+                 opening_BW: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, W)``: each token's document opening as far as the token has seen it (-1: not yet).
+
+        ``opening_BW``: for a row that continues a document begun before it (its first id is not
+        ``<|bos|>``), the ids of that document from its start up to the row, at most ``W`` of them,
+        left-aligned and padded with -1 (:func:`document_opening`). The row's tokens before its first
+        ``<|bos|>`` then read that opening, completed by the row's own ids as far as they have seen
+        them, as they would had the whole document been in the row."""
         B, T = tokens_BT.shape
         if cache is None:
             ids_BS, pos_BT = tokens_BT, torch.arange(T, device=tokens_BT.device).expand(B, T)
@@ -171,13 +179,28 @@ class DocRouter(Routed):
         idx_BTW = first_BT[..., None] + torch.arange(self.window, device=tokens_BT.device)
         mask_BTW = idx_BTW <= pos_BT[..., None]
         ids_BTW = ids_BS.gather(1, idx_BTW.clamp(max=last).reshape(B, -1)).view(B, T, self.window)
-        mask_BTW &= ids_BTW >= self.n_specials  # the chat template's role markers are not text it was trained on
-        return ids_BTW.masked_fill(~mask_BTW, -1).reshape(B * T, -1)
+        ids_BTW = ids_BTW.masked_fill(~mask_BTW, -1)
+        if opening_BW is not None:
+            if cache is not None:
+                raise ValueError("a document opening is for a forward pass without a KV cache")
+            if opening_BW.shape != (B, self.window):
+                raise ValueError(f"opening has shape {tuple(opening_BW.shape)}, expected {(B, self.window)}")
+            w_W, t_T = torch.arange(self.window, device=tokens_BT.device), torch.arange(T, device=tokens_BT.device)
+            have_B11 = (opening_BW >= 0).sum(1)[:, None, None]  # ids of the opening before the row
+            j_B1W = w_W - have_B11  # where in the row the opening's w-th id is
+            row_BTW = tokens_BT.gather(1, j_B1W.clamp(0, T - 1).expand(B, T, -1).reshape(B, -1)).view(B, T, -1)
+            row_BTW = row_BTW.masked_fill((j_B1W < 0) | (j_B1W > t_T[:, None]), -1)
+            cont_BTW = torch.where(w_W < have_B11, opening_BW[:, None, :].expand(B, T, -1), row_BTW)
+            continued_BT = (doc_BT == 0) & (tokens_BT[:, :1] != self.doc_start_id)
+            ids_BTW = torch.where(continued_BT[..., None], cont_BTW, ids_BTW)
+        # the chat template's role markers are not text it was trained on
+        return ids_BTW.masked_fill(ids_BTW < self.n_specials, -1).reshape(B * T, -1)
 
-    def choose(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor) -> Routing:
+    def choose(self, tokens_BT: torch.Tensor, cache: Any, step: Any, doc_BT: torch.Tensor,
+               opening_BW: torch.Tensor | None = None) -> Routing:
         """Every token's routing, for all routed modules (an empty opening, a ``<|bos|>`` alone, reads
         as no tokens: the classifier's zero features)."""
-        return self.route(self.openings(tokens_BT, cache, step, doc_BT))
+        return self.route(self.openings(tokens_BT, cache, step, doc_BT, opening_BW))
 
     def route(self, opening_NW: torch.Tensor) -> Routing:
         """``opening_NW`` (:meth:`openings`) -> ``(log P(expert), P(expert), top-k weights renormalised,
@@ -187,6 +210,21 @@ class DocRouter(Routed):
         probs_NE = logp_NE.exp()
         weights_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
         return logp_NE, probs_NE, weights_NK / weights_NK.sum(dim=-1, keepdim=True), experts_NK
+
+
+def document_opening(ids: Any, start: int, window: int, doc_start_id: int,
+                     marks: np.ndarray | None = None) -> list[int]:
+    """What :meth:`DocRouter.openings` reads before position ``start`` of ``ids`` for a row that begins
+    there: the ids of the document in progress (after its latest ``doc_start_id`` before ``start``,
+    else from ``ids[0]``) up to ``start``, at most ``window``, padded with -1 to ``window``. Empty
+    (all -1) when ``ids[start]`` starts a document. ``marks``: the sorted positions of
+    ``doc_start_id`` in ``ids``, if known (a long packed array)."""
+    if marks is None:
+        marks = np.flatnonzero(np.asarray(ids[:start + 1]) == doc_start_id)
+    i = int(np.searchsorted(marks, start, side="right")) - 1
+    first = 0 if i < 0 else int(marks[i]) + 1
+    taken = [int(t) for t in ids[first:min(first + window, start)]] if first <= start else []
+    return taken + [-1] * (window - len(taken))
 
 
 def dense_gates(weights_NK: torch.Tensor, experts_NK: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -3,7 +3,9 @@
 One function, :func:`token_logprobs`, serves every caller: the report's perplexity matrix, the
 likelihood router, the engine's ``score`` and the HTTP API's ``echo`` + ``logprobs``. Sequences
 longer than the window are scored in windows that overlap by one token, so every token after the
-first is predicted exactly once, with the context of its own window. Windows of many sequences are
+first is predicted exactly once, with the context of its own window (a model router,
+``moe.gate_scope: model``, routes a window that starts mid-sequence from the document's opening,
+as it would the whole sequence). Windows of many sequences are
 sorted by length and scored in right-padded batches: attention is causal, so padding on the right
 never changes the scores of earlier positions.
 """
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from experts.moe import document_opening
 
 
 @dataclass
@@ -50,6 +54,7 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
     """
     window = int(window or model.cfg.max_seq_len)
     device = _device(model)
+    reads = getattr(model, "reads_openings", 0)
     chunks = [(i, s, e) for i, ids in enumerate(seqs) for s, e in chunk_spans(len(ids), window)]
     chunks.sort(key=lambda c: c[2] - c[1], reverse=True)
     parts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -59,7 +64,11 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
         for r, (i, s, e) in enumerate(batch):
             x[r, : e - s] = torch.tensor(list(seqs[i][s:e]))
         x = x.to(device)
-        logits = model(x[:, :-1]).logits.float()  # (B, T-1, V)
+        kw = {}
+        if reads:  # a window that starts mid-document is routed from the document's opening
+            kw["opening"] = torch.tensor([document_opening(seqs[i], s, reads, model.cfg.moe.doc_start_id)
+                                          for i, s, _ in batch], device=device)
+        logits = model(x[:, :-1], **kw).logits.float()  # (B, T-1, V)
         norm = torch.logsumexp(logits, -1)  # (B, T-1)
         lp = (logits.gather(-1, x[:, 1:, None])[..., 0] - norm).cpu()  # (B, T-1)
         if top > 0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from experts.config import ModelConfig, MoEConfig
 from experts.model import KVCache, Transformer
+from experts.moe import document_opening
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -355,3 +356,34 @@ def test_a_model_router_chooses_once_for_every_routed_module(preset):
     assert (chosen[0, w:] == chosen[0, w]).all() and (chosen[1, 9 + w:] == chosen[1, 9 + w]).all()
     alone = model.router.choose(x[1:, 9:], None, None, model.doc_starts(x[1:, 9:]))[3]
     assert torch.equal(alone.view(1, -1, chosen.shape[-1])[0], chosen[1, 9:])  # the packed document as alone
+
+
+
+@pytest.mark.parametrize("start", [2, 5, 14, 16, 25])  # in an opening, past it, at a <|bos|>, after it, past it
+def test_a_row_given_its_documents_opening_is_routed_as_in_the_whole_sequence(start):
+    """A row that starts mid-document (a long document scored in windows, a random training window)
+    carries the document's opening (``document_opening``): the model router routes its tokens exactly
+    as with the whole sequence in the row. Without it they are routed from the row's own ids."""
+    model = _model("model-router")
+    w = model.cfg.moe.router_window
+    torch.manual_seed(3)
+    x = torch.randint(2, 512, (1, 32))
+    x[0, 0], x[0, 14] = 1, 1  # a second document starts at 14
+    row = x[:, start:]
+    opening = torch.tensor([document_opening(x[0].tolist(), start, w, 1)])
+    read = min(w, start - 1) if start < 14 else min(w, start - 15) if start > 14 else 0
+    first = 1 if start < 14 else 15  # the document's first id after its <|bos|>
+    assert opening[0, :read].tolist() == x[0, first:first + read].tolist()
+    assert (opening[0, read:] == -1).all()
+    with torch.no_grad():
+        whole = model.router.choose(x, None, None, model.doc_starts(x))[2:]
+        got = model.router.choose(row, None, None, model.doc_starts(row), opening)[2:]
+        with_it, without = model(row, opening=opening).logits, model(row).logits
+    for a, b in zip(got, whole):
+        assert torch.equal(a, b.view(32, -1)[start:])
+    if start in (5, 25):  # the opening lies wholly before the row: the row alone reads other ids
+        assert not torch.equal(with_it, without)
+    with pytest.raises(ValueError, match="model router"):
+        _model("routed-doc")(row, opening=opening)
+    with pytest.raises(ValueError, match="expected"):
+        model(row, opening=opening[:, :2])

@@ -293,3 +293,28 @@ def test_a_model_router_is_the_runs_router_and_a_token_it_sends_to_one_expert_is
     small = RouterModel(RouterConfig(vocab_size=CFG.vocab_size, d_embed=8))
     with pytest.raises(CheckpointError, match="differs in size"):
         merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model", router=small)
+
+
+def test_a_long_document_scored_in_windows_is_the_chosen_experts_in_every_window():
+    """A top-1 merge with the run's router, not fine-tuned, scores a document longer than the scoring
+    window exactly as the expert its opening is sent to does (what the report's router-top1 row
+    scores): a later window is routed from the document's opening, not from its own first ids."""
+    from experts.scoring import chunk_spans, token_logprobs
+
+    experts = [_with_norms(i) for i in range(5)]
+    merged = merge_models(experts, 1, route="full", gate_context="doc", gate_scope="model", router=_router()).eval()
+
+    def by_opening(opening_NW):  # the expert: the opening's first id mod 5 (expert 0 before any)
+        expert_N = opening_NW[:, 0].clamp(min=0) % 5
+        probs = torch.nn.functional.one_hot(expert_N, 5).float()
+        return probs.log(), probs, torch.ones(len(probs), 1), expert_N[:, None]
+
+    merged.router.route = by_opening
+    doc = [1, *torch.randint(2, CFG.vocab_size, (80,), generator=torch.Generator().manual_seed(0)).tolist()]
+    doc[1], doc[31], doc[62] = 15, 16, 17  # sent to expert 0; windows start at 31 and 62, read alone they'd go to 1, 2
+    assert [s for s, _ in chunk_spans(len(doc), CFG.max_seq_len)] == [0, 31, 62]
+    with torch.no_grad():
+        got = token_logprobs(merged, [doc], window=CFG.max_seq_len)[0].logprobs
+        want = token_logprobs(experts[0], [doc], window=CFG.max_seq_len)[0].logprobs
+    assert len(got) == 80 > 2 * CFG.max_seq_len
+    torch.testing.assert_close(got[12:], want[12:], atol=1e-4, rtol=0)  # past the routing prefix
