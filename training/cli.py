@@ -137,7 +137,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
     ov = {"merge.enabled": True, "merge.top_k": args.top_k, "merge.steps": args.steps, "merge.train": args.train,
           "merge.gate_init": args.gate_init, "merge.route": args.route, "merge.gate_context": args.gate_context,
-          "merge.lr_scale": args.lr_scale, "merge.router_lr": args.router_lr, "merge.gate_scope": args.gate_scope}
+          "merge.lr_scale": args.lr_scale, "merge.router_lr": args.router_lr, "merge.gate_scope": args.gate_scope,
+          "run_dir": str(Path(args.run_dir).resolve())}  # a copied run merges into the copy, not where it came from
     try:
         cfg = load_run_config(str(Path(args.run_dir) / "run.yaml"), ov)
         out = merge_run(cfg, ray_address=args.ray_address)

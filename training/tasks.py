@@ -22,7 +22,7 @@ from experts.checkpoint import CheckpointError, load_lm, save_lm
 from experts.config import ModelConfig
 from training.data.sft import IGNORE
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (x (B, T), y (B, T)) int64
+Batch = tuple[torch.Tensor, ...]  # (x (B, T), y (B, T)[, opening (B, W)]) int64
 
 
 class MixedBatches:
@@ -52,9 +52,11 @@ class MixedBatches:
             s.load_state_dict(st)
 
 
-def eval_windows(path: str | Path, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
-    """Deterministic, evenly spaced, non-overlapping windows of a packed split (for val / test)."""
-    from training.data.packing import load_tokens
+def eval_windows(path: str | Path, batch_size: int, seq_len: int, max_batches: int,
+                 opening_window: int = 0, doc_start_id: int = 1) -> list[Batch]:
+    """Deterministic, evenly spaced, non-overlapping windows of a packed split (for val / test);
+    with ``opening_window`` each batch carries its windows' document openings, as ``TokenBatches``."""
+    from training.data.packing import load_tokens, window_openings
 
     tokens = load_tokens(path)
     n_windows = (len(tokens) - 1) // seq_len
@@ -64,6 +66,10 @@ def eval_windows(path: str | Path, batch_size: int, seq_len: int, max_batches: i
     idx = np.linspace(0, n_windows - 1, take).astype(np.int64)
     w = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in idx]).astype(np.int64)  # (N, T+1)
     w = torch.from_numpy(w)
+    if opening_window:
+        op = window_openings(tokens, idx * seq_len, opening_window, doc_start_id)
+        return [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:], op[i:i + batch_size])
+                for i in range(0, take, batch_size)]
     return [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, take, batch_size)]
 
 
@@ -172,10 +178,11 @@ class LMTask:
     def train_batches(self) -> MixedBatches | Any:
         from training.data.packing import TokenBatches
         from training.data.sft import InstructBatches, ReplayBatches, StagedBatches
-        pretrain = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i)
+        op = self._openings()
+        pretrain = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 1000 * i, **op)
                                  for i, p in enumerate(self.train_paths)])
         if self.replay and self.replay_paths:
-            mixed = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 700 + 1000 * i)
+            mixed = MixedBatches([TokenBatches(p, self.batch_size, self.seq_len, seed=self.seed + 700 + 1000 * i, **op)
                                   for i, p in enumerate(self.replay_paths)])
             pretrain = ReplayBatches(pretrain, mixed, self.replay)
         if not self.instruct_paths:
@@ -190,13 +197,21 @@ class LMTask:
     def val_batches(self) -> list[Batch]:
         if self._val is None:  # the same windows every evaluation; spread over all val splits
             per = max(1, self.eval_batches // len(self.val_paths))
-            self._val = [b for p in self.val_paths for b in eval_windows(p, self.batch_size, self.seq_len, per)]
+            self._val = [b for p in self.val_paths
+                         for b in eval_windows(p, self.batch_size, self.seq_len, per, **self._openings())]
         return self._val
+
+    def _openings(self) -> dict[str, int]:
+        """A model router reads each window's document opening (``TokenBatches(opening_window=...)``)."""
+        if not self.model_cfg.model_router:
+            return {}
+        return {"opening_window": self.model_cfg.moe.router_window, "doc_start_id": self.model_cfg.moe.doc_start_id}
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        out = model(x)
+        # a window's document opening, for a model router (an instruction batch's rows start documents)
+        out = model(x, opening=batch[2].to(device)) if len(batch) > 2 else model(x)
         ce = lm_loss(out.logits, y)
         metrics = {"lm_loss": ce.item()}
         if self.model_cfg.ffn != "moe":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from training.data import TokenBatches, load_tokens
+from training.tasks import eval_windows
 
 
 def test_packed_split_is_bos_doc_eos(tiny_corpus) -> None:
@@ -48,3 +49,27 @@ def test_token_batches_errors(tiny_corpus, tmp_path) -> None:
         TokenBatches(tmp_path / "none", 2, 8)
     with pytest.raises(ValueError, match="seq_len"):
         TokenBatches(tiny_corpus.tokens_path("code", "test"), 2, 10**8)
+
+
+def test_token_batches_carry_each_windows_document_opening(tiny_corpus) -> None:
+    """With ``opening_window``, a window that starts mid-document carries that document's first ids
+    (up to the window's start; -1 pads), and a window that starts at ``<|bos|>`` carries none: what
+    a model router reads for it. The windows themselves are the same as without."""
+    tok = tiny_corpus.tokenizer()
+    path = tiny_corpus.tokens_path("knowledge", "train")
+    arr = load_tokens(path)
+    x, y, opening = next(TokenBatches(path, batch_size=64, seq_len=16, seed=3, opening_window=6,
+                                      doc_start_id=tok.bos_id))
+    x0, y0 = next(TokenBatches(path, batch_size=64, seq_len=16, seed=3))
+    assert torch.equal(x, x0) and torch.equal(y, y0) and opening.shape == (64, 6)
+    starts = np.random.default_rng([3, 0]).integers(0, len(arr) - 16, size=64)
+    bos = np.flatnonzero(arr == tok.bos_id)
+    kinds = set()
+    for row, s in zip(opening.tolist(), starts):
+        doc = int(bos[bos <= s][-1])  # the latest <|bos|> at or before the window's start
+        want = arr[doc + 1:min(doc + 7, s)].tolist() if doc < s else []
+        assert row == want + [-1] * (6 - len(want))
+        kinds.add(0 if doc == s else 1 if len(want) < 6 else 2)
+    assert kinds == {1, 2} or kinds == {0, 1, 2}  # windows inside an opening and past one
+    val = eval_windows(path, 4, 16, 2, opening_window=6, doc_start_id=tok.bos_id)
+    assert all(len(b) == 3 and b[2].shape == (4, 6) for b in val)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,7 @@ def test_a_merged_model_waits_for_the_experts_and_its_fine_tune_counts_for_the_g
         load_run_config("tiny", {"merge.enabled": True, "merge.top_k": 3, "experts": "math,code"})
 
 
-def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
+def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys, tmp_path):
     """Last in this module: it adds a row to the shared run."""
     from serving.command import main
 
@@ -228,6 +229,12 @@ def test_hmoe_merge_adds_the_merged_model_to_the_report(tiny_run, capsys):
     assert main(["merge", str(run_dir), "--top-k", "2", "--steps", "4", "--train", "all", "--lr-scale", "1"]) == 2
     assert f"lr_scale {cfg.merge.lr_scale!r} (asked: 1.0)" in capsys.readouterr().err
     assert (run_dir / "run.yaml").read_text() == before  # the refused settings are not written
+    copy = tmp_path / "copy"  # a copy of the run, merged otherwise: into the copy, the original untouched
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("merged", "merged.jsonl", "report"))
+    stamp = (run_dir / "merged" / "meta.json").read_text()
+    assert main(["merge", str(copy), "--top-k", "2", "--steps", "3", "--train", "routers"]) == 0
+    assert read_meta(copy / "merged", kind="lm")["trainable"] == "routers"
+    assert (run_dir / "merged" / "meta.json").read_text() == stamp and (run_dir / "run.yaml").read_text() == before
 
 
 def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():

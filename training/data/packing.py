@@ -74,27 +74,48 @@ class SeededBatches:
         self.step = int(state["step"])
 
 
+def window_openings(tokens: np.ndarray, starts: Sequence[int], window: int, doc_start_id: int,
+                    marks: np.ndarray | None = None) -> torch.Tensor:
+    """``(B, window)`` int64: for windows of ``tokens`` beginning at ``starts``, the opening of the
+    document each one begins in the middle of (``experts.moe.document_opening``; -1 pads), what a
+    model router (``moe.gate_scope: model``) reads for it. ``marks``: where ``doc_start_id`` is."""
+    from experts.moe import document_opening
+
+    if marks is None:
+        marks = np.flatnonzero(np.asarray(tokens) == doc_start_id)
+    return torch.tensor([document_opening(tokens, int(s), window, doc_start_id, marks) for s in starts],
+                        dtype=torch.long).view(len(starts), window)
+
+
 class TokenBatches(SeededBatches):
     """Random windows of one packed split: yields ``(x, y)`` int64 tensors of shape (B, T).
 
     Batch ``k`` depends only on ``(seed, k)``, so ``state_dict()`` is the step counter and a
-    restored iterator yields exactly the batches the original would have.
+    restored iterator yields exactly the batches the original would have. ``opening_window`` > 0
+    (a model with a model router) yields ``(x, y, opening)``: each window's document opening
+    (:func:`window_openings`), so that a window that starts mid-document is routed from it.
     """
 
-    def __init__(self, path: str | Path, batch_size: int, seq_len: int, seed: int = 0) -> None:
+    def __init__(self, path: str | Path, batch_size: int, seq_len: int, seed: int = 0,
+                 opening_window: int = 0, doc_start_id: int = 1) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
         self.tokens = load_tokens(path)
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.path, self.batch_size, self.seq_len, self.seed = str(path), batch_size, seq_len, seed
+        self.opening_window, self.doc_start_id = opening_window, doc_start_id
+        self.marks = np.flatnonzero(self.tokens == doc_start_id) if opening_window else None
         self.step = 0
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([self.seed, self.step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         self.step += 1
         w = torch.from_numpy(windows)
+        if self.opening_window:
+            opening = window_openings(self.tokens, starts, self.opening_window, self.doc_start_id, self.marks)
+            return w[:, :-1], w[:, 1:], opening
         return w[:, :-1], w[:, 1:]  # (B, T), (B, T)
 
