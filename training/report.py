@@ -145,8 +145,16 @@ def system_compute(compute: dict[str, dict]) -> dict[str, Any]:
     totals.update({n: float(compute[n]["flops"] or 0) for n in ("baseline-dense", "baseline-moe") if n in compute})
     ratios = {n: round(v / totals["experts"], 4) if totals["experts"] else None for n, v in totals.items()}
     matched = len(totals) > 1 and all(r is not None and abs(r - 1) <= MATCH_TOLERANCE for r in ratios.values())
+    # the systems whose totals agree with each other (the merged model and the generalists, which
+    # spend the experts' FLOPs plus the merge's fine-tune), when not every system's do
+    groups: list[list[str]] = []
+    for name, flops in sorted(totals.items(), key=lambda kv: kv[1]):
+        if groups and flops and abs(flops / totals[groups[-1][0]] - 1) <= MATCH_TOLERANCE:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
     return {"parts": {"experts": parts}, "flops": totals, "ratio_to_experts": ratios, "matched": matched,
-            "tolerance": MATCH_TOLERANCE}
+            "matched_groups": [] if matched else [g for g in groups if len(g) > 1], "tolerance": MATCH_TOLERANCE}
 
 
 def _idle_cpus(interval: float = 0.3) -> float | None:

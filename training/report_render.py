@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Any
 
 
+
+def _matched_groups(sc: dict) -> str:
+    """'; merged, baseline-dense and baseline-moe are compute-matched with each other' (or '')."""
+    groups = sc.get("matched_groups") or []
+    names = [", ".join(g[:-1]) + f" and {g[-1]}" for g in groups]
+    return "".join(f"; {n} are compute-matched with each other" for n in names)
+
 def _fmt(c: dict | None) -> str:
     return f"{c['ppl']:.2f} ({c['bpb']:.3f})" if c else "-"
 
@@ -32,7 +39,7 @@ def markdown(rep: dict[str, Any]) -> str:
     if rep.get("ratios"):
         how = ("compute-matched: training FLOPs within "
                f"{100 * sc['tolerance']:.0f}%" if sc.get("matched") else
-               "NOT compute-matched; see the FLOP ratios under Compute")
+               "NOT compute-matched; see the FLOP ratios under Compute" + _matched_groups(sc))
         lines += [f"Mixed-test perplexity ratios ({how}; < 1 is better than the dense generalist): "
                   + ", ".join(f"{k} = **{v:.3f}**" for k, v in rep["ratios"].items()), ""]
     lines += _router_markdown(rep.get("router"), doms)
@@ -46,7 +53,7 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += ["", f"Systems: routed experts ({' + '.join(sc['parts']['experts'])}) "
                   + ", ".join(f"{n} {f:.4g} FLOPs ({sc['ratio_to_experts'][n]:.3f}x)" for n, f in sc["flops"].items())
                   + (f". Compute-matched within {100 * sc['tolerance']:.0f}%." if sc["matched"] else
-                     f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%).")]
+                     f". Not compute-matched (tolerance {100 * sc['tolerance']:.0f}%){_matched_groups(sc)}.")]
     lines += _merged_markdown(rep.get("merged_routing"), doms)
     lines += _tasks_markdown(rep.get("tasks"))
     lines += ["", "## Raw continuations", ""]

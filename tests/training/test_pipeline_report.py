@@ -262,3 +262,24 @@ def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
     assert plain["code"].task.replay == 0.0
     with pytest.raises(RunConfigError, match="branch_replay"):
         load_run_config("tiny", {"train.branch_replay": 1.0})
+
+
+def test_the_report_names_the_systems_that_are_compute_matched_with_each_other():
+    """The merged model and the generalists spend the experts' FLOPs plus the merge's fine-tune: not
+    matched with the routed experts, but with each other, and the report says which."""
+    from training.report import system_compute
+    from training.report_render import _matched_groups
+
+    c = {d: {"flops": 1e12} for d in ("math", "reasoning", "conversation", "knowledge", "code")}
+    c |= {"seed": {"flops": 1e12}, "merged": {"flops": 1.2e12},
+          "baseline-dense": {"flops": 7.21e12}, "baseline-moe": {"flops": 7.5e12}}
+    sc = system_compute(c)
+    assert sc["flops"]["merged"] == pytest.approx(7.2e12) and not sc["matched"]
+    assert sc["matched_groups"] == [["merged", "baseline-dense"]]  # the token-MoE 4% off
+    assert _matched_groups(sc) == "; merged and baseline-dense are compute-matched with each other"
+    c["baseline-moe"]["flops"] = 6e12  # as much as the experts alone
+    assert system_compute(c)["matched_groups"] == [["experts", "baseline-moe"], ["merged", "baseline-dense"]]
+    for n in ("merged", "baseline-dense", "baseline-moe"):
+        c[n]["flops"] = 6e12 if n != "merged" else 0.0
+    sc = system_compute(c)
+    assert sc["matched"] and sc["matched_groups"] == [] and _matched_groups(sc) == ""
