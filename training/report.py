@@ -149,7 +149,8 @@ def system_compute(compute: dict[str, dict]) -> dict[str, Any]:
     # spend the experts' FLOPs plus the merge's fine-tune), when not every system's do
     groups: list[list[str]] = []
     for name, flops in sorted(totals.items(), key=lambda kv: kv[1]):
-        if groups and flops and abs(flops / totals[groups[-1][0]] - 1) <= MATCH_TOLERANCE:
+        low = totals[groups[-1][0]] if groups else 0.0
+        if low and abs(flops / low - 1) <= MATCH_TOLERANCE:
             groups[-1].append(name)
         else:
             groups.append([name])

@@ -283,3 +283,5 @@ def test_the_report_names_the_systems_that_are_compute_matched_with_each_other()
         c[n]["flops"] = 6e12 if n != "merged" else 0.0
     sc = system_compute(c)
     assert sc["matched"] and sc["matched_groups"] == [] and _matched_groups(sc) == ""
+    c["baseline-moe"]["flops"] = c["baseline-dense"]["flops"] = 0.0  # not trained: nothing to match
+    assert system_compute(c)["matched_groups"] == [["experts", "merged"]]
