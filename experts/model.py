@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import DocRouter, MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates
+from experts.moe import (DocRouter, MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates,
+                         document_opening)
 
 
 @dataclass
@@ -326,6 +327,18 @@ class Transformer(nn.Module):
     def reads_openings(self) -> int:
         """How many ids of a document's opening the model router reads (0: no model router)."""
         return self.router.window if self.router is not None else 0
+
+    def prompt_openings(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor | None:
+        """The ``opening`` to pass with ``<|bos|>``-led prompts (``(B, W)``; None without a model
+        router): each prompt's opening (``experts.moe.document_opening``), known before anything is
+        generated, so that every token of the prompt and of its answer is routed from it, as the
+        served router routes a prompt (it reads generated ids only where the prompt is shorter than
+        its window). A prompt without ``<|bos|>`` gets none: it is routed as it is read."""
+        if self.router is None:
+            return None
+        w, bos = self.router.window, self.cfg.moe.doc_start_id
+        return torch.tensor([document_opening(p, 0, w, bos, known=True) if len(p) and p[0] == bos else [-1] * w
+                             for p in prompts], device=self.rope_cos.device)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std); residual projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2)."""

@@ -162,11 +162,12 @@ class DocRouter(Routed):
                  opening_BW: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, W)``: each token's document opening as far as the token has seen it (-1: not yet).
 
-        ``opening_BW``: for a row that continues a document begun before it (its first id is not
-        ``<|bos|>``), the ids of that document from its start up to the row, at most ``W`` of them,
-        left-aligned and padded with -1 (:func:`document_opening`). The row's tokens before its first
-        ``<|bos|>`` then read that opening, completed by the row's own ids as far as they have seen
-        them, as they would had the whole document been in the row."""
+        ``opening_BW`` (:func:`document_opening`; left-aligned ids, -1 pads): what is known in
+        advance of the opening of each row's first document, read by all of that document's tokens;
+        the rest of its opening they read from the row as they reach it. For a row that starts at
+        ``<|bos|>`` (without a cache, or the prefill of empty slots): its known opening (a prompt,
+        the report's routing prefix). For a row that starts mid-document (without a cache): the
+        document's ids before the row."""
         B, T = tokens_BT.shape
         if cache is None:
             ids_BS, pos_BT = tokens_BT, torch.arange(T, device=tokens_BT.device).expand(B, T)
@@ -181,18 +182,21 @@ class DocRouter(Routed):
         ids_BTW = ids_BS.gather(1, idx_BTW.clamp(max=last).reshape(B, -1)).view(B, T, self.window)
         ids_BTW = ids_BTW.masked_fill(~mask_BTW, -1)
         if opening_BW is not None:
-            if cache is not None:
-                raise ValueError("a document opening is for a forward pass without a KV cache")
+            if cache is not None and any(step.starts):
+                raise ValueError("a document opening goes with a forward without a cache, or the prefill of empty slots")
             if opening_BW.shape != (B, self.window):
                 raise ValueError(f"opening has shape {tuple(opening_BW.shape)}, expected {(B, self.window)}")
             w_W, t_T = torch.arange(self.window, device=tokens_BT.device), torch.arange(T, device=tokens_BT.device)
-            have_B11 = (opening_BW >= 0).sum(1)[:, None, None]  # ids of the opening before the row
-            j_B1W = w_W - have_B11  # where in the row the opening's w-th id is
+            have_B = (opening_BW >= 0).sum(1)
+            at_bos_B = tokens_BT[:, 0] == self.doc_start_id
+            # where the row holds its first document's w-th id: after its <|bos|>, or `have` ids
+            # before the row (a row that continues a document)
+            base_B = torch.where(at_bos_B, 1, -have_B)
+            j_B1W = (w_W + base_B[:, None])[:, None, :]
             row_BTW = tokens_BT.gather(1, j_B1W.clamp(0, T - 1).expand(B, T, -1).reshape(B, -1)).view(B, T, -1)
             row_BTW = row_BTW.masked_fill((j_B1W < 0) | (j_B1W > t_T[:, None]), -1)
-            cont_BTW = torch.where(w_W < have_B11, opening_BW[:, None, :].expand(B, T, -1), row_BTW)
-            continued_BT = (doc_BT == 0) & (tokens_BT[:, :1] != self.doc_start_id)
-            ids_BTW = torch.where(continued_BT[..., None], cont_BTW, ids_BTW)
+            known_BTW = torch.where(w_W < have_B[:, None, None], opening_BW[:, None, :].expand(B, T, -1), row_BTW)
+            ids_BTW = torch.where((doc_BT == 0)[..., None], known_BTW, ids_BTW)
         # the chat template's role markers are not text it was trained on
         return ids_BTW.masked_fill(ids_BTW < self.n_specials, -1).reshape(B * T, -1)
 
@@ -213,17 +217,25 @@ class DocRouter(Routed):
 
 
 def document_opening(ids: Any, start: int, window: int, doc_start_id: int,
-                     marks: np.ndarray | None = None) -> list[int]:
-    """What :meth:`DocRouter.openings` reads before position ``start`` of ``ids`` for a row that begins
-    there: the ids of the document in progress (after its latest ``doc_start_id`` before ``start``,
-    else from ``ids[0]``) up to ``start``, at most ``window``, padded with -1 to ``window``. Empty
-    (all -1) when ``ids[start]`` starts a document. ``marks``: the sorted positions of
-    ``doc_start_id`` in ``ids``, if known (a long packed array)."""
+                     marks: np.ndarray | None = None, known: bool = False) -> list[int]:
+    """The opening (:meth:`DocRouter.openings`) of the document in progress at position ``start`` of
+    ``ids``, for a row that begins there, padded with -1 to ``window``: the ids after the document's
+    latest ``doc_start_id`` at or before ``start`` (else from ``ids[0]``), at most ``window``, up to
+    ``start`` (what a row that begins mid-document has not got), or with ``known`` as far as the
+    document goes (a prompt, or the report's routing prefix: read before anything is scored).
+    ``marks``: the sorted positions of ``doc_start_id`` in ``ids``, if known (a long packed array)."""
     if marks is None:
         marks = np.flatnonzero(np.asarray(ids[:start + 1]) == doc_start_id)
     i = int(np.searchsorted(marks, start, side="right")) - 1
     first = 0 if i < 0 else int(marks[i]) + 1
-    taken = [int(t) for t in ids[first:min(first + window, start)]] if first <= start else []
+    if not known:
+        taken = [int(t) for t in ids[first:min(first + window, start)]] if first <= start else []
+    else:
+        taken = []
+        for t in ids[first:first + window]:
+            if int(t) == doc_start_id:  # the next document
+                break
+            taken.append(int(t))
     return taken + [-1] * (window - len(taken))
 
 

@@ -4,8 +4,9 @@ One function, :func:`token_logprobs`, serves every caller: the report's perplexi
 likelihood router, the engine's ``score`` and the HTTP API's ``echo`` + ``logprobs``. Sequences
 longer than the window are scored in windows that overlap by one token, so every token after the
 first is predicted exactly once, with the context of its own window (a model router,
-``moe.gate_scope: model``, routes a window that starts mid-sequence from the document's opening,
-as it would the whole sequence). Windows of many sequences are
+``moe.gate_scope: model``, routes every token of a ``<|bos|>``-led sequence, in every window, from
+the sequence's opening: the router reads it before anything is scored, as the report's router rows
+and the served router read a prompt). Windows of many sequences are
 sorted by length and scored in right-padded batches: attention is causal, so padding on the right
 never changes the scores of earlier positions.
 """
@@ -65,9 +66,11 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
             x[r, : e - s] = torch.tensor(list(seqs[i][s:e]))
         x = x.to(device)
         kw = {}
-        if reads:  # a window that starts mid-document is routed from the document's opening
-            kw["opening"] = torch.tensor([document_opening(seqs[i], s, reads, model.cfg.moe.doc_start_id)
-                                          for i, s, _ in batch], device=device)
+        if reads:  # every window of a document is routed from its opening, known before anything is scored
+            bos = model.cfg.moe.doc_start_id
+            kw["opening"] = torch.tensor([document_opening(seqs[i], s, reads, bos, known=True)
+                                          if s or seqs[i][0] == bos else [-1] * reads for i, s, _ in batch],
+                                         device=device)
         logits = model(x[:, :-1], **kw).logits.float()  # (B, T-1, V)
         norm = torch.logsumexp(logits, -1)  # (B, T-1)
         lp = (logits.gather(-1, x[:, 1:, None])[..., 0] - norm).cpu()  # (B, T-1)

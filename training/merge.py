@@ -344,8 +344,9 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
         for d, seqs in docs.items():
             for p in picked:
                 p.clear()
-            for ids in seqs:
-                model(torch.tensor([ids[: model.cfg.max_seq_len]], device=device))
+            for ids in seqs:  # a model router reads each document's opening before its tokens, as scoring does
+                ids = ids[: model.cfg.max_seq_len]
+                model(torch.tensor([ids], device=device), opening=model.prompt_openings([ids]))
             for i, p in enumerate(picked):
                 chosen = torch.cat(p) if p else torch.zeros(0, model.cfg.moe.top_k, dtype=torch.long)
                 hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))

@@ -387,3 +387,35 @@ def test_a_row_given_its_documents_opening_is_routed_as_in_the_whole_sequence(st
         _model("routed-doc")(row, opening=opening)
     with pytest.raises(ValueError, match="expected"):
         model(row, opening=opening[:, :2])
+
+
+def test_a_prompt_is_routed_from_its_whole_opening_with_or_without_the_cache():
+    """A ``<|bos|>``-led prompt's opening is known before anything is generated (``Transformer.prompt_openings``):
+    each of its tokens and of its answer is routed from it, as the served router routes a prompt;
+    where the prompt is shorter than the router's window the answer's first ids complete it. The
+    KV-cache engine and the full forward generate the same tokens."""
+    from experts.generate import generate
+    from experts.sampling import SamplingParams
+
+    model = _model("model-router")
+    w, k = model.cfg.moe.router_window, model.cfg.moe.top_k
+
+    def by_sum(opening_NW):  # a router whose choice moves with every id it reads
+        logp = (torch.nn.functional.one_hot(opening_NW.clamp(min=0).sum(-1) % 5, 5) * 4.0).log_softmax(-1)
+        weights, experts = logp.exp().topk(k, dim=-1)
+        return logp, logp.exp(), weights / weights.sum(-1, keepdim=True), experts
+
+    model.router.route = by_sum
+    torch.manual_seed(5)
+    long, short = [1, *torch.randint(2, 512, (9,)).tolist()], [1, 77]
+    opening = model.prompt_openings([long, short, [9, 10]])
+    assert opening.tolist() == [long[1:1 + w], [77] + [-1] * (w - 1), [-1] * w]
+    x = torch.tensor([long])
+    with torch.no_grad():
+        alone = model.router.choose(x, None, None, model.doc_starts(x))[3]
+        known = model.router.choose(x, None, None, model.doc_starts(x), opening[:1])[3]
+    assert (known == alone[w]).all()  # every token where the whole opening sends the prompt
+    assert not (alone == alone[w]).all()  # without it, the first tokens went elsewhere
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    assert list(generate(model, [long, short], params)) == list(generate(model, [long, short], params, use_cache=False))
+    assert _model("routed-doc").prompt_openings([long]) is None
