@@ -33,9 +33,11 @@ model that sends all tokens to expert ``i`` computes expert ``i`` exactly.
 reads a prompt, and chooses the token's experts once for every routed module, as DEMix layers route
 by domain (Gururangan et al. 2021). With ``route: full`` and top-1 a document is computed by its own
 expert alone until the fine-tune moves the weights; on ``standard`` that merge, not fine-tuned, scored a
-mixed-test perplexity of 26.17 against 42.55 for per-layer routers fitted to the domain
-(``bench.merge_variants``). A window that starts mid-document (in the fine-tune, or a long document
-scored in windows) is routed from its document's opening (``Transformer.forward(opening=...)``).
+mixed-test perplexity of 26.04 against 42.55 for per-layer routers fitted to the domain
+(``bench.merge_variants``). A prompt is routed from its whole opening, known before anything is
+generated (``Transformer.prompt_openings``), and a window that starts mid-document (in the
+fine-tune, or a long document scored in windows) from its document's opening
+(``Transformer.forward(opening=...)``).
 
 The merged model is an ordinary ``experts.model.Transformer`` with ``ffn="moe"``, ``n_shared=0``
 and expert width = the dense FFN's: it loads, trains and generates like any LM checkpoint.
