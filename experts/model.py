@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.config import ModelConfig
-from experts.moe import (DocRouter, MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU, dense_gates,
-                         document_opening)
+from experts.moe import (Chosen, DocRouter, MoEAux, MoEFFN, Routed, RoutedEmbedding, RoutedHead, Routing, SwiGLU,
+                         dense_gates, document_opening)
 
 
 @dataclass
@@ -257,13 +257,15 @@ class RoutedAttention(Routed):
                 step: _CacheStep | None, doc_BT: torch.Tensor | None = None,
                 routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x.shape
+        if isinstance(routing, Chosen) and routing.single is not None:
+            return self.experts[routing.single](x, cos, sin, cache, step), routing.aux
         logits_NE, probs_NE, weights_NK, experts_NK = self.decide(x, cache, step, doc_BT, routing)
         g_BTE = dense_gates(weights_NK, experts_NK, self.n_experts).to(x.dtype).view(B, T, self.n_experts)
         used = experts_NK.unique().tolist()
         qkv = sum(g_BTE[:, :, e, None, None] * self.experts[e].qkv(x) for e in used)
         y = self.experts[0].attend(qkv, cos, sin, cache, step)
         out = sum(g_BTE[:, :, e, None] * self.experts[e].wo(y) for e in used)
-        return out, self.aux(logits_NE, probs_NE, experts_NK)
+        return out, self.aux(logits_NE, probs_NE, experts_NK, routing)
 
 
 class Block(nn.Module):
@@ -401,7 +403,10 @@ class Transformer(nn.Module):
         # one choice per token for every routed module
         if opening is not None and self.router is None:
             raise ValueError("only a model with a model router (moe.gate_scope 'model') reads a document opening")
-        routing = self.router.choose(tokens, cache, step, doc_BT, opening) if self.router is not None else None
+        routing = None
+        if self.router is not None:
+            routing = self.router.choose(tokens, cache, step, doc_BT, opening)
+            routing = Chosen.of(routing, self.router.aux(routing[0], routing[1], routing[3]))
         if isinstance(self.tok_embeddings, RoutedEmbedding):
             h, aux = self.tok_embeddings(tokens, cache, step, doc_BT, routing)
             auxes.append(aux)
@@ -423,7 +428,7 @@ class Transformer(nn.Module):
                 pick = lambda t: t[:, -1:]  # noqa: E731
             h, gate = pick(h), (pick(gate) if gate is not None else None)
             if routing is not None:  # (N, .) rows of the tokens kept
-                routing = tuple(pick(r.view(B, T, -1)).reshape(-1, r.shape[-1]) for r in routing)
+                routing = routing.rows(lambda r: pick(r.view(B, T, -1)).reshape(-1, r.shape[-1]))
         # (B, T or 1, V); a routed head gives log-probs
         logits = self.output(h, gate, routing) if isinstance(self.output, RoutedHead) else self.output(h)
         if isinstance(logits, tuple):

@@ -75,6 +75,32 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
 Routing = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class Chosen(tuple):
+    """The model router's :data:`Routing` (it unpacks as one), handed to every routed module with
+    what they share: ``aux``, its auxiliary outputs (computed once, not once per module), and
+    ``single``, the one expert every token goes to (top-1), if there is one. A routed module then
+    runs that expert alone, on all its tokens, without dispatching them: the same numbers, the cost
+    of a dense module (a served request decodes its document's tokens this way, one expert for all)."""
+
+    aux: MoEAux
+    single: int | None
+
+    @classmethod
+    def of(cls, routing: Routing, aux: MoEAux) -> Chosen:
+        out = cls(routing)
+        experts_NK = routing[3]
+        out.aux = aux
+        out.single = int(experts_NK[0, 0]) if experts_NK.shape[1] == 1 and len(experts_NK) and \
+            bool((experts_NK == experts_NK[0, 0]).all()) else None
+        return out
+
+    def rows(self, pick: Any) -> Chosen:
+        """The same choice for the rows ``pick`` keeps of each ``(N, .)`` tensor."""
+        out = Chosen(pick(r) for r in self)
+        out.aux, out.single = self.aux, self.single
+        return out
+
+
 class Routed(nn.Module):
     """A module that sends each token to ``top_k`` of its ``n_experts`` through a linear ``gate``.
 
@@ -133,7 +159,10 @@ class Routed(nn.Module):
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return logits_NE, probs_NE, weights_NK, experts_NK
 
-    def aux(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, experts_NK: torch.Tensor) -> MoEAux:
+    def aux(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, experts_NK: torch.Tensor,
+            routing: Routing | None = None) -> MoEAux:
+        if isinstance(routing, Chosen):  # the model router's, the same for every module
+            return routing.aux
         return MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK), z_loss=router_z_loss(logits_NE),
                       counts=torch.bincount(experts_NK.flatten(), minlength=self.n_experts))
 
@@ -266,12 +295,14 @@ class RoutedEmbedding(Routed):
     def forward(self, tokens_BT: torch.Tensor, cache: Any = None, step: Any = None,
                 doc_BT: torch.Tensor | None = None, routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T = tokens_BT.shape
+        if isinstance(routing, Chosen) and routing.single is not None:
+            return self.experts[routing.single](tokens_BT), routing.aux
         shared_BTD = self.shared(tokens_BT) if routing is None else None
         logits_NE, probs_NE, weights_NK, experts_NK = self.decide(shared_BTD, cache, step, doc_BT, routing)
         g_NE = dense_gates(weights_NK, experts_NK, self.n_experts).to(self.shared.weight.dtype)
         ids_N = tokens_BT.reshape(-1)
         h_ND = sum(g_NE[:, e, None] * self.experts[e](ids_N) for e in experts_NK.unique().tolist())
-        return h_ND.view(B, T, -1), self.aux(logits_NE, probs_NE, experts_NK)
+        return h_ND.view(B, T, -1), self.aux(logits_NE, probs_NE, experts_NK, routing)
 
 
 class RoutedHead(Routed):
@@ -293,6 +324,8 @@ class RoutedHead(Routed):
         """``gate_BTD``: what the gate reads, when not ``x_BTD`` itself (:meth:`gate_input`);
         ``routing``: the model router's choice instead."""
         B, T, D = x_BTD.shape
+        if isinstance(routing, Chosen) and routing.single is not None:
+            return self.experts[routing.single](x_BTD).float().log_softmax(-1), routing.aux
         x_ND = x_BTD.reshape(B * T, D)
         logits_NE, probs_NE, weights_NK, experts_NK = routing if routing is not None else \
             self.route(x_ND if gate_BTD is None else gate_BTD.reshape(B * T, D))
@@ -303,7 +336,7 @@ class RoutedHead(Routed):
             if len(tok):
                 logp_NKV[tok, k] = self.experts[e](x_ND[tok]).float().log_softmax(-1)
         logp_NV = torch.logsumexp(logp_NKV + weights_NK.log().unsqueeze(-1), dim=1)
-        return logp_NV.view(B, T, V), self.aux(logits_NE, probs_NE, experts_NK)
+        return logp_NV.view(B, T, V), self.aux(logits_NE, probs_NE, experts_NK, routing)
 
 
 class MoEFFN(Routed):
@@ -320,6 +353,8 @@ class MoEFFN(Routed):
     def forward(self, x_BTD: torch.Tensor, cache: Any = None, step: Any = None,
                 doc_BT: torch.Tensor | None = None, routing: Routing | None = None) -> tuple[torch.Tensor, MoEAux]:
         B, T, D = x_BTD.shape
+        if isinstance(routing, Chosen) and routing.single is not None and self.shared_expert is None:
+            return self.experts[routing.single](x_BTD), routing.aux
         x_ND = x_BTD.reshape(B * T, D)  # (N, D)
         logits_NE, probs_NE, weights_NK, experts_NK = self.decide(x_BTD, cache, step, doc_BT, routing)
 
@@ -340,5 +375,6 @@ class MoEFFN(Routed):
 
         if self.shared_expert is not None:
             y_ND = y_ND + self.shared_expert(x_ND)
-        return y_ND.view(B, T, D), MoEAux(aux_loss=load_balancing_loss(probs_NE, experts_NK),
-                                          z_loss=router_z_loss(logits_NE), counts=counts_E)  # (B, T, D)
+        aux = routing.aux if isinstance(routing, Chosen) else MoEAux(
+            aux_loss=load_balancing_loss(probs_NE, experts_NK), z_loss=router_z_loss(logits_NE), counts=counts_E)
+        return y_ND.view(B, T, D), aux  # (B, T, D)

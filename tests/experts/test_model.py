@@ -419,3 +419,43 @@ def test_a_prompt_is_routed_from_its_whole_opening_with_or_without_the_cache():
     params = SamplingParams(temperature=0, max_new_tokens=8)
     assert list(generate(model, [long, short], params)) == list(generate(model, [long, short], params, use_cache=False))
     assert _model("routed-doc").prompt_openings([long]) is None
+
+
+@pytest.mark.parametrize("preset", ["model-router", "model-router-all"])
+def test_one_expert_for_every_token_runs_alone_and_computes_the_same(preset, monkeypatch):
+    """Top-1, when the model router sends every token to one expert (a served request's decode
+    steps), each routed module runs that expert alone instead of dispatching the tokens: the same
+    logits and auxiliary outputs, prefill and decode, as the general path."""
+    from experts.moe import Chosen
+
+    model = _model(preset, moe=MoEConfig(**{**_config(preset).moe.__dict__, "top_k": 1, "n_shared": 0}))  # as merged
+
+    def to_three(opening_NW):
+        probs = torch.nn.functional.one_hot(torch.full((len(opening_NW),), 3), 5).float()
+        return probs.log(), probs, torch.ones(len(probs), 1), torch.full((len(probs), 1), 3)
+
+    model.router.route = to_three
+    x = torch.randint(2, 512, (2, 10))
+    x[:, 0] = 1
+
+    def run():
+        cache = KVCache(model.cfg, max_batch=2, max_len=16)
+        with torch.no_grad():
+            full = model(x)
+            cache.bind([0, 1])
+            pre = model(x[:, :6], cache=cache).logits
+            steps = [model(x[:, t:t + 1], cache=cache).logits for t in range(6, 10)]
+        return full, torch.cat([pre, *steps], dim=1)
+
+    fast, fast_cached = run()
+    plain = Chosen.of
+    singles = []
+    monkeypatch.setattr(Chosen, "of", classmethod(lambda cls, r, aux: singles.append(1) or
+                                                  setattr(o := plain(r, aux), "single", None) or o))
+    slow, slow_cached = run()
+    assert singles  # the general path ran
+    torch.testing.assert_close(fast.logits, slow.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast_cached, slow_cached, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast_cached, fast.logits, atol=1e-5, rtol=0)
+    assert torch.equal(fast.expert_counts, slow.expert_counts) and fast.expert_counts[:, 3].eq(20).all()
+    torch.testing.assert_close(fast.aux_loss, slow.aux_loss)
