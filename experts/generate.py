@@ -178,7 +178,7 @@ class Engine:
             T = max(len(row) for _, row in run)
             tokens = torch.tensor([row + [0] * (T - len(row)) for _, row in run], device=self.device)  # (B, T)
             valid = [len(row) for _, row in run] if any(len(row) != T for _, row in run) else None
-            self._forward([s for s, _ in run], tokens, valid, self.model.prompt_openings([row for _, row in run]))
+            self._forward([s for s, _ in run], tokens, valid, self.model.known_openings([row for _, row in run]))
 
     def release(self, slot: int) -> None:
         """Free a slot (finished or not)."""
@@ -314,7 +314,7 @@ def _generate_no_cache(model: Transformer, prompts: list[list[int]],
         x = torch.zeros(len(live), T, dtype=torch.long, device=device)  # (B, T) right-padded
         for b, i in enumerate(live):
             x[b, :len(reqs[i].seen)] = torch.tensor(reqs[i].seen)
-        logits = model(x, opening=model.prompt_openings([prompts[i] for i in live])).logits  # (B, T, V)
+        logits = model(x, opening=model.known_openings([prompts[i] for i in live])).logits  # (B, T, V)
         last = torch.tensor([len(reqs[i].seen) - 1 for i in live], device=device)
         _set_next([reqs[i] for i in live], logits[torch.arange(len(live), device=device), last])
         step: list[int | None] = [None] * len(reqs)

@@ -325,22 +325,20 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    @property
-    def reads_openings(self) -> int:
-        """How many ids of a document's opening the model router reads (0: no model router)."""
-        return self.router.window if self.router is not None else 0
-
-    def prompt_openings(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor | None:
-        """The ``opening`` to pass with ``<|bos|>``-led prompts (``(B, W)``; None without a model
-        router): each prompt's opening (``experts.moe.document_opening``), known before anything is
-        generated, so that every token of the prompt and of its answer is routed from it, as the
-        served router routes a prompt (it reads generated ids only where the prompt is shorter than
-        its window). A prompt without ``<|bos|>`` gets none: it is routed as it is read."""
+    def known_openings(self, seqs: Sequence[Sequence[int]], starts: Sequence[int] | None = None
+                       ) -> torch.Tensor | None:
+        """The ``opening`` (``(B, W)``) to pass with rows of ``seqs`` that begin at ``starts`` (default
+        0), or None for a model without a model router: for a row at a ``<|bos|>`` (a prompt, a scored
+        document) its document's opening, known before anything is generated or scored, so that
+        every token of the document is routed from it, as the served router routes a prompt (it
+        reads generated ids only where the prompt is shorter than its window); for a row that begins
+        mid-document the document's ids before it (``experts.moe.document_opening``)."""
         if self.router is None:
             return None
         w, bos = self.router.window, self.cfg.moe.doc_start_id
-        return torch.tensor([document_opening(p, 0, w, bos, known=True) if len(p) and p[0] == bos else [-1] * w
-                             for p in prompts], device=self.rope_cos.device)
+        starts = starts if starts is not None else [0] * len(seqs)
+        return torch.tensor([document_opening(q, s, w, bos, known=True) if len(q) else [-1] * w
+                             for q, s in zip(seqs, starts)], dtype=torch.long, device=self.rope_cos.device)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std); residual projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2)."""
@@ -384,9 +382,10 @@ class Transformer(nn.Module):
                 opening: torch.Tensor | None = None) -> ModelOutput:
         """Logits for ``tokens (B, T)``; with ``cache`` the tokens continue the bound slots.
 
-        ``opening (B, router window)``: for rows that continue a document begun before them, its
-        opening (``experts.moe.document_opening``), which the model router reads for their tokens as
-        if it were in the row (only a model with one, :attr:`reads_openings`).
+        ``opening (B, router window)`` (only a model with a model router, :meth:`known_openings`):
+        what is known in advance of each row's first document's opening, which the model router reads
+        for all of its tokens: a prompt's or a scored document's opening, or the ids before a row
+        that begins mid-document.
 
         ``last_only=True`` returns logits ``(B, 1, V)`` for the last position only (each row's last
         valid one in a padded prefill): a prefill that only needs the next token skips T-1 rows of

@@ -247,24 +247,24 @@ class DocRouter(Routed):
 
 def document_opening(ids: Any, start: int, window: int, doc_start_id: int,
                      marks: np.ndarray | None = None, known: bool = False) -> list[int]:
-    """The opening (:meth:`DocRouter.openings`) of the document in progress at position ``start`` of
-    ``ids``, for a row that begins there, padded with -1 to ``window``: the ids after the document's
-    latest ``doc_start_id`` at or before ``start`` (else from ``ids[0]``), at most ``window``, up to
-    ``start`` (what a row that begins mid-document has not got), or with ``known`` as far as the
-    document goes (a prompt, or the report's routing prefix: read before anything is scored).
-    ``marks``: the sorted positions of ``doc_start_id`` in ``ids``, if known (a long packed array)."""
+    """What :meth:`DocRouter.openings` is given for a row of ``ids`` that begins at ``start``, padded
+    with -1 to ``window``. A row that begins mid-document: that document's ids before the row (after
+    its latest ``doc_start_id``, else from ``ids[0]``), at most ``window``. A row that begins at
+    ``doc_start_id``: nothing, or with ``known`` the document's first ``window`` ids (a prompt, or the
+    report's routing prefix: known before anything is generated or scored). ``marks``: the sorted
+    positions of ``doc_start_id`` in ``ids``, if known (a long packed array)."""
     if marks is None:
         marks = np.flatnonzero(np.asarray(ids[:start + 1]) == doc_start_id)
     i = int(np.searchsorted(marks, start, side="right")) - 1
-    first = 0 if i < 0 else int(marks[i]) + 1
-    if not known:
-        taken = [int(t) for t in ids[first:min(first + window, start)]] if first <= start else []
-    else:
+    if i >= 0 and int(marks[i]) == start:  # the row starts a document
         taken = []
-        for t in ids[first:first + window]:
+        for t in (ids[start + 1:start + 1 + window] if known else ()):
             if int(t) == doc_start_id:  # the next document
                 break
             taken.append(int(t))
+    else:
+        first = 0 if i < 0 else int(marks[i]) + 1
+        taken = [int(t) for t in ids[first:min(first + window, start)]]
     return taken + [-1] * (window - len(taken))
 
 

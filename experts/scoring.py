@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experts.moe import document_opening
-
 
 @dataclass
 class TokenScores:
@@ -55,7 +53,7 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
     """
     window = int(window or model.cfg.max_seq_len)
     device = _device(model)
-    reads = getattr(model, "reads_openings", 0)
+    known = getattr(model, "known_openings", None)
     chunks = [(i, s, e) for i, ids in enumerate(seqs) for s, e in chunk_spans(len(ids), window)]
     chunks.sort(key=lambda c: c[2] - c[1], reverse=True)
     parts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -65,13 +63,10 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, window: i
         for r, (i, s, e) in enumerate(batch):
             x[r, : e - s] = torch.tensor(list(seqs[i][s:e]))
         x = x.to(device)
-        kw = {}
-        if reads:  # every window of a document is routed from its opening, known before anything is scored
-            bos = model.cfg.moe.doc_start_id
-            kw["opening"] = torch.tensor([document_opening(seqs[i], s, reads, bos, known=True)
-                                          if s or seqs[i][0] == bos else [-1] * reads for i, s, _ in batch],
-                                         device=device)
-        logits = model(x[:, :-1], **kw).logits.float()  # (B, T-1, V)
+        # a model router reads every window's document opening, known before anything is scored
+        opening = known([seqs[i] for i, _, _ in batch], [s for _, s, _ in batch]) if known else None
+        out = model(x[:, :-1], opening=opening) if opening is not None else model(x[:, :-1])
+        logits = out.logits.float()  # (B, T-1, V)
         norm = torch.logsumexp(logits, -1)  # (B, T-1)
         lp = (logits.gather(-1, x[:, 1:, None])[..., 0] - norm).cpu()  # (B, T-1)
         if top > 0:

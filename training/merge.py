@@ -35,7 +35,7 @@ by domain (Gururangan et al. 2021). With ``route: full`` and top-1 a document is
 expert alone until the fine-tune moves the weights; on ``standard`` that merge, not fine-tuned, scored a
 mixed-test perplexity of 26.04 against 42.55 for per-layer routers fitted to the domain
 (``bench.merge_variants``). A prompt is routed from its whole opening, known before anything is
-generated (``Transformer.prompt_openings``), and a window that starts mid-document (in the
+generated (``Transformer.known_openings``), and a window that starts mid-document (in the
 fine-tune, or a long document scored in windows) from its document's opening
 (``Transformer.forward(opening=...)``).
 
@@ -348,7 +348,7 @@ def routing_shares(model: Transformer, docs: dict[str, list[list[int]]], experts
                 p.clear()
             for ids in seqs:  # a model router reads each document's opening before its tokens, as scoring does
                 ids = ids[: model.cfg.max_seq_len]
-                model(torch.tensor([ids], device=device), opening=model.prompt_openings([ids]))
+                model(torch.tensor([ids], device=device), opening=model.known_openings([ids]))
             for i, p in enumerate(picked):
                 chosen = torch.cat(p) if p else torch.zeros(0, model.cfg.moe.top_k, dtype=torch.long)
                 hits = torch.zeros(len(experts)).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))

@@ -390,7 +390,7 @@ def test_a_row_given_its_documents_opening_is_routed_as_in_the_whole_sequence(st
 
 
 def test_a_prompt_is_routed_from_its_whole_opening_with_or_without_the_cache():
-    """A ``<|bos|>``-led prompt's opening is known before anything is generated (``Transformer.prompt_openings``):
+    """A ``<|bos|>``-led prompt's opening is known before anything is generated (``Transformer.known_openings``):
     each of its tokens and of its answer is routed from it, as the served router routes a prompt;
     where the prompt is shorter than the router's window the answer's first ids complete it. The
     KV-cache engine and the full forward generate the same tokens."""
@@ -408,7 +408,7 @@ def test_a_prompt_is_routed_from_its_whole_opening_with_or_without_the_cache():
     model.router.route = by_sum
     torch.manual_seed(5)
     long, short = [1, *torch.randint(2, 512, (9,)).tolist()], [1, 77]
-    opening = model.prompt_openings([long, short, [9, 10]])
+    opening = model.known_openings([long, short, [9, 10]])
     assert opening.tolist() == [long[1:1 + w], [77] + [-1] * (w - 1), [-1] * w]
     x = torch.tensor([long])
     with torch.no_grad():
@@ -418,7 +418,7 @@ def test_a_prompt_is_routed_from_its_whole_opening_with_or_without_the_cache():
     assert not (alone == alone[w]).all()  # without it, the first tokens went elsewhere
     params = SamplingParams(temperature=0, max_new_tokens=8)
     assert list(generate(model, [long, short], params)) == list(generate(model, [long, short], params, use_cache=False))
-    assert _model("routed-doc").prompt_openings([long]) is None
+    assert _model("routed-doc").known_openings([long]) is None
 
 
 @pytest.mark.parametrize("preset", ["model-router", "model-router-all"])
