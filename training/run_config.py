@@ -135,8 +135,9 @@ class TrainSpec(LoopSettings):
     # which averages them) loses little; the FFNs, which stay separate experts, learn at full rate
     branch_non_ffn_lr: float = Field(1.0, ge=0, le=1)
     # the share of a branch's pretraining batches that replay the seed's mixed corpus (every domain in
-    # turn), so that an expert keeps the general language it branched with while it specialises
-    branch_replay: float = Field(0.0, ge=0, lt=1)
+    # turn), so that an expert keeps the general language it branched with while it specialises: one
+    # share for every branch, or a share per domain ({reasoning: 0.5}; a domain not named replays none)
+    branch_replay: float | dict[str, float] = 0.0
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
     instruct_fraction: float = Field(0.0, ge=0, lt=1)
@@ -152,6 +153,21 @@ class TrainSpec(LoopSettings):
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=8)
     eval_batches: int = Field(10, ge=1)
+
+    @field_validator("branch_replay")
+    @classmethod
+    def _replay_shares(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for d, share in (v.items() if isinstance(v, dict) else [("every branch", v)]):
+            if isinstance(v, dict):
+                check_domain(d)
+            if not 0 <= share < 1:
+                raise ValueError(f"branch_replay for {d} is {share!r}: a share must be in [0, 1)")
+        return v
+
+    def replay_for(self, domain: str) -> float:
+        """The share of ``domain``'s branch batches that replay the seed's corpus."""
+        r = self.branch_replay
+        return float(r.get(domain, 0.0) if isinstance(r, dict) else r)
 
     @property
     def tokens_per_step(self) -> int:

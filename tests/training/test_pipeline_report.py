@@ -262,6 +262,15 @@ def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
     assert plain["code"].task.replay == 0.0
     with pytest.raises(RunConfigError, match="branch_replay"):
         load_run_config("tiny", {"train.branch_replay": 1.0})
+    # a share per domain: the named branch replays, the others do not
+    one = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3,
+                                                                     "train.branch_replay": {"code": 0.5}}),
+                                             corpus, corpus.tokenizer().vocab_size)}
+    assert one["code"].task.replay == 0.5 and one["math"].task.replay == 0.0 and one["seed"].task.replay == 0.0
+    with pytest.raises(RunConfigError, match="branch_replay"):
+        load_run_config("tiny", {"train.branch_replay": {"code": 1.0}})
+    with pytest.raises(RunConfigError, match="poetry"):
+        load_run_config("tiny", {"train.branch_replay": {"poetry": 0.5}})
 
 
 def test_the_report_names_the_systems_that_are_compute_matched_with_each_other():

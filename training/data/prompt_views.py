@@ -16,7 +16,9 @@ competition algebra went to ``code`` (the math data has no letters standing for 
 arithmetic record is also asked as an equation in one unknown; quiz questions went to
 ``conversation`` (knowledge prompts only named a headword), so a WordNet definition is also asked
 back ("What is <definition> called?"); "can you write ..." requests went to ``conversation``, so
-code requests also take that frame.
+code requests also take that frame. And competition problems written in LaTeX (MATH) are also
+asked as people type them without it ("Let x, y > 0 be ...", ``plain_tex``), so that letters,
+braces and ``^`` outside ``$...$`` read as math too.
 """
 
 from __future__ import annotations
@@ -67,9 +69,43 @@ def _equation(e: str, answer: str, rng: random.Random) -> str:
     return frame.format(v=v, eq=eq, a=answer.strip())
 
 
+# LaTeX macros with a plain-text spelling; any other macro drops its backslash ("\\sin" -> "sin")
+_TEX_SYMBOLS = {"le": "<=", "leq": "<=", "ge": ">=", "geq": ">=", "ne": "!=", "neq": "!=", "cdot": "*",
+                "times": "x", "div": "/", "pm": "+-", "infty": "infinity", "dots": "...", "ldots": "...",
+                "cdots": "...", "in": "in", "circ": " degrees", "%": "%", "$": "$", "{": "{", "}": "}",
+                ",": " ", ";": " ", "!": "", "quad": " ", "qquad": " ", "left": "", "right": "", "displaystyle": ""}
+_TEX_UNICODE = {"le": "≤", "leq": "≤", "ge": "≥", "geq": "≥", "ne": "≠", "neq": "≠", "cdot": "·", "times": "×",
+                "div": "÷", "pm": "±", "infty": "∞", "dots": "…", "ldots": "…", "cdots": "⋯", "in": "∈",
+                "circ": "°", "pi": "π", "alpha": "α", "beta": "β", "theta": "θ", "sum": "∑"}
+_TEX_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_TEX_ARG = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
+_TEX_SQRT = re.compile(r"\\sqrt\{([^{}]*)\}")
+_TEX_MACRO = re.compile(r"\\([A-Za-z]+|.)")
+_TEX_GROUP = re.compile(r"([\^_])\{([^{}]*)\}")
+
+
+def plain_tex(s: str, unicode: bool = False) -> str:
+    """``s`` with its LaTeX spelt as plain text: no ``$``/``\\[``/``\\(`` delimiters, ``\\frac{a}{b}`` ->
+    ``(a)/(b)``, ``\\le`` -> ``<=`` (``≤`` with ``unicode``), ``x^{n+1}`` -> ``x^(n+1)``, ``\\sin`` -> ``sin``."""
+    symbols = {**_TEX_SYMBOLS, **_TEX_UNICODE} if unicode else _TEX_SYMBOLS
+    s = re.sub(r"\\[\[\]()]|\$", "", s).replace("^\\circ", "\\circ")
+    for _ in range(3):  # nested arguments, innermost first
+        s = _TEX_FRAC.sub(lambda m: f"({m.group(1)})/({m.group(2)})" if len(m.group(1) + m.group(2)) > 2
+                          else f"{m.group(1)}/{m.group(2)}", s)
+        s = _TEX_ARG.sub(r"\1", s)
+        s = _TEX_SQRT.sub(r"sqrt(\1)", s)
+        s = _TEX_GROUP.sub(lambda m: m.group(1) + (m.group(2) if m.group(2).isalnum() else f"({m.group(2)})"), s)
+    s = _TEX_MACRO.sub(lambda m: symbols.get(m.group(1), m.group(1)), s)
+    return re.sub(r"[ \t]+", " ", s).strip()
+
+
 def _math(r: Record, rng: random.Random) -> list[str]:
     q = r.get("question") or r["prompt"]
     out = []
+    if "$" in q or "\\" in q:  # a LaTeX problem, asked first as typed without LaTeX
+        plain = [s for s in _sentences(plain_tex(q, unicode=rng.random() < 0.5)) if not _INSTRUCTION.match(s)]
+        if plain:
+            out.append(plain[0])
     m = max(_EXPR.findall(q), key=len, default="")
     if m:
         e = m.strip().rstrip("=?. ")
