@@ -154,8 +154,9 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
         if init is not None:
             loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.branch_non_ffn_lr})
-            if cfg.train.replay_for(d):
-                task = dataclasses.replace(task, replay=cfg.train.replay_for(d), replay_paths=tuple(
+            replay = cfg.train.replay_for(d)
+            if replay:
+                task = dataclasses.replace(task, replay=replay, replay_paths=tuple(
                     str(corpus.tokens_path(x, "train")) for x in cfg.experts))
         experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
                            after=("seed",) if seed_steps else ()))

@@ -159,7 +159,7 @@ class TrainSpec(LoopSettings):
     def _replay_shares(cls, v: float | dict[str, float]) -> float | dict[str, float]:
         for d, share in (v.items() if isinstance(v, dict) else [("every branch", v)]):
             if isinstance(v, dict):
-                check_domain(d)
+                check_domain(d)  # an unknown domain is named with the choices
             if not 0 <= share < 1:
                 raise ValueError(f"branch_replay for {d} is {share!r}: a share must be in [0, 1)")
         return v

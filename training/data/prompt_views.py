@@ -72,8 +72,8 @@ def _equation(e: str, answer: str, rng: random.Random) -> str:
 # LaTeX macros with a plain-text spelling; any other macro drops its backslash ("\\sin" -> "sin")
 _TEX_SYMBOLS = {"le": "<=", "leq": "<=", "ge": ">=", "geq": ">=", "ne": "!=", "neq": "!=", "cdot": "*",
                 "times": "x", "div": "/", "pm": "+-", "infty": "infinity", "dots": "...", "ldots": "...",
-                "cdots": "...", "in": "in", "circ": " degrees", "%": "%", "$": "$", "{": "{", "}": "}",
-                ",": " ", ";": " ", "!": "", "quad": " ", "qquad": " ", "left": "", "right": "", "displaystyle": ""}
+                "cdots": "...", "circ": " degrees", ",": " ", ";": " ", "!": "", "quad": " ", "qquad": " ",
+                "left": "", "right": "", "displaystyle": ""}
 _TEX_UNICODE = {"le": "≤", "leq": "≤", "ge": "≥", "geq": "≥", "ne": "≠", "neq": "≠", "cdot": "·", "times": "×",
                 "div": "÷", "pm": "±", "infty": "∞", "dots": "…", "ldots": "…", "cdots": "⋯", "in": "∈",
                 "circ": "°", "pi": "π", "alpha": "α", "beta": "β", "theta": "θ", "sum": "∑"}
