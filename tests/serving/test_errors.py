@@ -85,3 +85,15 @@ def test_backpressure_maps_to_503_retry_after():
     assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 1
     assert to_serving_error(ValueError("SamplingParams.top_p=0 is invalid")).status == 400
     assert to_serving_error(RuntimeError("boom")).status == 500
+
+
+def test_json_without_its_content_type_is_read_as_json(client):
+    """``curl -d '{...}'`` labels the body as a form; it is still the request's JSON."""
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = client.post("/generate", content=b'{"prompt": "x", "max_tokens": 2, "expert": "math"}', headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["routing"]["expert"] == "math"
+    r = client.post("/generate", content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert _error(r, 400)["code"] == "invalid_json"
+    r = client.post("/generate", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422  # a content type the client named is taken at its word
