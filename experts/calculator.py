@@ -19,13 +19,17 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Mapping, Sequence
-from decimal import ROUND_HALF_UP, Decimal, DivisionByZero, InvalidOperation, localcontext
+from decimal import ROUND_HALF_UP, Context, Decimal, DivisionByZero, InvalidOperation, localcontext
 from typing import Any
 
 NAME = "calculator"
 MAX_EXPR_CHARS = 160
 MAX_DIGITS = 30  # a value with more integer digits than this is not answered
 SIG_DIGITS = 12  # a non-integral value is rounded (half up) to this many significant digits
+
+# Every operation runs in this context, never the thread's current one, which other code may change
+# (reasoning-gym's decimal generators set the global precision to a few digits).
+_CONTEXT = Context(prec=60, rounding=ROUND_HALF_UP, traps=[DivisionByZero, InvalidOperation])
 
 _NUM = r"\d+(?:\.\d+)?"
 _OP = r"(?:[+\-*/×÷]|(?<=\s)x(?=\s))"  # a letter x multiplies only between spaces (``12 x 34``)
@@ -58,10 +62,11 @@ def _value(node: ast.AST, src: str) -> Decimal:
 def format_value(v: Decimal) -> str:
     """An integral value as an integer; another rounded to :data:`SIG_DIGITS` significant digits,
     without trailing zeros or an exponent (``-0.95547315436``)."""
-    if v == v.to_integral_value():
-        return str(int(v))
-    q = Decimal(1).scaleb(v.adjusted() - SIG_DIGITS + 1)
-    text = format(v.quantize(q, rounding=ROUND_HALF_UP), "f")
+    with localcontext(_CONTEXT):
+        if v == v.to_integral_value():
+            return str(int(v))
+        q = Decimal(1).scaleb(v.adjusted() - SIG_DIGITS + 1)
+        text = format(v.quantize(q), "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
@@ -72,9 +77,7 @@ def evaluate(expr: str) -> str | None:
     src = expr.strip().replace("×", "*").replace(" x ", " * ").replace("÷", "/")
     try:
         tree = ast.parse(src, mode="eval")
-        with localcontext() as ctx:
-            ctx.prec = 50
-            ctx.traps[DivisionByZero] = ctx.traps[InvalidOperation] = True
+        with localcontext(_CONTEXT):
             v = _value(tree, src)
     except (SyntaxError, ValueError, ArithmeticError, RecursionError):
         return None
@@ -111,11 +114,12 @@ def expression_in(question: str) -> str | None:
 
 def same_number(a: str, b: str) -> bool:
     """``a`` and ``b`` are numbers within 1e-9 (relative to ``b``, at least 1e-9 absolute)."""
-    try:
-        x, y = Decimal(a), Decimal(b)
-    except InvalidOperation:
-        return False
-    return abs(x - y) <= Decimal("1e-9") * max(Decimal(1), abs(y))
+    with localcontext(_CONTEXT):
+        try:
+            x, y = Decimal(a), Decimal(b)
+        except InvalidOperation:
+            return False
+        return abs(x - y) <= Decimal("1e-9") * max(Decimal(1), abs(y))
 
 
 def calculator_reply(question: str, answer: str) -> str | None:

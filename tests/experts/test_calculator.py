@@ -3,10 +3,12 @@ engine feeding a tool's ids through the same forward as sampled ones."""
 
 from __future__ import annotations
 
+from decimal import ROUND_DOWN, localcontext
+
 import pytest
 import torch
 
-from experts.calculator import Calculator, evaluate, expression_in, tool_for, trailing_call
+from experts.calculator import Calculator, evaluate, expression_in, same_number, tool_for, trailing_call
 from experts.config import ModelConfig
 from experts.generate import Engine, generate
 from experts.model import Transformer
@@ -22,6 +24,16 @@ from experts.tokenizer import Tokenizer
 ])
 def test_evaluate_is_exact_arithmetic(expr, value):
     assert evaluate(expr) == value
+
+
+def test_evaluate_ignores_the_threads_decimal_context():
+    # reasoning-gym's decimal generators set the global precision to a few digits while a corpus is built
+    with localcontext() as ctx:
+        ctx.prec, ctx.rounding = 3, ROUND_DOWN
+        assert evaluate("1 / 3") == "0.333333333333"
+        assert evaluate("123456 * 1000 + 0.5") == "123456000.5"
+        assert evaluate("2 / 3") == "0.666666666667"
+        assert same_number("100000.1", "100000.2") is False
 
 
 @pytest.mark.parametrize("expr", [
