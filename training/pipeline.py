@@ -153,7 +153,7 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         task = _lm_task(cfg, corpus, d, _out(d), expert_cfg, (d,), seed, init_from=init)
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
         if init is not None:
-            loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.branch_non_ffn_lr})
+            loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.non_ffn_lr_for(d)})
             replay = cfg.train.replay_for(d)
             if replay:
                 task = dataclasses.replace(task, replay=replay, replay_paths=tuple(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from experts.config import ModelConfig
 from router.domains import DOMAINS, check_domain
@@ -131,9 +131,10 @@ class TrainSpec(LoopSettings):
     # expert branches from it with the rest of its steps (0: experts start from random weights)
     seed_fraction: float = Field(0.0, ge=0, lt=1)
     # a branch's learning rate outside its FFNs (embeddings, attention, norms), as a multiple of the
-    # lr: below 1 the experts keep those close to the seed's, so that merging them (Branch-Train-MiX,
-    # which averages them) loses little; the FFNs, which stay separate experts, learn at full rate
-    branch_non_ffn_lr: float = Field(1.0, ge=0, le=1)
+    # lr: below 1 the experts keep those close to the seed's (its general language; and merging them,
+    # which averages them, loses little), while the FFNs learn the domain at full rate. One multiple
+    # for every branch, or one per domain ({reasoning: 0.1}; a domain not named learns at full rate)
+    branch_non_ffn_lr: float | dict[str, float] = 1.0
     # the share of a branch's pretraining batches that replay the seed's mixed corpus (every domain in
     # turn), so that an expert keeps the general language it branched with while it specialises: one
     # share for every branch, or a share per domain ({reasoning: 0.5}; a domain not named replays none)
@@ -154,20 +155,27 @@ class TrainSpec(LoopSettings):
     seq_len: int = Field(64, ge=8)
     eval_batches: int = Field(10, ge=1)
 
-    @field_validator("branch_replay")
+    @field_validator("branch_replay", "branch_non_ffn_lr")
     @classmethod
-    def _replay_shares(cls, v: float | dict[str, float]) -> float | dict[str, float]:
-        for d, share in (v.items() if isinstance(v, dict) else [("every branch", v)]):
+    def _per_branch(cls, v: float | dict[str, float], info: ValidationInfo) -> float | dict[str, float]:
+        replay = info.field_name == "branch_replay"
+        for d, x in (v.items() if isinstance(v, dict) else [("every branch", v)]):
             if isinstance(v, dict):
                 check_domain(d)  # an unknown domain is named with the choices
-            if not 0 <= share < 1:
-                raise ValueError(f"branch_replay for {d} is {share!r}: a share must be in [0, 1)")
+            if not (0 <= x < 1 if replay else 0 <= x <= 1):
+                raise ValueError(f"{info.field_name} for {d} is {x!r}: "
+                                 + ("a share must be in [0, 1)" if replay else "a multiple must be in [0, 1]"))
         return v
 
     def replay_for(self, domain: str) -> float:
         """The share of ``domain``'s branch batches that replay the seed's corpus."""
         r = self.branch_replay
         return float(r.get(domain, 0.0) if isinstance(r, dict) else r)
+
+    def non_ffn_lr_for(self, domain: str) -> float:
+        """``domain``'s branch learning rate outside its FFNs, as a multiple of the lr."""
+        r = self.branch_non_ffn_lr
+        return float(r.get(domain, 1.0) if isinstance(r, dict) else r)
 
     @property
     def tokens_per_step(self) -> int:

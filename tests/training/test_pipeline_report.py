@@ -125,6 +125,16 @@ def test_the_seed_can_end_on_instruction_items_and_branches_can_keep_their_share
     default = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3}), corpus,
                                                  corpus.tokenizer().vocab_size)}
     assert default["seed"].task.instruct_batches == 0 and default["math"].loop.non_ffn_lr_scale == 1.0
+    # a multiple per domain: the named branch keeps its shared weights, the others learn them at full rate
+    one = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3,
+                                                                     "train.branch_non_ffn_lr": {"reasoning": 0.1}}),
+                                             corpus, corpus.tokenizer().vocab_size)}
+    assert one["reasoning"].loop.non_ffn_lr_scale == 0.1
+    assert one["math"].loop.non_ffn_lr_scale == 1.0 and one["seed"].loop.non_ffn_lr_scale == 1.0
+    with pytest.raises(RunConfigError, match=r"branch_non_ffn_lr for reasoning is 1.5: a multiple must be in \[0, 1\]"):
+        load_run_config("tiny", {"train.branch_non_ffn_lr": {"reasoning": 1.5}})
+    with pytest.raises(RunConfigError, match="poetry"):
+        load_run_config("tiny", {"train.branch_non_ffn_lr": {"poetry": 0.5}})
 
 
 def test_baselines_kinds_choose_the_generalists():
