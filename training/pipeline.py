@@ -24,7 +24,7 @@ from typing import Any
 from experts.atomic import atomic_write_json, atomic_write_text
 from experts.checkpoint import CheckpointError
 from experts.config import ModelConfig
-from router.domains import DOMAINS
+from router.domains import DOMAINS, GROUP_OF
 from training.loop import FAIL_ENV, LoopConfig, TrainResult, load_result
 from training.run_config import RunConfig, TrainSpec
 from training.scoring import model_dir
@@ -130,6 +130,13 @@ def _out(name: str) -> str:
     return str(model_dir("", name))
 
 
+def replay_sources(cfg: RunConfig, domain: str) -> tuple[str, ...]:
+    """The domains whose training corpora ``domain``'s branch replays (``train.branch_replay_from``)."""
+    if cfg.train.branch_replay_from == "seed":
+        return tuple(cfg.experts)
+    return tuple(x for x in cfg.experts if x != domain and GROUP_OF[x] == GROUP_OF[domain])
+
+
 def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None = None) -> list[Job]:
     """The seed (if any), the experts, then (with baselines enabled) the dense and token-MoE
     generalists with the FLOPs of the whole expert system. Jobs come in submission order: the seed
@@ -154,10 +161,10 @@ def plan_jobs(cfg: RunConfig, corpus: Any, vocab_size: int, run_dir: Path | None
         loop = loop_config(cfg.train, steps=branch_steps, seed=seed, device=cfg.device)
         if init is not None:
             loop = loop.model_copy(update={"non_ffn_lr_scale": cfg.train.non_ffn_lr_for(d)})
-            replay = cfg.train.replay_for(d)
-            if replay:
+            replay, sources = cfg.train.replay_for(d), replay_sources(cfg, d)
+            if replay and sources:
                 task = dataclasses.replace(task, replay=replay, replay_paths=tuple(
-                    str(corpus.tokens_path(x, "train")) for x in cfg.experts))
+                    str(corpus.tokens_path(x, "train")) for x in sources))
         experts.append(Job(with_instruct(task, loop, cfg.train, run_dir, (d,)), loop, "expert", active,
                            after=("seed",) if seed_steps else ()))
     per_step = cfg.train.tokens_per_step  # the same for every model of the run

@@ -139,6 +139,10 @@ class TrainSpec(LoopSettings):
     # turn), so that an expert keeps the general language it branched with while it specialises: one
     # share for every branch, or a share per domain ({reasoning: 0.5}; a domain not named replays none)
     branch_replay: float | dict[str, float] = 0.0
+    # what a branch replays: "seed", the seed's mixed corpus; "group", the corpora of the other
+    # domains of its group (reasoning replays math; conversation and knowledge each other's). A domain
+    # alone in its group (code) replays nothing under "group"
+    branch_replay_from: Literal["seed", "group"] = "seed"
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
     instruct_fraction: float = Field(0.0, ge=0, lt=1)

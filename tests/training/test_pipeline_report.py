@@ -281,6 +281,15 @@ def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
         load_run_config("tiny", {"train.branch_replay": {"code": 1.0}})
     with pytest.raises(RunConfigError, match="poetry"):
         load_run_config("tiny", {"train.branch_replay": {"poetry": 0.5}})
+    # replaying the group's other corpora instead of the seed's: reasoning replays math, code nothing
+    grp = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {"train.seed_fraction": 0.3, "train.branch_replay": 0.25,
+                                                                     "train.branch_replay_from": "group"}),
+                                             corpus, corpus.tokenizer().vocab_size)}
+    assert [p.split("/")[-2] for p in grp["reasoning"].task.replay_paths] == ["math"]
+    assert [p.split("/")[-2] for p in grp["conversation"].task.replay_paths] == ["knowledge"]
+    assert grp["code"].task.replay == 0.0 and grp["code"].task.replay_paths == ()
+    with pytest.raises(RunConfigError, match="branch_replay_from"):
+        load_run_config("tiny", {"train.branch_replay_from": "everything"})
 
 
 def test_the_report_names_the_systems_that_are_compute_matched_with_each_other():
