@@ -9,7 +9,7 @@ copy is the run that the pipeline would have trained with those branches' settin
 merged model, which is left out (it was built from the old experts). Weights are hard-linked, not
 copied; everything else (router, instruction items, metrics) is copied, so a report written into the
 copy never touches the source run. ``--set`` writes the swapped branches' settings into the copy's
-``run.yaml`` (dotted keys), so its report shows the configuration it was trained with.
+``run.yaml`` (dotted keys, validated as ``hmoe train`` validates its overrides), so its report shows the configuration it was trained with.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from router.domains import check_domain
+from training.run_config import load_run_config
 
 LINKED = ("experts", "seed", "baselines")  # model directories: hard-linked
 LEFT_OUT = ("merged", "report")  # built from the old experts
@@ -41,6 +40,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def swap(src: Path, dst: Path, branches: dict[str, Path], settings: dict | None = None) -> Path:
     """Write ``dst``: ``src`` without its merged model and report, with ``branches[d]``'s expert ``d``."""
+    load_run_config(str(src / "run.yaml"), settings)  # before anything is written
     for d, run in branches.items():
         check_domain(d)
         if not (run / "experts" / d / "meta.json").is_file():
@@ -63,15 +63,8 @@ def swap(src: Path, dst: Path, branches: dict[str, Path], settings: dict | None 
     for d, run in branches.items():
         shutil.rmtree(tmp / "experts" / d)
         _link_tree(run / "experts" / d, tmp / "experts" / d)
-    if settings:
-        cfg = yaml.safe_load((tmp / "run.yaml").read_text())
-        for key, value in settings.items():
-            *path, last = key.split(".")
-            node = cfg
-            for p in path:
-                node = node.setdefault(p, {})
-            node[last] = value
-        (tmp / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cfg = load_run_config(str(src / "run.yaml"), settings)  # validated: a misspelt setting is an error
+    (tmp / "run.yaml").write_text(cfg.model_copy(update={"run_dir": str(dst)}).to_yaml())
     tmp.rename(dst)
     return dst
 

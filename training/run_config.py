@@ -123,6 +123,17 @@ class LoopSettings(_Strict):
         return self.model_dump(include=set(LoopSettings.model_fields))
 
 
+_PER_BRANCH_RANGE = {  # TrainSpec's per-branch settings: which values are valid, and the rule as said
+    "branch_replay": (lambda x: 0 <= x < 1, "a share must be in [0, 1)"),
+    "branch_non_ffn_lr": (lambda x: 0 <= x <= 1, "a multiple must be in [0, 1]"),
+}
+
+
+def _for_branch(value: float | dict[str, float], domain: str, default: float) -> float:
+    """A per-branch setting's value for ``domain``: one value for all, or a domain's own (else ``default``)."""
+    return float(value.get(domain, default) if isinstance(value, dict) else value)
+
+
 class TrainSpec(LoopSettings):
     """Budget and optimisation of one expert (baselines derive theirs from it)."""
 
@@ -162,24 +173,21 @@ class TrainSpec(LoopSettings):
     @field_validator("branch_replay", "branch_non_ffn_lr")
     @classmethod
     def _per_branch(cls, v: float | dict[str, float], info: ValidationInfo) -> float | dict[str, float]:
-        replay = info.field_name == "branch_replay"
+        in_range, rule = _PER_BRANCH_RANGE[info.field_name]
         for d, x in (v.items() if isinstance(v, dict) else [("every branch", v)]):
             if isinstance(v, dict):
                 check_domain(d)  # an unknown domain is named with the choices
-            if not (0 <= x < 1 if replay else 0 <= x <= 1):
-                raise ValueError(f"{info.field_name} for {d} is {x!r}: "
-                                 + ("a share must be in [0, 1)" if replay else "a multiple must be in [0, 1]"))
+            if not in_range(x):
+                raise ValueError(f"{info.field_name} for {d} is {x!r}: {rule}")
         return v
 
     def replay_for(self, domain: str) -> float:
         """The share of ``domain``'s branch batches that replay the seed's corpus."""
-        r = self.branch_replay
-        return float(r.get(domain, 0.0) if isinstance(r, dict) else r)
+        return _for_branch(self.branch_replay, domain, 0.0)
 
     def non_ffn_lr_for(self, domain: str) -> float:
         """``domain``'s branch learning rate outside its FFNs, as a multiple of the lr."""
-        r = self.branch_non_ffn_lr
-        return float(r.get(domain, 1.0) if isinstance(r, dict) else r)
+        return _for_branch(self.branch_non_ffn_lr, domain, 1.0)
 
     @property
     def tokens_per_step(self) -> int:

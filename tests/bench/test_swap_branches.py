@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bench.swap_branches import swap
+from training.run_config import RunConfigError, load_run_config
 
 
 def _expert(root: Path, name: str, payload: bytes) -> None:
@@ -26,7 +27,7 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     _expert(src, "merged", b"merged")
     (src / "router").mkdir()
     (src / "router" / "calibration.json").write_text('{"temperature": 1.3}')
-    (src / "run.yaml").write_text(yaml.safe_dump({"train": {"steps": 600, "branch_replay": 0.0}}))
+    (src / "run.yaml").write_text(load_run_config("tiny", {"train.steps": 600}).to_yaml())
     _expert(probe / "experts", "reasoning", b"new reasoning")
     return src, probe
 
@@ -39,7 +40,8 @@ def test_the_copy_has_the_new_branch_the_old_rest_and_no_merged_model(runs, tmp_
         (src / "experts" / "math" / "model.safetensors").stat().st_ino  # linked, not copied
     assert not (dst / "merged").exists()
     cfg = yaml.safe_load((dst / "run.yaml").read_text())
-    assert cfg["train"] == {"steps": 600, "branch_replay": {"reasoning": 0.2}}
+    assert cfg["train"]["steps"] == 600 and cfg["train"]["branch_replay"] == {"reasoning": 0.2}
+    assert cfg["run_dir"] == str(dst)
     (dst / "router" / "calibration.json").write_text("{}")  # a report writing into the copy
     assert (src / "router" / "calibration.json").read_text() == '{"temperature": 1.3}'
     assert yaml.safe_load((src / "run.yaml").read_text())["train"]["branch_replay"] == 0.0
@@ -52,6 +54,8 @@ def test_an_unfinished_branch_or_an_existing_copy_is_refused(runs, tmp_path):
         swap(src, tmp_path / "c", {"code": probe})
     with pytest.raises(ValueError, match="unknown expert 'poetry'"):
         swap(src, tmp_path / "c", {"poetry": probe})
+    with pytest.raises(RunConfigError, match="branch_replai"):
+        swap(src, tmp_path / "c", {"reasoning": probe}, {"train.branch_replai": 0.2})
     assert not (tmp_path / "c").exists()
     (tmp_path / "c").mkdir()
     with pytest.raises(SystemExit, match="exists"):
