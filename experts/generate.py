@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from experts.model import KVCache, Transformer
-from experts.sampling import SamplingParams, make_generator, sample
+from experts.sampling import SamplingParams, make_generator, sample, sample_allowed
+from experts.syntax_guard import MAX_TRIES
 from experts.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class _Request:
     reported: bool = False  # for max_new_tokens == 0: the empty result was returned once
     tokens: list[int] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)  # ids a tool wrote, fed before sampling resumes
+    guard: Any = None  # the request's ``experts.syntax_guard.GuardState``: which ids may come next
 
     @property
     def finished(self) -> bool:
@@ -62,9 +65,12 @@ class _Request:
         if self.forced:
             return self.forced.pop(0)
         p = self.params
-        if p.greedy and p.repetition_penalty == 1.0:
+        if self.guard is not None:
+            return sample_allowed(self.next_logits, p, self.generator, self.seen, self.tokens, self.guard.allows,
+                                  MAX_TRIES)
+        if p.greedy and not p.penalised:
             return self.next_argmax
-        return sample(self.next_logits, p, self.generator, self.seen)
+        return sample(self.next_logits, p, self.generator, self.seen, self.tokens)
 
     def accept(self, token: int, max_len: int) -> StepOut:
         """Record ``token`` and decide whether the request is finished."""
@@ -74,6 +80,8 @@ class _Request:
             logprob = top - self.next_lse
         self.seen.append(token)
         self.tokens.append(token)
+        if self.guard is not None:
+            self.guard.advance(token)
         self.n_new += 1
         if token in self.params.stop_ids:
             self.finish_reason = "stop"
@@ -100,12 +108,15 @@ class Engine:
     """Continuous batching: requests join at any time; ``step()`` decodes every running slot at once."""
 
     def __init__(self, model: Transformer, *, max_batch: int, max_len: int | None = None,
-                 logprobs: bool = True, tool: Callable[[list[int]], list[int]] | None = None):
+                 logprobs: bool = True, tool: Callable[[list[int]], list[int]] | None = None,
+                 guard: Any = None):
         """``logprobs=False`` skips the per-step logsumexp (``StepOut.logprob`` is None): a caller
         that never reads them (the server scores prompts separately) saves ~10% of a batch-8 step.
-        ``tool`` maps a request's generated ids to ids to feed next (``experts.calculator``)."""
+        ``tool`` maps a request's generated ids to ids to feed next (``experts.calculator``);
+        ``guard.open(prompt_ids)`` gives a request's guard of the ids it may take, or None
+        (``experts.syntax_guard``)."""
         self.model, self.cfg = model, model.cfg
-        self.logprobs, self.tool = logprobs, tool
+        self.logprobs, self.tool, self.guard = logprobs, tool, guard
         if model.training:
             log.warning("Engine got a model in training mode; dropout will perturb generation")
         p = next(model.parameters())
@@ -167,7 +178,8 @@ class Engine:
                  external: bool) -> None:
         run = []
         for slot, row, p in zip(slots, ids, params):
-            req = _Request(p, make_generator(p.seed, self.device), list(row), external)
+            req = _Request(p, make_generator(p.seed, self.device), list(row), external,
+                           guard=self.guard.open(row) if self.guard is not None else None)
             self._requests[slot] = req
             self.cache.reset(slot)
             if p.max_new_tokens == 0:
@@ -274,23 +286,23 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
 
 def generate(model: Transformer, prompts: list[list[int]],
              params: SamplingParams | Sequence[SamplingParams], *,
-             use_cache: bool = True, tool: Callable[[list[int]], list[int]] | None = None
-             ) -> Iterator[list[int | None]]:
+             use_cache: bool = True, tool: Callable[[list[int]], list[int]] | None = None,
+             guard: Any = None) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of every prompt (None once a row has finished).
 
     ``use_cache=False`` re-runs the full forward each step (reference path for parity / benchmarks;
-    it takes no ``tool``).
+    it takes no ``tool`` or ``guard``).
     """
     cfg = model.cfg
     rows = _per_row(params, len(prompts))
     prompts = [check_prompt(p, cfg.vocab_size, cfg.max_seq_len) for p in prompts]
     if not use_cache:
-        if tool is not None:
-            raise ValueError("generate(use_cache=False) is the reference path and takes no tool")
+        if tool is not None or guard is not None:
+            raise ValueError("generate(use_cache=False) is the reference path and takes no tool or guard")
         yield from _generate_no_cache(model, prompts, rows)
         return
     max_len = min(cfg.max_seq_len, max(len(p) for p in prompts) + max(r.max_new_tokens for r in rows))
-    engine = Engine(model, max_batch=len(prompts), max_len=max_len, tool=tool)
+    engine = Engine(model, max_batch=len(prompts), max_len=max_len, tool=tool, guard=guard)
     slots = engine.add_many(prompts, rows)
     while engine.has_work:
         outs = engine.step()

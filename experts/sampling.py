@@ -6,7 +6,7 @@ Layered like litgpt: ``apply_repetition_penalty -> top_k_filter -> top_p_filter 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off; CTRL-style over every id seen so far
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times an id's count in the generated ids
+    presence_penalty: float = 0.0  # OpenAI's: minus this for an id that was generated at all
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None  # None: a fresh random seed
@@ -30,11 +32,18 @@ class SamplingParams:
         _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            _check(-2 <= getattr(self, name) <= 2, name, getattr(self, name), "must be in [-2, 2] (0 = off)")
         _check(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens, "must be >= 0")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Some penalty changes the logits (so greedy is not simply their argmax)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
@@ -51,6 +60,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: Iterable[int], penalty:
     out = logits.clone()
     out[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return out
+
+
+def apply_frequency_penalty(logits: torch.Tensor, generated: Sequence[int], frequency: float,
+                            presence: float) -> torch.Tensor:
+    """OpenAI's penalties: subtract ``frequency`` times each id's count in ``generated``, and
+    ``presence`` once for every id in it (a loop costs more the longer it runs)."""
+    if not generated or (frequency == 0 and presence == 0):
+        return logits
+    counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=logits.device),
+                            minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,17 +92,49 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: Iterable[int] = ()) -> int:
-    """Pick one id from ``logits (V,)``: penalty, then greedy or temperature / top-k / top-p sampling."""
+def _filtered(logits: torch.Tensor, params: SamplingParams, seen: Iterable[int],
+              generated: Sequence[int]) -> torch.Tensor:
+    """The logits a choice is made from: penalties, then (when sampling) temperature, top-k, top-p."""
     logits = logits.float()
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = apply_frequency_penalty(logits, generated, params.frequency_penalty, params.presence_penalty)
+    if params.greedy:
+        return logits
+    return top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: Iterable[int] = (), generated: Sequence[int] = ()) -> int:
+    """Pick one id from ``logits (V,)``: penalties (over the ``seen`` ids: prompt and reply; over the
+    ``generated`` ones: the reply), then greedy or temperature / top-k / top-p sampling."""
+    logits = _filtered(logits, params, seen, generated)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def sample_allowed(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                   seen: Iterable[int], generated: Sequence[int], allows: Callable[[int], bool],
+                   max_tries: int) -> int:
+    """``sample`` restricted to ids that ``allows`` accepts, trying at most ``max_tries`` of them in the
+    order the sampler would take them (greedy: by logit; sampled: redrawn without the refused id).
+    When none of them is accepted the first one is returned: a guard steers, it never blocks."""
+    logits = _filtered(logits, params, seen, generated)
+    if params.greedy:
+        order = torch.topk(logits, min(max_tries, logits.shape[-1])).indices.tolist()
+        return next((t for t in order if allows(t)), order[0])
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    first = None
+    for _ in range(max_tries):
+        t = int(torch.multinomial(probs, 1, generator=generator))
+        if allows(t):
+            return t
+        first = t if first is None else first
+        probs[t] = 0.0
+        if not bool(probs.any()):
+            break
+    return first
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -295,18 +295,24 @@ def prefill_groups(lengths: list[int], max_waste: float = 2.0) -> list[list[int]
 def load_engine(ckpt_dir: str, *, max_batch: int, torch_threads: int = 1, device: str = "cpu",
                 decode_weights: str = "fp32") -> Engine:
     """An expert checkpoint as a serving engine (no decode log-probs: the API scores prompts instead),
-    with the calculator if the checkpoint's meta lists it (``experts.calculator.tool_for``)."""
+    with the calculator if the checkpoint's meta lists it (``experts.calculator.tool_for``), and the
+    Python syntax guard for a code expert (``router.domains.guarded``)."""
     from experts.calculator import tool_for
     from experts.checkpoint import TOKENIZER, load_lm
     from experts.device import resolve_device, set_threads
     from experts.quant import prepare_decode
+    from experts.syntax_guard import PythonGuard
     from experts.tokenizer import Tokenizer
+    from router.domains import guarded
 
     threads = set_threads(torch_threads)
     model, cfg, meta = load_lm(ckpt_dir, device=resolve_device(device))
     tok_file = Path(ckpt_dir) / TOKENIZER
-    tool = tool_for(meta, Tokenizer.load(tok_file)) if tok_file.is_file() else None
+    tok = Tokenizer.load(tok_file) if tok_file.is_file() else None
+    tool = tool_for(meta, tok) if tok else None
+    guard = PythonGuard(tok) if tok and guarded(meta) else None
     prepare_decode(model, decode_weights)  # fp32: transposed projections (exact, faster GEMMs)
+    extras = (", calculator" if tool else "") + (", syntax guard" if guard else "")
     log.info("engine for %s: %d params, %s weights, %d threads, %d slots%s", ckpt_dir, cfg.num_params(),
-             decode_weights, threads, max_batch, ", calculator" if tool else "")
-    return Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False, tool=tool)
+             decode_weights, threads, max_batch, extras)
+    return Engine(model, max_batch=max_batch, max_len=cfg.max_seq_len, logprobs=False, tool=tool, guard=guard)

@@ -375,7 +375,8 @@ class Ingress:
                                  "truncate_prompt_tokens (-1: keep what fits)", param="prompt")
         budget = min(cap if max_tokens is None else max_tokens, room)  # the context bounds generation
         params = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                      repetition_penalty=req.repetition_penalty, max_new_tokens=budget,
+                      repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+                      presence_penalty=req.presence_penalty, max_new_tokens=budget,
                       stop_ids=() if req.ignore_eos else self.stop_ids, seed=req.seed)
         SamplingParams(**params)  # ValueError -> 400
         unset = frozenset(S.DEFAULTABLE - req.model_fields_set)

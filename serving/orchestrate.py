@@ -283,7 +283,7 @@ class Orchestrator:
             for _ in range(job.max_tokens):
                 dists = await asyncio.gather(*(h.step.remote(s) for h, s in sessions))
                 mixed = torch.logsumexp(torch.stack([torch.from_numpy(d) for d in dists]) + log_w, dim=0)  # (V,)
-                token = sample(mixed, params, gen, seen)
+                token = sample(mixed, params, gen, seen, seen[len(job.ids):])
                 seen.append(token)
                 outs = await asyncio.gather(*(h.feed.remote(s, token) for h, s in sessions))
                 reason = next((o["finish_reason"] for o in outs if o["finished"]), None)

@@ -26,7 +26,8 @@ Mode = Literal["top1", "ensemble", "auto"]
 
 # fields that, when a request leaves them out, take the answering model's defaults (a math expert
 # is greedy: router.domains.generation_defaults), else the defaults below
-DEFAULTABLE = frozenset({"temperature", "top_p", "top_k", "repetition_penalty"})
+DEFAULTABLE = frozenset({"temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
+                         "presence_penalty"})
 
 
 class SamplingFields(BaseModel):
@@ -38,6 +39,10 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers an id's logit by "
+                                     "this times its count in the reply so far; left out: the model's default")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers the logit of an id "
+                                    "that the reply already holds")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stop: StopText | list[StopText] | None = Field(None)

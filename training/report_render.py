@@ -88,7 +88,9 @@ def task_headline(domain: str, s: dict) -> str:
     if domain == "code":
         ex = s.get("codeio_exec_accuracy")
         ended = f", ended {_pct(s['finished_rate'])}" if "finished_rate" in s else ""
-        return f"parse {_pct(s['parse_rate'])}{ended}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
+        head = f"parse {_pct(s['parse_rate'])}{ended}, exec {_pct(ex) if ex is not None else '-'} (n={s['codeio_n']})"
+        alone = s.get("greedy_alone")
+        return head + (f" (greedy, no guard: parse {_pct(alone['parse_rate'])})" if alone else "")
     if domain == "conversation":
         return f"distinct-2 {s['distinct_2']:.2f}, loops {_pct(s['loop_share'])}"
     head = _exact_match_headline(s)
@@ -116,7 +118,10 @@ def _tasks_markdown(tasks: dict | None) -> list[str]:
              "temperature 0.8) until the end of the turn. Math and reasoning: exact match of the extracted final "
              "answer (with the calculator for models trained to call it, and in parentheses the model alone); "
              "knowledge: exact match on trained facts asked in a held-out phrasing; code: completions "
-             "that parse, and codeio functions that return the reference output when run in a subprocess; "
+             "that parse, and codeio functions that return the reference output when run in a subprocess, "
+             "decoded as the server decodes code (the Python syntax guard and the repetition penalty of "
+             "`router.domains.DOMAIN_SAMPLING`), "
+             "and in parentheses the parse rate of plain greedy decoding; "
              "conversation: distinct-2 and the share of replies with a repeated word 4-gram.", "",
              "| domain | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for d, by in tasks.items():

@@ -69,12 +69,14 @@ def has_loop(text: str, n: int = 4) -> bool:
     return len(set(grams)) < len(grams)
 
 
-def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any, tool: Any = None) -> list[list[int]]:
-    """The generated ids of every prompt (``experts.generate``, batched, with the model's ``tool``)."""
+def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any, tool: Any = None,
+                 guard: Any = None) -> list[list[int]]:
+    """The generated ids of every prompt (``experts.generate``, batched, with the model's ``tool``
+    and ``guard``)."""
     from experts.generate import generate
 
     outs: list[list[int]] = [[] for _ in prompts]
-    for step in generate(model, prompts, params, tool=tool):
+    for step in generate(model, prompts, params, tool=tool, guard=guard):
         for i, t in enumerate(step):
             if t is not None:
                 outs[i].append(t)
@@ -82,17 +84,19 @@ def generate_ids(model: torch.nn.Module, prompts: list[list[int]], params: Any, 
 
 
 def answer(model: torch.nn.Module, tok: Any, items: list[dict], max_new: int, *,
-           temperature: float = 0.0, seed: int = 0, tool: Any = None, repetition_penalty: float = 1.0,
-           keep_stop: bool = False) -> list[list[int]]:
+           temperature: float = 0.0, seed: int = 0, tool: Any = None, guard: Any = None,
+           keep_stop: bool = False, room: int | None = None, **penalties: float) -> list[list[int]]:
     """Each item's first user turn as a chat prompt, answered until ``<|end|>`` (token ids; with
-    ``keep_stop`` an answer that ended keeps its last, stop id)."""
+    ``keep_stop`` an answer that ended keeps its last, stop id). A prompt keeps its last tokens to
+    leave ``room`` (default ``max_new``) in the context; an answer also ends when the context is
+    full. ``penalties``: ``SamplingParams``' repetition, frequency and presence penalties."""
     from experts.sampling import SamplingParams
 
-    room = model.cfg.max_seq_len - max_new
-    prompts = [tok.chat(it["messages"][:1])[-room:] for it in items]
+    keep = model.cfg.max_seq_len - (max_new if room is None else room)
+    prompts = [tok.chat(it["messages"][:1])[-keep:] for it in items]
     params = SamplingParams(temperature=temperature, top_k=50 if temperature else 0, max_new_tokens=max_new,
-                            stop_ids=(tok.end_id, tok.eos_id), seed=seed, repetition_penalty=repetition_penalty)
-    outs = generate_ids(model, prompts, params, tool)
+                            stop_ids=(tok.end_id, tok.eos_id), seed=seed, **penalties)
+    outs = generate_ids(model, prompts, params, tool, guard)
     return outs if keep_stop else [[t for t in o if t not in params.stop_ids] for o in outs]
 
 
@@ -127,8 +131,8 @@ def exact_match_scores(items: list[dict], texts: list[str]) -> dict[str, Any]:
             "examples": _examples(items, texts, ok)}
 
 
-def code_scores(items: list[dict], texts: list[str], *, finished: list[bool] | None = None,
-                timeout_s: float = 10.0) -> dict[str, Any]:
+def code_scores(items: list[dict], texts: list[str], finished: list[bool] | None = None, *,
+                timeout_s: float = 10.0, examples: bool = True) -> dict[str, Any]:
     """Parse rate and codeio execution accuracy; with ``finished`` (the answer ended before the token
     budget), also the share that ended and the parse rate of those (a cut-off answer rarely parses)."""
     from training.code_exec import codeio_check
@@ -152,7 +156,7 @@ def code_scores(items: list[dict], texts: list[str], *, finished: list[bool] | N
             runs.append(res.ok)
     return {"n": len(items), "parse_rate": sum(parsed) / max(1, len(parsed)), **ended,
             "codeio_n": len(runs), "codeio_exec_accuracy": sum(runs) / len(runs) if runs else None,
-            "examples": _examples(items, texts, parsed)}
+            **({"examples": _examples(items, texts, parsed)} if examples else {})}
 
 
 def conversation_scores(items: list[dict], ids: list[list[int]], texts: list[str]) -> dict[str, Any]:
@@ -171,9 +175,16 @@ def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dic
     if domain == "conversation":
         ids = answer(model, tok, items, max_new, temperature=0.8, tool=tool)
         return conversation_scores(items, ids, [tok.decode(o) for o in ids])
-    if domain == "code":
-        texts, finished = code_answers(model, tok, items, 2 * max_new, tool=tool)
-        return code_scores(items, texts, finished=finished)
+    if domain == "code":  # decoded as served (router.domains), and greedy alone
+        from experts.syntax_guard import PythonGuard
+        from router.domains import DOMAIN_SAMPLING
+
+        texts, finished = code_answers(model, tok, items, 2 * max_new, tool=tool, guard=PythonGuard(tok),
+                                       **DOMAIN_SAMPLING["code"])
+        scores = code_scores(items, texts, finished=finished)
+        plain = code_scores(items, *code_answers(model, tok, items, 2 * max_new, tool=tool), examples=False)
+        scores["greedy_alone"] = plain
+        return scores
     texts = [tok.decode(o) for o in answer(model, tok, items, max_new, tool=tool)]
     scores = exact_match_scores(items, texts)
     if tool is not None and domain == "math":

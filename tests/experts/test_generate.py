@@ -22,6 +22,7 @@ def _model(preset: str = "tiny", **kw) -> Transformer:
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0, max_new_tokens=12),
     SamplingParams(temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.3, max_new_tokens=12, seed=7),
+    SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5, max_new_tokens=12),
 ])
 def test_cache_and_no_cache_generate_the_same_tokens(preset, params):
     model = _model(preset)
@@ -131,6 +132,7 @@ def test_zero_new_tokens_yields_nothing():
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0, max_new_tokens=6),
     SamplingParams(temperature=0, repetition_penalty=1.5, max_new_tokens=6),
+    SamplingParams(temperature=0, frequency_penalty=2.0, max_new_tokens=6),
     SamplingParams(temperature=0.8, top_k=20, max_new_tokens=6, seed=3),
 ])
 def test_step_tokens_and_logprobs_agree_with_a_full_forward(params):
@@ -143,8 +145,10 @@ def test_step_tokens_and_logprobs_agree_with_a_full_forward(params):
         for slot, out in engine.step().items():
             with torch.inference_mode():
                 logp = torch.log_softmax(model(torch.tensor([seqs[slot]])).logits[0, -1], dim=-1)
-            if params.greedy and params.repetition_penalty == 1.0:
-                assert out.token == int(logp.argmax())
+            if params.greedy and params.repetition_penalty == 1.0:  # the frequency penalty counts the reply
+                counts = torch.bincount(torch.tensor(seqs[slot][len(PROMPTS[slots.index(slot)]):], dtype=torch.long),
+                                        minlength=logp.shape[-1])
+                assert out.token == int((logp - params.frequency_penalty * counts).argmax())
             assert out.logprob == pytest.approx(logp[out.token].item(), abs=1e-5)
             seqs[slot].append(out.token)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.sampling import (SamplingParams, apply_repetition_penalty, make_generator, sample,
+from experts.sampling import (SamplingParams, apply_frequency_penalty, apply_repetition_penalty, make_generator, sample,
                               top_k_filter, top_p_filter)
 
 
@@ -59,3 +59,16 @@ def test_repetition_penalty_is_ctrl_style():
     assert out.tolist() == [1.0, -4.0, 1.0]
     assert logits.tolist() == [2.0, -2.0, 1.0]  # pure: input untouched
     assert sample(torch.tensor([2.0, 1.5]), SamplingParams(temperature=0, repetition_penalty=2.0), seen=[0]) == 1
+
+
+def test_frequency_and_presence_penalties_are_openais_over_the_reply():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    out = apply_frequency_penalty(logits, [0, 0, 1], frequency=0.5, presence=0.25)
+    assert out.tolist() == [2.0 - 1.0 - 0.25, 1.0 - 0.5 - 0.25, 0.5, 0.0]
+    assert logits.tolist() == [2.0, 1.0, 0.5, 0.0]  # pure
+    greedy = SamplingParams(temperature=0, frequency_penalty=1.0)
+    assert greedy.penalised and not SamplingParams(temperature=0).penalised
+    # the prompt's ids (seen) do not count: only the generated ones
+    assert sample(logits, greedy, seen=[0, 0, 0]) == 0 and sample(logits, greedy, generated=[0, 0]) == 1
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5)

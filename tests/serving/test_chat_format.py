@@ -123,11 +123,13 @@ def test_chat_experts_come_from_the_checkpoints(run):
 
 
 def test_sampling_fields_a_request_leaves_out_take_the_answering_experts_defaults(run):
-    from router.domains import generation_defaults
+    from router.domains import DOMAIN_SAMPLING, generation_defaults
 
     args = AppArgs(run_dir=str(run), experts=list(EXPERTS))
     assert ingress_settings(args, served_experts(args)).generation == {"math": {"temperature": 0.0}}
-    assert generation_defaults({"instruct": {"domains": ["code"]}}) == {"temperature": 0.0}
+    assert generation_defaults({"instruct": {"domains": ["code"]}}) == {"temperature": 0.0,
+                                                                       **DOMAIN_SAMPLING["code"]}
+    assert generation_defaults({"instruct": {"domains": ["knowledge"]}}) == {"temperature": 0.0}
     assert generation_defaults({"instruct": {"domains": ["math", "conversation"]}}) == {}  # a generalist
     assert generation_defaults({}) == {}  # not instruction-tuned
     for expert, sent, want in (("math", {}, 0.0), ("math", {"temperature": 0.9}, 0.9),
@@ -191,3 +193,27 @@ def test_an_expert_whose_checkpoint_lists_the_calculator_is_served_with_it(run):
 
     assert isinstance(load_engine(str(run / "experts" / "math"), max_batch=1).tool, Calculator)
     assert load_engine(str(run / "experts" / "code"), max_batch=1).tool is None
+
+
+def test_a_code_expert_is_served_with_the_syntax_guard(tmp_path):
+    from experts.syntax_guard import PythonGuard
+    from router.domains import guarded
+    from serving.engine_loop import load_engine
+
+    assert guarded({"instruct": {"domains": ["code"]}})
+    assert not guarded({"instruct": {"domains": ["code", "math"]}}) and not guarded({})  # a generalist; raw LM
+    run = make_tiny_run(tmp_path, experts=("math", "code"), instruct=("math", "code"), tools=("math",))
+    assert isinstance(load_engine(str(run / "experts" / "code"), max_batch=1).guard, PythonGuard)
+    assert load_engine(str(run / "experts" / "math"), max_batch=1).guard is None
+    args = AppArgs(run_dir=str(run), experts=["math", "code"])
+    assert ingress_settings(args, served_experts(args)).generation["code"] == {"temperature": 0.0,
+                                                                               "frequency_penalty": 1.5}
+
+
+def test_openai_penalties_reach_the_expert(run):
+    ingress = _ingress(run, top={"code": 0.9})
+    _run(ingress.generate(S.GenerateRequest(prompt=PROMPT, frequency_penalty=0.7, presence_penalty=-0.5)))
+    params = ingress.experts["code"].calls[0][1]
+    assert (params["frequency_penalty"], params["presence_penalty"]) == (0.7, -0.5)
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        S.GenerateRequest(prompt=PROMPT, frequency_penalty=3.0)
