@@ -8,15 +8,19 @@ the reply is checked before it is taken, in the order the sampler would take the
 - scanned as text, it must not close a bracket that is not open (or close ``(`` with ``]``), end a
   line inside a one-line string, or start a comment inside open brackets (valid Python, but in a
   small model's reply it is a call that is never closed);
-- the program so far must stay *viable*: closed after it (its string and brackets closed, a name
-  and a colon put in where one is missing), :func:`codeop.compile_command` judges it complete or
-  incomplete, not invalid. That refuses a wrong indentation, ``x = = 1``, ``return x y``, ...;
-- the end of the reply (a stop id) is taken only where the prompt and reply parse as a whole.
+- the program so far must stay *viable*: with its string, comment and brackets closed, the compiler
+  accepts it as complete or incomplete, or first complains at its very end, where what is missing
+  would come next (:func:`viable`). That refuses a wrong indentation, ``x = = 1``, ``return x y``;
+- the end of the reply (a stop id) is taken only where the prompt and reply parse as a whole;
+- nothing follows a ``return``, ``raise``, ``break`` or ``continue`` at its own level (it could never
+  run), so the reply ends once the function returns at the level of its body, where code-completion
+  harnesses stop theirs.
 
-Nothing is executed. When none of the first :data:`MAX_TRIES` candidates passes, the model's own
-choice stands and the guard steps aside for the rest of the reply: it steers, it never blocks. A
-prompt that does not open a definition is not guarded (a question in words, a conversation, a
-prompt cut before its ``def`` line).
+Nothing is executed. When none of the first :data:`MAX_TRIES` candidates passes (or they cost
+:data:`STEP_COMPILES` compiles), the model's own choice stands and the guard steps aside for the
+rest of the reply: it steers, it never blocks. A prompt that does not open a definition is not
+guarded (a question in words, a conversation, a prompt cut before its ``def`` line).
+``bench.guard_coverage`` checks that real code passes: standard-library functions, token by token.
 
 The engine (``experts.generate.Engine``) calls :meth:`PythonGuard.open` with a request's prompt ids;
 the returned :class:`GuardState` is asked :meth:`GuardState.allows` per candidate and told
@@ -25,17 +29,34 @@ the returned :class:`GuardState` is asked :meth:`GuardState.allows` per candidat
 
 from __future__ import annotations
 
-import codeop
+import keyword
 import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-MAX_TRIES = 1024  # candidates tried per step before the model's own choice stands
+MAX_TRIES = 256  # candidates tried per step before the model's own choice stands
+STEP_COMPILES = 2000  # and the compiles they may cost (~0.1 ms each on a 1,500-character program)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 _CLOSE = {v: k for k, v in _OPEN.items()}
 _DEFINES = ("def ", "async def ", "class ", "@")
+_PREFIX = re.compile(r"[rRbBuUfF]{0,2}$")  # a string's prefix letters, just before its quote
+_WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*$")
+# What a line may still lack, as (before its brackets close, after): tried in this order (the order of
+# how often each lets a standard-library function through, bench.guard_coverage), for the text as it
+# is, with its last word read as the start of a longer name (``is`` of ``isinstance``), and as the
+# start of a keyword (``final``).
+_ENDINGS = (("_", ""), ("_", ":"), (" else _", ""), (": _", ""), ("1", ""), ("_ else _", ""), ("", " else _"),
+            ("1", ":"), ("=_", ":"), ("=_", ""), (" _ else _", ""), (" _", ""), (" _", ":"), ("", ":"),
+            ("*_", ""), ("*_", ":"), (" in _", ""), (" in _", ":"), (" _ in _", ""), ("", " in _:"), (" import _", ""),
+            ("()", ""), ("()", ":"))
+_NAME_ENDINGS = (("", ""), ("", ":"), (" in _", ":"), ("=_", ""), ("=_", ":"), (" else _", ""), ("", " else _"),
+                 (" in _", ""), ("()", ":"))
+_KEYWORD_ENDINGS = (("", ""), ("", ":"), (" _", ""), (" _", ":"), (" _ in _", ""), (" _ in _", ":"), (" in _", ""),
+                    (" in _", ":"), (" _ else _", ""))
+_FLAGS = 0x200 | 0x4000  # PyCF_DONT_IMPLY_DEDENT | PyCF_ALLOW_INCOMPLETE_INPUT, as codeop compiles
+_TERMINAL = re.compile(r"(?:return|raise|continue|break)\b")
 
 
 class Invalid(Exception):
@@ -47,23 +68,23 @@ class Lex:
     """What a scan of Python source knows at its end: open brackets, an open string, a comment."""
 
     brackets: tuple[str, ...] = ()
-    quote: str = ""  # the delimiter of the open string ('"', "'", '\"\"\"', "'''"), or ""
+    quote: str = ""  # the delimiter of the open string (one or three quote characters), or ""
+    start: int = -1  # where the open string starts (with its prefix letters), in the whole program
     comment: bool = False
 
-    @property
-    def at_statement_level(self) -> bool:
-        return not self.brackets and not self.quote
 
-
-def scan(state: Lex, text: str, *, final: bool = False) -> tuple[Lex, int, list[int]]:
-    """Scan ``text`` from ``state``: the new state, how many characters were consumed, and the offsets
-    just past each newline that ends a logical line. A run of quotes at the end is left unconsumed
-    (``""`` may yet open a triple-quoted string) unless ``final``. Raises :class:`Invalid`."""
-    brackets, quote, comment = list(state.brackets), state.quote, state.comment
+def scan(state: Lex, text: str, *, offset: int = 0, final: bool = False) -> tuple[Lex, int, list[int]]:
+    """Scan ``text`` (at ``offset`` in the program) from ``state``: the new state, how many characters
+    were consumed, and the offsets in ``text`` just past each newline that ends a logical line. A run
+    of quotes or a backslash at the end is left unconsumed unless ``final`` (``""`` may yet open a
+    triple-quoted string; a backslash escapes what comes next). Raises :class:`Invalid`."""
+    brackets, quote, start, comment = list(state.brackets), state.quote, state.start, state.comment
     ends: list[int] = []
     i, n = 0, len(text)
     while i < n:
         c = text[i]
+        if c == "\\" and i + 1 == n and not final and not comment:
+            break
         if comment:
             if c == "\n":
                 comment = False
@@ -71,10 +92,9 @@ def scan(state: Lex, text: str, *, final: bool = False) -> tuple[Lex, int, list[
                     ends.append(i + 1)
         elif quote:
             if c == "\\":
-                i += 1  # the escaped character (a quote, a newline) does not end anything
+                i += 1  # the escaped character (a quote, a newline) ends nothing
             elif text.startswith(quote, i):
-                i += len(quote) - 1
-                quote = ""
+                i, quote = i + len(quote) - 1, ""
             elif c == "\n" and len(quote) == 1:
                 raise Invalid("a line ends inside a string")
             elif not final and c == quote[0] and len(quote) == 3 and n - i < 3:
@@ -82,13 +102,12 @@ def scan(state: Lex, text: str, *, final: bool = False) -> tuple[Lex, int, list[
         elif c in "\"'":
             run = len(text[i:i + 3]) - len(text[i:i + 3].lstrip(c))
             if run < 3 and i + run == n and not final:
-                break  # "" at the end: an empty string, or the start of a triple quote
-            if run == 3:
-                quote, i = c * 3, i + 2
-            elif run == 2:
+                break
+            if run == 2:
                 i += 1  # an empty string
             else:
-                quote = c
+                quote, start = c * run, offset + i - len(_PREFIX.search(text, 0, i)[0])
+                i += run - 1
         elif c == "#":
             if brackets:  # valid Python, but in a reply it is a bracket that was never closed
                 raise Invalid("a comment inside open brackets")
@@ -99,23 +118,26 @@ def scan(state: Lex, text: str, *, final: bool = False) -> tuple[Lex, int, list[
             if not brackets or brackets[-1] != _CLOSE[c]:
                 raise Invalid(f"{c!r} closes nothing that is open")
             brackets.pop()
-        elif c == "\\" and i + 1 < n and text[i + 1] == "\n":
+        elif c == "\\" and text[i + 1:i + 2] == "\n":
             i += 1  # an explicit line continuation
         elif c == "\n" and not brackets:
             ends.append(i + 1)
         i += 1
-    return Lex(tuple(brackets), quote, comment), min(i, n), ends
+    return Lex(tuple(brackets), quote, start if quote else -1, comment), i, ends
 
 
-def status(source: str) -> str:
-    """``"complete"``, ``"incomplete"`` or ``"invalid"``: the interactive interpreter's judgement."""
+def judge(source: str) -> SyntaxError | None:
+    """None if the compiler takes ``source`` as a complete or an incomplete program (the interactive
+    interpreter's judgement), else its error. Nothing is run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences and the like
         try:
-            code = codeop.compile_command(source, "<completion>", "exec")
-        except (SyntaxError, ValueError, OverflowError):
-            return "invalid"
-    return "incomplete" if code is None else "complete"
+            compile(source, "<completion>", "exec", flags=_FLAGS, dont_inherit=True)
+        except SyntaxError as e:
+            return None if "incomplete input" in str(e) else e
+        except (ValueError, OverflowError, RecursionError, MemoryError) as e:  # NUL bytes, deep nesting
+            return SyntaxError(f"{type(e).__name__}: {e}")
+    return None
 
 
 def parses(source: str) -> bool:
@@ -124,17 +146,56 @@ def parses(source: str) -> bool:
         warnings.simplefilter("ignore")
         try:
             compile(source, "<completion>", "exec", dont_inherit=True)
-        except (SyntaxError, ValueError, OverflowError):
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
             return False
     return True
 
 
+def _at(source: str, err: SyntaxError) -> int:
+    """The index in ``source`` where the compiler's complaint starts (0 when it names no line)."""
+    if not err.lineno:
+        return 0
+    before = source.split("\n")[:err.lineno - 1]
+    return sum(len(line) + 1 for line in before) + max((err.offset or 1) - 1, 0)
+
+
+def viable(text: str, lex: Lex, spent: list[int] | None = None) -> bool:
+    """Some ending makes ``text`` valid code. Its open string counts as closed and empty (what a string
+    holds is checked when the reply ends), its comment as ended and its brackets as closed. Then the
+    text is viable if the compiler accepts it or first complains at or after its end (``for a``:
+    what is missing comes next); else if what a line may still lack makes it acceptable
+    (:data:`_ENDINGS`: a name, a digit, ``*``, ``in``, ``else``, ``=``, ``: value``, ``import``, a
+    call, and after the brackets a colon, ``else`` or ``in``), also with its last word read as the
+    start of a longer name (``is`` of ``isinstance``), of a keyword (``final``) or of a string (``f``).
+    ``spent[0]`` counts the compiles."""
+    spent = spent if spent is not None else [0]
+    head = text[:lex.start] + '""' if lex.quote else text + ("\n" if lex.comment else "")
+    closers = "".join(_OPEN[b] for b in reversed(lex.brackets))
+    source = head + closers + "\n"
+    err, spent[0] = judge(source), spent[0] + 1
+    if err is None or not isinstance(err, IndentationError) and _at(source, err) >= len(head):
+        return True
+    if lex.comment:
+        return False
+    word = None if lex.quote else _WORD.search(head)
+    tries = [(head, end, tail) for end, tail in _ENDINGS]
+    if word:
+        stem = head[:word.start()]
+        tries += [(stem + "_", end, tail) for end, tail in _NAME_ENDINGS]
+        tries += [(stem + k, end, tail) for k in keyword.kwlist if k.startswith(word[0]) and k != word[0]
+                  for end, tail in _KEYWORD_ENDINGS]
+        tries += [(head + '""', "", ""), (head + '""', "", ":")] if _PREFIX.fullmatch(word[0]) else []  # f"...
+    for h, end, tail in tries:
+        if tail in ("", ":") or closers:  # without brackets, the endings hold the rest
+            spent[0] += 1
+            if judge(f"{h}{end}{closers}{tail}\n") is None:
+                return True
+    return False
+
+
 def opens_definition(code: str) -> bool:
     """``code`` starts a Python function or class and is a valid start of a program."""
-    return code.lstrip().startswith(_DEFINES) and status(code + "\n") != "invalid"
-
-
-_TERMINAL = re.compile(r"(?:return|raise|continue|break)\b")
+    return code.lstrip().startswith(_DEFINES) and judge(code + "\n") is None
 
 
 def _after_line(closed: frozenset[int], line: str) -> frozenset[int]:
@@ -171,6 +232,8 @@ class GuardState:
         self.head = len(base) - len(base.lstrip(" \t"))  # the indentation of the definition's first line
         self.body: int | None = None  # the indentation of its body, once a line shows it
         self.ok = True  # the program so far can still become valid
+        self.spent = [0]  # compiles spent on this step's candidates
+        self._last: tuple[str, tuple | None] = ("", None)  # the last piece asked about, and its state
         self._take(base, self._state_after(base))
 
     def _state_after(self, piece: str) -> tuple | None:
@@ -179,8 +242,8 @@ class GuardState:
         program invalid."""
         text = self.text + piece
         try:
-            lex, used, ends = scan(self.lex, text[self.done:])
-            now = scan(lex, text[self.done + used:], final=True)[0]  # a quote run at the end, as it stands
+            lex, used, ends = scan(self.lex, text[self.done:], offset=self.done)
+            now = scan(lex, text[self.done + used:], offset=self.done + used, final=True)[0]  # as it stands
         except Invalid:
             return None
         stmt, closed, body = self.stmt, self.closed, self.body
@@ -191,11 +254,14 @@ class GuardState:
             closed, stmt, body = _after_line(closed, line), self.done + end, _body(body, line, self.head)
         line = text[stmt:]
         shown = line.lstrip(" \t")
-        if _returned(closed, body) or closed and shown.strip() and len(line) - len(shown) >= min(closed):
-            return None  # a statement no path reaches, or a comment on one (after a return at its level)
-        return (lex, self.done + used, stmt, closed, body) if viable(text, now) else None
+        indent = len(line) - len(shown)
+        statement = shown.strip() and not shown.startswith("#")
+        if _returned(closed, body) or statement and closed and indent >= min(closed) or \
+                shown.strip() and body is not None and indent <= self.head:
+            return None  # unreachable (after a return at its level), or past the definition's end
+        return (lex, self.done + used, stmt, closed, body) if viable(text, now, self.spent) else None
 
-    def _take(self, piece: str, state: tuple[Lex, int, int, frozenset[int]] | None) -> None:
+    def _take(self, piece: str, state: tuple | None) -> None:
         self.text += piece
         if state is None:
             self.ok = False
@@ -203,29 +269,25 @@ class GuardState:
             self.lex, self.done, self.stmt, self.closed, self.body = state
 
     def allows(self, token: int) -> bool:
-        """Taking ``token`` next keeps the program valid (a stop id: the program parses)."""
+        """Taking ``token`` next keeps the program valid (a stop id: the program parses; a special id
+        that is not a stop, which writes no text, is refused)."""
         if not self.ok:
             return True
         if token in self.guard.stop_ids:
             return parses(self.text)
-        return self._state_after(self.guard.text(token)) is not None
+        if self.spent[0] >= STEP_COMPILES:
+            return False  # the step has searched long enough: the model's own choice will stand
+        piece = self.guard.text(token)
+        self._last = (piece, self._state_after(piece) if piece else None)
+        return self._last[1] is not None
 
     def advance(self, token: int) -> None:
         """Record a taken token. One that makes the program invalid (no candidate passed, and the
         model's own choice stood) turns the guard off for the rest of the reply."""
         if self.ok and token not in self.guard.stop_ids:
             piece = self.guard.text(token)
-            self._take(piece, self._state_after(piece))
-
-
-def viable(text: str, lex: Lex) -> bool:
-    """Some ending makes ``text`` valid code: its comment, string and brackets closed, with a name
-    put in first (``x = ``, ``f(a, ``) and a colon after (``if x``), it compiles as complete or
-    incomplete."""
-    end = "\n" if lex.comment else lex.quote
-    closers = "".join(_OPEN[b] for b in reversed(lex.brackets))
-    return any(status(f"{text}{end}{name}{closers}{colon}\n") != "invalid"
-               for name in ("", "_", " _") for colon in ("", ":"))
+            self._take(piece, self._last[1] if self._last[0] == piece else self._state_after(piece))
+        self.spent[0], self._last = 0, ("", None)
 
 
 class PythonGuard:

@@ -215,3 +215,14 @@ def test_values_the_calculator_writes_are_not_trained_on(tiny_corpus):
     assert trained(plain["mask"]) == "345 + 278 = 623"
     assert trained(masked["mask"]) == "345 + 278 = "  # the call and the end of turn; not the value
     assert masked["mask"].sum() == plain["mask"].sum() - len(tok.encode("623"))
+
+
+def test_a_function_item_is_its_function_again_async_ones_too():
+    from training.data.instruct import functions
+
+    src = ('class A:\n    async def get(self, key):\n        """Fetch key."""\n        value = await self.load(key)\n'
+           '        return value\n\n\ndef size(xs):\n    """Count."""\n    return len(xs)\n')
+    items = {name: (prompt, body) for name, prompt, body in functions(src)}
+    assert items["get"][0].startswith("async def get(self, key):")
+    for prompt, body in items.values():
+        compile(prompt + "\n" + body, "<item>", "exec")  # stricter than ast.parse: await needs async def

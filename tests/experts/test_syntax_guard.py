@@ -23,7 +23,7 @@ class CharTokenizer:
     """One id per character (ids 0-4 are the specials), enough to drive the guard and the engine."""
 
     specials = ("<pad>", "<bos>", "<|user|>", "<|assistant|>", "<|end|>")
-    chars = string.ascii_letters + string.digits + " \n\t()[]{}:,.=+-*'\"#_?"
+    chars = string.ascii_letters + string.digits + string.punctuation + " \n\t"
 
     def __init__(self) -> None:
         self.bos_id, self.user_id, self.assistant_id, self.end_id = 1, 2, 3, 4
@@ -139,10 +139,64 @@ def test_the_reply_ends_once_the_function_returns_at_its_own_level(tok):
     inner = _state(tok, "    if x:\n        return 1\n")
     assert inner.allows(tok.encode(" ")[0])
     assert not _state(tok, "    if x:\n        return 1\n        ").allows(tok.encode("y")[0])  # unreachable
-    assert not _state(tok, "    if x:\n        return 1\n        ").allows(tok.encode("#")[0])
+    assert _state(tok, "    if x:\n        return 1\n        ").allows(tok.encode("#")[0])  # a comment may
     assert _state(tok, "    if x:\n        return 1\n    ").allows(tok.encode("y")[0])  # after the if: reachable
     assert _state(tok, "    for y in x:\n        break\n    else:\n        return").allows(tok.end_id)
     assert _state(tok, "    return_x = 1\n").allows(tok.encode(" ")[0])  # a name, not the keyword
+
+
+def _feed(tok: CharTokenizer, reply: str) -> str | None:
+    """Feed ``reply`` one character at a time; the prefix before the first refused one, or None."""
+    state = _state(tok)
+    for i, c in enumerate(reply):
+        if not state.allows(tok.encode(c)[0]):
+            return reply[:i]
+        state.advance(tok.encode(c)[0])
+    return None if state.allows(tok.end_id) else reply
+
+
+@pytest.mark.parametrize("body", [
+    "    for a in x:\n        print(a)\n    return y",  # a loop header is refused until its colon otherwise
+    "    from os import path\n    return path",
+    "    z = [a for a in x if a]\n    return sum(a * 2 for a in z)",
+    "    z = x if y else None\n    if x not in y:\n        return z\n    return x",
+    "    g = lambda a, b: a\n    return g(x, b=1)",
+    "    d = {'a': 1, 'b': 2}\n    return d",
+    "    def g(a):\n        return a\n    return g",
+    "    if isinstance(x, int) and x is not None:\n        return x.is_integer()\n    return x",
+    "    try:\n        pass\n    finally:\n        del x\n    return 0x7f",
+    "    s = r'\\d+' + '\\'' + f'{x}' + \"\\n\"\n    return s",
+    "    return (x +\n            y)",
+    "    y = x \\\n        + 1\n    return y",
+    "    while (n := x) >= 0:\n        x -= 1\n    return n",
+])
+def test_valid_bodies_pass_character_by_character(tok, body):
+    assert _feed(tok, body) is None
+
+
+def test_nothing_comes_after_the_definition(tok):
+    assert not _state(tok, "    x = 1\n").allows(tok.encode("y")[0])  # top-level code: a new statement
+    assert _state(tok, "    x = 1\n").allows(tok.end_id)
+
+
+def test_a_step_that_spent_its_compiles_refuses_the_rest(tok):
+    from experts.syntax_guard import STEP_COMPILES
+
+    state = _state(tok, "    return x")
+    state.spent[0] = STEP_COMPILES
+    assert not state.allows(tok.encode(" ")[0])  # the sampler then keeps the model's own choice
+    state.advance(tok.encode(" ")[0])
+    assert state.ok and state.spent[0] == 0 and state.allows(tok.encode("+")[0])
+
+
+def test_special_ids_that_write_no_text_are_refused(tok):
+    assert not _state(tok, "    return ").allows(tok.user_id)
+
+
+def test_deep_nesting_is_refused_not_raised(tok):
+    state = _state(tok, "    return " + "-" * 4000)
+    assert state.ok is False or not state.allows(tok.encode("x")[0])  # either way, no exception
+    assert PythonGuard(tok).open(tok.chat("def f(x):\n    return " + "(" * 3000)) is None
 
 
 def test_a_token_no_candidate_could_replace_turns_the_guard_off(tok):
@@ -216,3 +270,33 @@ def test_engine_passes_the_guard_nothing_but_the_prompt_and_the_taken_ids(tok):
 def test_reference_path_refuses_a_guard(tok):
     with pytest.raises(ValueError, match="reference path"):
         list(generate(_model(tok), [[1]], SamplingParams(max_new_tokens=2), use_cache=False, guard=PythonGuard(tok)))
+
+
+class AnyCharTokenizer(CharTokenizer):
+    """CharTokenizer with an id for any character, given on first use."""
+
+    def encode(self, text: str) -> list[int]:
+        for c in text:
+            if c not in self.vocab:
+                self.vocab.append(c)
+        return super().encode(text)
+
+
+def test_real_standard_library_functions_pass_character_by_character():
+    from bench.guard_coverage import stdlib_functions
+    from experts.syntax_guard import parses
+
+    tok = AnyCharTokenizer()
+    guard = PythonGuard(tok)
+    checked = 0
+    for where, prompt, body in stdlib_functions(30, seed=1):
+        if not parses(prompt + "\n" + body):
+            continue
+        state = guard.open(tok.chat(prompt))
+        for i, c in enumerate(body):
+            t = tok.encode(c)[0]
+            assert state.allows(t), f"{where}: refused {c!r} after {body[max(0, i - 60):i]!r}"
+            state.advance(t)
+        assert state.allows(tok.end_id), where
+        checked += 1
+    assert checked >= 25

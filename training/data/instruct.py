@@ -257,7 +257,7 @@ def functions(source: str, fallback_doc: str = "") -> Iterator[tuple[str, str, s
         first = node.body[1] if has_doc else node.body[0]
         body = textwrap.dedent("\n".join(lines[first.lineno - 1:node.end_lineno]))
         body = textwrap.indent(body, "    ")
-        head = f"def {node.name}({ast.unparse(node.args)}):"
+        head = f"{'async ' if isinstance(node, ast.AsyncFunctionDef) else ''}def {node.name}({ast.unparse(node.args)}):"
         prompt = f'{head}\n    """{doc.strip()}"""'
         if len(body) <= MAX_BODY_CHARS and len(prompt) <= MAX_BODY_CHARS and parses(prompt + "\n" + body):
             yield node.name, prompt, body
