@@ -25,7 +25,6 @@ import torch
 
 from experts.model import KVCache, Transformer
 from experts.sampling import SamplingParams, make_generator, sample, sample_allowed
-from experts.syntax_guard import MAX_TRIES
 from experts.scoring import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class _Request:
         p = self.params
         if self.guard is not None:
             return sample_allowed(self.next_logits, p, self.generator, self.seen, self.tokens, self.guard.allows,
-                                  MAX_TRIES)
+                                  self.guard.max_tries)
         if p.greedy and not p.penalised:
             return self.next_argmax
         return sample(self.next_logits, p, self.generator, self.seen, self.tokens)
@@ -113,8 +112,8 @@ class Engine:
         """``logprobs=False`` skips the per-step logsumexp (``StepOut.logprob`` is None): a caller
         that never reads them (the server scores prompts separately) saves ~10% of a batch-8 step.
         ``tool`` maps a request's generated ids to ids to feed next (``experts.calculator``);
-        ``guard.open(prompt_ids)`` gives a request's guard of the ids it may take, or None
-        (``experts.syntax_guard``)."""
+        ``guard.open(prompt_ids)`` gives a request's guard of the ids it may take (``allows``,
+        ``advance``, ``max_tries``), or None (``experts.syntax_guard``)."""
         self.model, self.cfg = model, model.cfg
         self.logprobs, self.tool, self.guard = logprobs, tool, guard
         if model.training:

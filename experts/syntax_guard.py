@@ -226,6 +226,8 @@ def _returned(closed: frozenset[int], body: int | None) -> bool:
 class GuardState:
     """One request's code so far (prompt and reply), and the checks a next token must pass."""
 
+    max_tries = MAX_TRIES  # how many candidates the sampler asks about per step
+
     def __init__(self, guard: PythonGuard, base: str) -> None:
         self.guard = guard
         self.text, self.lex, self.done, self.stmt, self.closed = "", Lex(), 0, 0, frozenset()

@@ -32,7 +32,8 @@ def generation_defaults(meta: dict) -> dict[str, float]:
     domains = instruct_domains(meta)
     if not domains or not domains <= GREEDY_DOMAINS:
         return {}
-    return {"temperature": 0.0, **(DOMAIN_SAMPLING.get(next(iter(domains)), {}) if len(domains) == 1 else {})}
+    own = DOMAIN_SAMPLING.get(min(domains), {}) if len(domains) == 1 else {}
+    return {"temperature": 0.0, **own}
 
 
 def guarded(meta: dict) -> bool:

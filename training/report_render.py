@@ -119,7 +119,7 @@ def _tasks_markdown(tasks: dict | None) -> list[str]:
              "answer (with the calculator for models trained to call it, and in parentheses the model alone); "
              "knowledge: exact match on trained facts asked in a held-out phrasing; code: completions "
              "that parse, and codeio functions that return the reference output when run in a subprocess, "
-             "decoded as the server decodes code (the Python syntax guard and the repetition penalty of "
+             "decoded as the server decodes code (the Python syntax guard and the penalties of "
              "`router.domains.DOMAIN_SAMPLING`), "
              "and in parentheses the parse rate of plain greedy decoding; "
              "conversation: distinct-2 and the share of replies with a repeated word 4-gram.", "",

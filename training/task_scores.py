@@ -177,10 +177,11 @@ def domain_scores(model: torch.nn.Module, tok: Any, domain: str, items: list[dic
         return conversation_scores(items, ids, [tok.decode(o) for o in ids])
     if domain == "code":  # decoded as served (router.domains), and greedy alone
         from experts.syntax_guard import PythonGuard
-        from router.domains import DOMAIN_SAMPLING
+        from router.domains import DOMAIN_SAMPLING, GUARDED_DOMAINS
 
-        texts, finished = code_answers(model, tok, items, 2 * max_new, tool=tool, guard=PythonGuard(tok),
-                                       **DOMAIN_SAMPLING["code"])
+        guard = PythonGuard(tok) if domain in GUARDED_DOMAINS else None
+        texts, finished = code_answers(model, tok, items, 2 * max_new, tool=tool, guard=guard,
+                                       **DOMAIN_SAMPLING.get(domain, {}))
         scores = code_scores(items, texts, finished=finished)
         plain = code_scores(items, *code_answers(model, tok, items, 2 * max_new, tool=tool), examples=False)
         scores["greedy_alone"] = plain

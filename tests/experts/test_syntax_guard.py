@@ -249,6 +249,8 @@ def test_engine_passes_the_guard_nothing_but_the_prompt_and_the_taken_ids(tok):
     seen = {}
 
     class Recorder:
+        max_tries = 4
+
         def open(self, prompt):
             seen["prompt"] = list(prompt)
             return self
