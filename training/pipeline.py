@@ -132,7 +132,7 @@ def _out(name: str) -> str:
 
 def replay_sources(cfg: RunConfig, domain: str) -> tuple[str, ...]:
     """The domains whose training corpora ``domain``'s branch replays (``train.branch_replay_from``)."""
-    if cfg.train.branch_replay_from == "seed":
+    if cfg.train.replay_from_for(domain) == "seed":
         return tuple(cfg.experts)
     return tuple(x for x in cfg.experts if x != domain and GROUP_OF[x] == GROUP_OF[domain])
 

@@ -127,11 +127,12 @@ _PER_BRANCH_RANGE = {  # TrainSpec's per-branch settings: which values are valid
     "branch_replay": (lambda x: 0 <= x < 1, "a share must be in [0, 1)"),
     "branch_non_ffn_lr": (lambda x: 0 <= x <= 1, "a multiple must be in [0, 1]"),
 }
+ReplayFrom = Literal["seed", "group"]
 
 
-def _for_branch(value: float | dict[str, float], domain: str, default: float) -> float:
+def _for_branch(value: Any, domain: str, default: Any) -> Any:
     """A per-branch setting's value for ``domain``: one value for all, or a domain's own (else ``default``)."""
-    return float(value.get(domain, default) if isinstance(value, dict) else value)
+    return value.get(domain, default) if isinstance(value, dict) else value
 
 
 class TrainSpec(LoopSettings):
@@ -152,8 +153,9 @@ class TrainSpec(LoopSettings):
     branch_replay: float | dict[str, float] = 0.0
     # what a branch replays: "seed", the seed's mixed corpus; "group", the corpora of the other
     # domains of its group (reasoning replays math; conversation and knowledge each other's). A domain
-    # alone in its group (code) replays nothing under "group"
-    branch_replay_from: Literal["seed", "group"] = "seed"
+    # alone in its group (code) replays nothing under "group". One choice for every branch, or one
+    # per domain ({conversation: group}; a domain not named replays the seed's corpus)
+    branch_replay_from: ReplayFrom | dict[str, ReplayFrom] = "seed"
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
     instruct_fraction: float = Field(0.0, ge=0, lt=1)
@@ -170,24 +172,28 @@ class TrainSpec(LoopSettings):
     seq_len: int = Field(64, ge=8)
     eval_batches: int = Field(10, ge=1)
 
-    @field_validator("branch_replay", "branch_non_ffn_lr")
+    @field_validator("branch_replay", "branch_non_ffn_lr", "branch_replay_from")
     @classmethod
-    def _per_branch(cls, v: float | dict[str, float], info: ValidationInfo) -> float | dict[str, float]:
-        in_range, rule = _PER_BRANCH_RANGE[info.field_name]
+    def _per_branch(cls, v: Any, info: ValidationInfo) -> Any:
+        in_range, rule = _PER_BRANCH_RANGE.get(info.field_name, (None, ""))  # a choice: its type checked it
         for d, x in (v.items() if isinstance(v, dict) else [("every branch", v)]):
             if isinstance(v, dict):
                 check_domain(d)  # an unknown domain is named with the choices
-            if not in_range(x):
+            if in_range is not None and not in_range(x):
                 raise ValueError(f"{info.field_name} for {d} is {x!r}: {rule}")
         return v
 
     def replay_for(self, domain: str) -> float:
-        """The share of ``domain``'s branch batches that replay the seed's corpus."""
-        return _for_branch(self.branch_replay, domain, 0.0)
+        """The share of ``domain``'s branch batches that replay (what: :meth:`replay_from_for`)."""
+        return float(_for_branch(self.branch_replay, domain, 0.0))
 
     def non_ffn_lr_for(self, domain: str) -> float:
         """``domain``'s branch learning rate outside its FFNs, as a multiple of the lr."""
-        return _for_branch(self.branch_non_ffn_lr, domain, 1.0)
+        return float(_for_branch(self.branch_non_ffn_lr, domain, 1.0))
+
+    def replay_from_for(self, domain: str) -> str:
+        """What ``domain``'s branch replays: ``"seed"`` or ``"group"``."""
+        return str(_for_branch(self.branch_replay_from, domain, "seed"))
 
     @property
     def tokens_per_step(self) -> int:

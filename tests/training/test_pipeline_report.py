@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experts.checkpoint import read_meta
+from experts.domains import DOMAINS
 from training.pipeline import match_active_params, plan_jobs
 from training.report import distinct_2, write_report
 from training.scoring import Cell
@@ -290,6 +291,17 @@ def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
     assert grp["code"].task.replay == 0.0 and grp["code"].task.replay_paths == ()
     with pytest.raises(RunConfigError, match="branch_replay_from"):
         load_run_config("tiny", {"train.branch_replay_from": "everything"})
+    # a choice per domain: conversation replays knowledge, reasoning the seed's corpus (every domain)
+    per = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {
+        "train.seed_fraction": 0.3, "train.branch_replay": {"reasoning": 0.2, "conversation": 0.3},
+        "train.branch_replay_from": {"conversation": "group"}}), corpus, corpus.tokenizer().vocab_size)}
+    assert [p.split("/")[-2] for p in per["conversation"].task.replay_paths] == ["knowledge"]
+    assert [p.split("/")[-2] for p in per["reasoning"].task.replay_paths] == list(DOMAINS)
+    assert per["math"].task.replay == 0.0
+    with pytest.raises(RunConfigError, match="branch_replay_from.*'seed' or 'group'"):
+        load_run_config("tiny", {"train.branch_replay_from": {"code": "nothing"}})
+    with pytest.raises(RunConfigError, match="poetry"):
+        load_run_config("tiny", {"train.branch_replay_from": {"poetry": "group"}})
 
 
 def test_the_report_names_the_systems_that_are_compute_matched_with_each_other():
