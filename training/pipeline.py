@@ -132,8 +132,11 @@ def _out(name: str) -> str:
 
 def replay_sources(cfg: RunConfig, domain: str) -> tuple[str, ...]:
     """The domains whose training corpora ``domain``'s branch replays (``train.branch_replay_from``)."""
-    if cfg.train.replay_from_for(domain) == "seed":
+    source = cfg.train.replay_from_for(domain)
+    if source == "seed":
         return tuple(cfg.experts)
+    if source != "group":
+        return (source,)
     return tuple(x for x in cfg.experts if x != domain and GROUP_OF[x] == GROUP_OF[domain])
 
 

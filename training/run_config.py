@@ -127,7 +127,8 @@ _PER_BRANCH_RANGE = {  # TrainSpec's per-branch settings: which values are valid
     "branch_replay": (lambda x: 0 <= x < 1, "a share must be in [0, 1)"),
     "branch_non_ffn_lr": (lambda x: 0 <= x <= 1, "a multiple must be in [0, 1]"),
 }
-ReplayFrom = Literal["seed", "group"]
+# what a branch replays: the seed's mixed corpus, its group's other corpora, or one named domain's corpus
+ReplayFrom = Literal[("seed", "group", *DOMAINS)]
 
 
 def _for_branch(value: Any, domain: str, default: Any) -> Any:
@@ -152,9 +153,10 @@ class TrainSpec(LoopSettings):
     # share for every branch, or a share per domain ({reasoning: 0.5}; a domain not named replays none)
     branch_replay: float | dict[str, float] = 0.0
     # what a branch replays: "seed", the seed's mixed corpus; "group", the corpora of the other
-    # domains of its group (reasoning replays math; conversation and knowledge each other's). A domain
-    # alone in its group (code) replays nothing under "group". One choice for every branch, or one
-    # per domain ({conversation: group}; a domain not named replays the seed's corpus)
+    # domains of its group (reasoning replays math; conversation and knowledge each other's); or one
+    # other domain's corpus, by name ({code: math}). A domain alone in its group (code) replays nothing
+    # under "group". One choice for every branch ("seed" or "group"), or one per domain
+    # ({conversation: group}; a domain not named replays the seed's corpus)
     branch_replay_from: ReplayFrom | dict[str, ReplayFrom] = "seed"
     # the instruction stage (supervised fine-tuning in the chat format, loss on the answers only):
     # this share of each expert's and each generalist's steps, at the end of its training
@@ -181,6 +183,9 @@ class TrainSpec(LoopSettings):
                 check_domain(d)  # an unknown domain is named with the choices
             if in_range is not None and not in_range(x):
                 raise ValueError(f"{info.field_name} for {d} is {x!r}: {rule}")
+            if info.field_name == "branch_replay_from" and x in DOMAINS and (x == d or not isinstance(v, dict)):
+                raise ValueError(f"{info.field_name} for {d} is {x!r}: a branch replays another domain's corpus; "
+                                 f"name it per domain ({{code: math}}), or use 'seed' or 'group'")
         return v
 
     def replay_for(self, domain: str) -> float:
@@ -192,7 +197,7 @@ class TrainSpec(LoopSettings):
         return float(_for_branch(self.branch_non_ffn_lr, domain, 1.0))
 
     def replay_from_for(self, domain: str) -> str:
-        """What ``domain``'s branch replays: ``"seed"`` or ``"group"``."""
+        """What ``domain``'s branch replays: ``"seed"``, ``"group"`` or another domain's name."""
         return str(_for_branch(self.branch_replay_from, domain, "seed"))
 
     @property

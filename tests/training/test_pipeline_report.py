@@ -298,8 +298,19 @@ def test_branch_replay_mixes_the_seeds_corpus_into_each_branch_at_its_share():
     assert [p.split("/")[-2] for p in per["conversation"].task.replay_paths] == ["knowledge"]
     assert [p.split("/")[-2] for p in per["reasoning"].task.replay_paths] == list(DOMAINS)
     assert per["math"].task.replay == 0.0
-    with pytest.raises(RunConfigError, match="branch_replay_from.*'seed' or 'group'"):
+    with pytest.raises(RunConfigError, match="branch_replay_from.*'seed', 'group', 'math'"):
         load_run_config("tiny", {"train.branch_replay_from": {"code": "nothing"}})
+    # one named domain's corpus: code replays math only; a branch can't replay itself, and a domain
+    # name is a choice per branch, not for all
+    named = {j.task.name: j for j in plan_jobs(load_run_config("tiny", {
+        "train.seed_fraction": 0.3, "train.branch_replay": {"code": 0.2}, "train.branch_replay_from": {"code": "math"}}),
+        corpus, corpus.tokenizer().vocab_size)}
+    assert [p.split("/")[-2] for p in named["code"].task.replay_paths] == ["math"]
+    assert named["code"].task.replay == 0.2 and named["math"].task.replay == 0.0
+    with pytest.raises(RunConfigError, match="branch_replay_from for code is 'code'.*another domain"):
+        load_run_config("tiny", {"train.branch_replay_from": {"code": "code"}})
+    with pytest.raises(RunConfigError, match="branch_replay_from for every branch is 'math'.*per domain"):
+        load_run_config("tiny", {"train.branch_replay_from": "math"})
     with pytest.raises(RunConfigError, match="poetry"):
         load_run_config("tiny", {"train.branch_replay_from": {"poetry": "group"}})
 
