@@ -4,8 +4,9 @@ Copies ``SRC_RUN``'s seed and instruction items into ``runs/NAME``, plans the ru
 the JSON ``OVERRIDES`` (``training.pipeline.plan_jobs``) and trains only the expert of ``--domain``.
 Every branch gets its validation loss, its perplexity on the report's test documents of its domain
 (after the routing prefix, as the report scores them) and its bits per byte on the domain's
-evaluation-only natural text, next to every expert of ``SRC_RUN`` on the same documents. The math
-branch is also asked 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings,
+evaluation-only natural text, next to every expert of ``SRC_RUN`` on the same documents
+(``--natural D ...`` adds other domains' natural sets, as ``natural_bpb_other``). The math branch
+is also asked 300 held-out 2-digit and 300 3-digit + - x items in the plain phrasings,
 greedy, with the calculator, and the held-out items of the math corpus's expression families
 (``basic_arithmetic``, ``chain_sum``, ``products``: 30 each, as the report asks them). An override
 of ``train.expr_share`` (the share of expressions in the arithmetic curriculum) writes the math
@@ -51,13 +52,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSONL file the result line is appended to")
     ap.add_argument("--domain", default="math", choices=DOMAINS, help="the branch to retrain (default: math)")
     ap.add_argument("--score-only", action="store_true", help="score SRC's expert; train nothing")
+    ap.add_argument("--natural", nargs="*", default=[], choices=DOMAINS, metavar="DOMAIN",
+                    help="other domains whose natural-text sets are scored too")
     args = ap.parse_args()
     src, preset, name, ov, domain = args.src, args.preset, args.name, json.loads(args.overrides), args.domain
     if args.score_only:
         cfg = load_run_config(str(src / "run.yaml"))
         corpus = load_corpora(cfg.data.cache_dir, cfg.data.corpus_name())
         return _append(args.out, {"name": name, "run": str(src), "domain": domain,
-                                  **branch_scores(src / "experts" / domain, domain, corpus, src)})
+                                  **branch_scores(src / "experts" / domain, domain, corpus, src, args.natural)})
     run = Path("runs") / name
     run.mkdir(parents=True, exist_ok=True)
     for d in ("seed", "instruct"):
@@ -74,7 +77,7 @@ def main() -> None:
     train(job.task, job.loop.model_copy(update={"num_threads": 1, "progress": False}), run)
     _append(args.out, {"name": name, "domain": domain, "overrides": ov, "expr_share": cfg.train.expr_share,
                        "train_s": round(time.perf_counter() - t0), "instruct_batches": job.task.instruct_batches,
-                       **branch_scores(run / "experts" / domain, domain, corpus, src)})
+                       **branch_scores(run / "experts" / domain, domain, corpus, src, args.natural)})
 
 
 def _append(out: Path, res: dict) -> None:
@@ -83,9 +86,10 @@ def _append(out: Path, res: dict) -> None:
         f.write(json.dumps(res) + "\n")
 
 
-def branch_scores(expert_dir: Path, domain: str, corpus, src: Path) -> dict:
+def branch_scores(expert_dir: Path, domain: str, corpus, src: Path, other_natural: list[str] = ()) -> dict:
     """The branch's validation loss (nats/token), test perplexity and natural-text bits per byte on
-    its domain, those of ``src``'s experts on the same documents, and (math) the arithmetic scores."""
+    its domain (and on the ``other_natural`` domains' sets), those of ``src``'s experts on the same
+    documents, and (math) the arithmetic scores."""
     result = json.loads((expert_dir / "train_result.json").read_text())
     res: dict = {"val": result.get("best_val_loss"), "last_val": result.get("last_val_loss")}
     branch, _, meta = load_lm(expert_dir)
@@ -96,10 +100,16 @@ def branch_scores(expert_dir: Path, domain: str, corpus, src: Path) -> dict:
     test = build_context(src, corpus, models, None, MAX_DOC_TOKENS, dev,
                          texts={domain: [r["text"] for r in corpus.docs(domain, "test")][:TEST_DOCS]})
     res["test_ppl"] = {n: round(test.score(n)[domain].ppl, 3) for n in models}
-    natural = natural_texts().get(domain)
-    if natural:
-        ctx = build_context(src, corpus, models, None, MAX_DOC_TOKENS, dev, texts={domain: natural}, name="natural")
-        res["natural_bpb"] = {n: round(ctx.score(n)[domain].bpb, 4) for n in models}
+    natural = natural_texts()
+    sets = {d: natural[d] for d in (domain, *other_natural) if d in natural}
+    if sets:
+        ctx = build_context(src, corpus, models, None, MAX_DOC_TOKENS, dev, texts=sets, name="natural")
+        cells = {n: ctx.score(n) for n in models}
+        bpb = {d: {n: round(cells[n][d].bpb, 4) for n in models} for d in sets}
+        if domain in bpb:
+            res["natural_bpb"] = bpb.pop(domain)
+        if bpb:
+            res["natural_bpb_other"] = bpb
     if domain == "math":
         res.update(arithmetic_scores(expert_dir, corpus))
     else:  # the report's task scores (its 30 items per family, 48 new tokens, 96 for code)
